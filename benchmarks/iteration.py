@@ -1,0 +1,682 @@
+"""Per-iteration time of SDS, VSD and USD at SD 2.1-base size, random weights, split into parts (DESIGN 12).
+
+    python benchmarks/iteration.py --out bench.json                      # CUDA, 512² renders, fp16
+    python benchmarks/iteration.py --device cpu --resolution 64 --tiny   # smoke run on a CPU
+
+No weights are downloaded: the UNet and VAE are built from the SD 2.1-base configs written below with
+random weights, and the prompt embeddings are random; the pose classifier is a random-weight DINOv2
+ViT-S/14 with registers (the size of ``facebook/dinov2-with-registers-small``) with four random template
+images. Parts (each a function of a :class:`Bench`):
+
+    render          gsplat forward + backward of 100k random Gaussians (CUDA only)
+    vae_encode      VAE encoder forward + backward to the image (the render's gradient path)
+    unet_cfg        the pretrained CFG pass, batch 2, under no_grad (SDS/VSD)
+    unet_backward   the same pass with autograd w.r.t. x_t, plus backward (what USD's rectifier needs)
+    unet_cond       one plain conditional pass at batch B (the baseline of ε_φ)
+    eps_phi         the LoRA + camera ε_φ pass under no_grad (VSD)
+    lora_step       LoRA loss forward + backward + AdamW step (VSD)
+    usd_unet_cfg    the pretrained CFG pass, batch 2B, with the graph w.r.t. x_t kept (USD step 4; no backward)
+    usd_decode      Tweedie x̂0 + VAE decode with the graph kept (USD step 6; no backward)
+    pose_classifier pose classifier (DINOv2 + template matching) forward + backward to the decoded image
+    rectifier_backward  only the backward of the rectifier objective through classifier, decoder and UNet
+                    to z (its forward runs untimed first)
+
+and whole iterations ``sds`` and ``vsd`` (render -> encode -> ε̂ [-> ε_φ] -> reparameterised loss ->
+backward -> Gaussian Adam steps [-> LoRA step]), ``usd`` (VSD plus the rectifier every iteration, as
+``TextTo3DSystem.training_step`` with shared noise) and ``usd_k4`` (rectifier every 4th iteration:
+each timed call runs 4 iterations, one rectified, and times are divided by 4). Times are CUDA-event
+milliseconds after warm-up iterations (wall clock on CPU); peak GPU memory (allocated and reserved) is
+measured per part and per iteration. DINOv2 runs in fp32 by default (``--dino-dtype``), as
+``pipeline.build_pose`` loads it; the decoded image reaches it in fp32 either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from recdreamer_gs.cameras import sample_cameras  # noqa: E402
+from recdreamer_gs.config import CameraConfig, GaussiansConfig, RectifierConfig  # noqa: E402
+from recdreamer_gs.gaussians import Gaussians  # noqa: E402
+from recdreamer_gs.pose.classifier import PoseClassifier, PoseClassifierConfig  # noqa: E402
+from recdreamer_gs.pose.features import DinoFeatures  # noqa: E402
+from recdreamer_gs.priors.particle_score import LoRAParticleScore, ParticleScoreConfig  # noqa: E402
+from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior  # noqa: E402
+from recdreamer_gs.render import render  # noqa: E402
+from recdreamer_gs.usd.distill import (  # noqa: E402
+    add_noise, alpha_sigma, clamp_to_norm, nan_to_zero, reparameterised_loss, sds_grad, tweedie_x0, vsd_grad,
+)
+from recdreamer_gs.usd.rectifier import PoseStatistics, log_r, rectifier_objective  # noqa: E402
+
+# stabilityai/stable-diffusion-2-1-base unet/config.json (the fields that shape the network)
+SD21_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+    norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+)
+# its vae/config.json
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32, scaling_factor=0.18215,
+)
+# the same structure at test-fixture width, for the CPU smoke run
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(2, 4), cross_attention_dim=32, use_linear_projection=True, norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+    block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+)
+TEXT_LENGTH = 77
+# facebook/dinov2-with-registers-small (ViT-S/14 with 4 registers) config.json, the fields that shape it
+DINOV2_SMALL_REG = dict(
+    hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14,
+    image_size=518, num_register_tokens=4,
+)
+# the test fixture's width (tests/make_fixtures.py), same token layout
+TINY_DINOV2 = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
+    image_size=224, num_register_tokens=4,
+)
+POSE_CLASSES = ("front", "back", "left", "right")
+
+
+@dataclass
+class Bench:
+    """Everything one timed iteration touches; parts read and write only through it."""
+
+    prior: StableDiffusionPrior
+    eps_phi: LoRAParticleScore
+    lora_opt: torch.optim.Optimizer
+    gaussians: Optional[Gaussians]  # None when rendering is skipped (CPU)
+    gaussian_opts: dict[str, torch.optim.Optimizer]
+    camera_cfg: CameraConfig
+    batch: int
+    device: torch.device
+    generator: torch.Generator  # on the CPU, for cameras
+    image: Optional[torch.Tensor] = None  # stand-in render (leaf) when rendering is skipped
+    state: dict = field(default_factory=dict)  # scratch (t, noise, c2w) shared by parts
+    classifier: Optional[PoseClassifier] = None  # USD's pose classifier (None: USD parts unavailable)
+    pose_stats: Optional[PoseStatistics] = None  # USD's EMA pose marginal p̄_t
+    rectifier: RectifierConfig = field(default_factory=RectifierConfig)  # gain / norm_coef of the clamp
+
+
+def build_random_prior(
+    device: str | torch.device = "cuda", dtype: str = "auto", tiny: bool = False, seed: int = 0,
+    name: str = "random-sd21-base",
+) -> StableDiffusionPrior:
+    """A :class:`StableDiffusionPrior` with random weights at SD 2.1-base size (or test-fixture size):
+    UNet and VAE from the configs above, DDPM scaled-linear schedule, random [1, 77, D] text embeddings."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+
+    from recdreamer_gs.priors.stable_diffusion import resolve_dtype
+
+    dev = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, dev)  # type: ignore[arg-type]
+    diffusers_logging.set_verbosity_error()  # ModelMixin.to() warns about casting random-init models
+    torch.manual_seed(seed)
+    unet_cfg, vae_cfg = (TINY_UNET, TINY_VAE) if tiny else (SD21_UNET, SD_VAE)
+    with dev:  # initialise on the device: random init of 865M parameters on a CPU takes long
+        unet = UNet2DConditionModel(**unet_cfg).to(torch_dtype)
+        vae = AutoencoderKL(**vae_cfg).to(torch_dtype)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    width = unet_cfg["cross_attention_dim"]
+    text = torch.randn(2, TEXT_LENGTH, width, device=dev)
+    return StableDiffusionPrior(
+        unet, vae, scheduler.alphas_cumprod, "epsilon", text[:1], text[1:], name=name,
+        latent_resolution=8 * unet_cfg["sample_size"],
+    )
+
+
+def random_templates(size: int, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
+    """One template per pose class in [-1, 1]: a randomly coloured, placed and sized disc on a plain
+    background (the classifier's PCA mask then finds a foreground, as with real templates)."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out: dict[str, list[torch.Tensor]] = {}
+    for name in POSE_CLASSES:
+        cx, cy = (torch.rand(2, generator=generator) - 0.5) * 0.4
+        radius = 0.4 + 0.2 * float(torch.rand(1, generator=generator))
+        inside = ((xs - cx) ** 2 + (ys - cy) ** 2 < radius**2).float()
+        fg, bg = torch.rand(3, 1, 1, generator=generator), torch.rand(3, 1, 1, generator=generator)
+        out[name] = [(inside * fg + (1 - inside) * bg) * 2 - 1]
+    return out
+
+
+def build_random_classifier(
+    device: str | torch.device = "cuda", tiny: bool = False, dtype: str = "fp32", n_augment: int = 4,
+    seed: int = 0,
+) -> PoseClassifier:
+    """The USD pose classifier with a random-weight DINOv2 ViT-S/14-with-registers (or the fixture-size
+    model) and four random templates; ``n_augment`` copies per template keep the build quick.
+
+    Tiny: 112² DINOv2 input (8x8 patches), an 8x8 feature grid and 64² templates; otherwise the
+    release's 560 / 16 / 256.
+    """
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    dev = torch.device(device)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    torch.manual_seed(seed)
+    with dev:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**(TINY_DINOV2 if tiny else DINOV2_SMALL_REG)))
+    model = model.to(torch_dtype)
+    sizes = dict(input_size=112, grid_size=8) if tiny else {}
+    features = DinoFeatures(model, name="random-dinov2-with-registers-small", **sizes)
+    cfg = PoseClassifierConfig(classes=POSE_CLASSES, n_augment=n_augment, augment_batch=max(n_augment, 1),
+                               template_size=64 if tiny else 256, **sizes)
+    generator = torch.Generator().manual_seed(seed)
+    templates = random_templates(cfg.template_size, generator)
+    return PoseClassifier.from_templates(features, templates, cfg, generator).to(dev)
+
+
+def build_bench(
+    device: str = "cuda", dtype: str = "auto", tiny: bool = False, resolution: int = 512,
+    num_gaussians: int = 100_000, batch: int = 1, seed: int = 0, pose: bool = True,
+    dino_dtype: str = "fp32", n_augment: int = 4,
+) -> Bench:
+    """Random-weight SD 2.1-base-size prior (or tiny), shared-UNet LoRA ε_φ, random Gaussians and,
+    with ``pose``, the random-weight DINOv2 pose classifier and fresh pose statistics (USD)."""
+    dev = torch.device(device)
+    prior = build_random_prior(dev, dtype, tiny, seed)
+    eps_phi = LoRAParticleScore.from_prior(prior, ParticleScoreConfig())
+    camera_cfg = CameraConfig(batch_size=batch, resolution=resolution, elevation_range=(0.0, 30.0))
+    generator = torch.Generator().manual_seed(seed)
+    gaussians, opts, image = None, {}, None
+    if dev.type == "cuda":
+        gaussians = Gaussians.create(GaussiansConfig(num_init=num_gaussians), generator).to(dev)
+        opts = gaussians.make_optimizers()
+    else:  # the torch compositor would dominate; stand in a leaf image with a gradient
+        image = torch.rand(batch, 3, resolution, resolution, generator=generator).requires_grad_(True)
+    classifier = stats = None
+    if pose:
+        classifier = build_random_classifier(dev, tiny, dino_dtype, n_augment, seed)
+        rect = RectifierConfig()
+        stats = PoseStatistics(len(POSE_CLASSES), rect.n_intervals, rect.n_ema, prior.num_train_timesteps, dev)
+    return Bench(prior, eps_phi, eps_phi.make_optimizer(), gaussians, opts, camera_cfg, batch, dev, generator,
+                 image, classifier=classifier, pose_stats=stats)
+
+
+# ---- parts -----------------------------------------------------------------------------------
+
+
+def _render(b: Bench) -> torch.Tensor:
+    if b.gaussians is None:
+        return b.image
+    cams = sample_cameras(b.camera_cfg, b.batch, b.generator)
+    b.state["c2w"] = cams.c2w.to(b.device)
+    background = torch.rand(b.batch, 3, generator=b.generator).to(b.device)
+    return render(b.gaussians, cams, background).rgb
+
+
+def _c2w(b: Bench) -> torch.Tensor:
+    if "c2w" not in b.state:
+        b.state["c2w"] = sample_cameras(b.camera_cfg, b.batch, b.generator).c2w.to(b.device)
+    return b.state["c2w"]
+
+
+def _noisy(b: Bench, z: torch.Tensor):
+    t = torch.randint(20, 980, (b.batch,), device=b.device)
+    alpha, sigma = alpha_sigma(b.prior.alphas_cumprod, t)
+    return add_noise(z, torch.randn_like(z), alpha, sigma), t, sigma
+
+
+def _z(b: Bench) -> torch.Tensor:
+    """A fixed random latent batch [B, 4, h, w] for the parts that start after the encoder."""
+    if "z" not in b.state:  # drawn once, outside every timed call
+        h = b.prior.latent_resolution // 8
+        b.state["z"] = torch.randn(b.batch, 4, h, h, device=b.device)
+    return b.state["z"]
+
+
+def _shared_t(b: Bench) -> torch.Tensor:
+    """One t per iteration shared by the batch, as ``TextTo3DSystem.sample_t`` draws it."""
+    return torch.randint(20, 980, (1,), device=b.device).expand(b.batch)
+
+
+@contextmanager
+def timed_region(b: Bench) -> Iterator[None]:
+    """Inside a part, time only this block (setup before it runs untimed); :func:`time_ms` picks it up."""
+    if b.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        b.state["region"] = (start, end)
+    else:
+        t0 = time.perf_counter()
+        yield
+        b.state["region"] = 1e3 * (time.perf_counter() - t0)
+
+
+def _need_classifier(b: Bench) -> PoseClassifier:
+    if b.classifier is None:
+        raise RuntimeError("USD parts need the pose classifier: build the bench with pose=True")
+    return b.classifier
+
+
+def part_render(b: Bench) -> None:
+    """gsplat forward + backward (a dummy loss on the image)."""
+    if b.gaussians is None:
+        return
+    _render(b).mean().backward()
+
+
+def part_vae_encode(b: Bench) -> None:
+    image = _render(b).detach().requires_grad_(True)
+    b.prior.encode(image).square().mean().backward()
+
+
+def part_unet_cfg(b: Bench) -> None:
+    z = b.state.setdefault("z", torch.randn(b.batch, 4, b.prior.latent_resolution // 8,
+                                            b.prior.latent_resolution // 8, device=b.device))
+    x_t, t, _ = _noisy(b, z)
+    with torch.no_grad():
+        b.prior.eps(x_t, t, 7.5)
+
+
+def part_unet_backward(b: Bench) -> None:
+    z = b.state.setdefault("z", torch.randn(b.batch, 4, b.prior.latent_resolution // 8,
+                                            b.prior.latent_resolution // 8, device=b.device))
+    x_t, t, _ = _noisy(b, z)
+    x_t.requires_grad_(True)
+    b.prior.eps(x_t, t, 7.5).square().mean().backward()
+
+
+def part_unet_cond(b: Bench) -> None:
+    """One plain conditional UNet pass at ε_φ's batch (adapters off): the baseline ε_φ adds to."""
+    z = b.state.setdefault("z", torch.randn(b.batch, 4, b.prior.latent_resolution // 8,
+                                            b.prior.latent_resolution // 8, device=b.device))
+    x_t, t, _ = _noisy(b, z)
+    with torch.no_grad():
+        b.prior.unet_pred(x_t, t, b.prior.cond_embedding.expand(b.batch, -1, -1))
+
+
+def part_eps_phi(b: Bench) -> None:
+    z = b.state.setdefault("z", torch.randn(b.batch, 4, b.prior.latent_resolution // 8,
+                                            b.prior.latent_resolution // 8, device=b.device))
+    x_t, t, _ = _noisy(b, z)
+    with torch.no_grad():
+        b.eps_phi.eps_phi(x_t, t, _c2w(b))
+
+
+def part_lora_step(b: Bench) -> None:
+    z = b.state.setdefault("z", torch.randn(b.batch, 4, b.prior.latent_resolution // 8,
+                                            b.prior.latent_resolution // 8, device=b.device))
+    loss = b.eps_phi.lora_loss(z, _c2w(b))
+    b.lora_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    b.lora_opt.step()
+
+
+def part_usd_unet_cfg(b: Bench) -> None:
+    """ε̂ with CFG (one UNet pass at batch 2B) keeping the graph w.r.t. x_t, as USD step 4; no backward."""
+    x_t, t, _ = _noisy(b, _z(b))
+    x_t.requires_grad_(True)
+    b.prior.eps(x_t, t, 7.5)
+
+
+def part_usd_decode(b: Bench) -> None:
+    """Tweedie x̂0 = (x_t − σ ε̂)/α and the VAE decode with the graph kept (USD step 6); no backward."""
+    z = _z(b)
+    t = _shared_t(b)
+    alpha, sigma = alpha_sigma(b.prior.alphas_cumprod, t)
+    x_t = add_noise(z, torch.randn_like(z), alpha, sigma).requires_grad_(True)
+    if "eps_hat" not in b.state:  # a stand-in ε̂: the graph to time runs through x_t
+        b.state["eps_hat"] = torch.randn_like(z)
+    eps_hat = b.state["eps_hat"]
+    b.prior.decode(tweedie_x0(x_t, eps_hat, alpha, sigma))
+
+
+def part_pose_classifier(b: Bench) -> None:
+    """p(c̄|D(x̂0)) at the decoder's resolution, then backward of log r to the image (DINOv2 fwd + bwd)."""
+    classifier = _need_classifier(b)
+    if "decoded" not in b.state:
+        r = b.prior.latent_resolution
+        b.state["decoded"] = (torch.rand(b.batch, 3, r, r, device=b.device) * 2 - 1).requires_grad_(True)
+    images = b.state["decoded"]
+    t = _shared_t(b)
+    log_r(classifier(images), b.pose_stats.get(t)).sum().backward()
+    images.grad = None
+
+
+def part_rectifier_backward(b: Bench) -> None:
+    """Only the backward of −ω σ/α log r to z through classifier, VAE decoder and UNet (USD step 6);
+    the forward (ε̂ with graph, Tweedie, decode, classify) runs first, untimed."""
+    objective, z = _rectifier_forward(b)
+    with timed_region(b):
+        torch.autograd.grad(-objective, z)
+
+
+def _rectifier_forward(b: Bench) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ ω σ/α log r of a random latent leaf z, with the graph through classifier, decoder and UNet."""
+    classifier = _need_classifier(b)
+    z = _z(b).clone().requires_grad_(True)
+    t = _shared_t(b)
+    alpha, sigma = alpha_sigma(b.prior.alphas_cumprod, t)
+    x_t = add_noise(z, torch.randn_like(z), alpha, sigma)
+    eps_hat = b.prior.eps(x_t, t, 7.5)
+    probs = classifier(b.prior.decode(tweedie_x0(x_t, eps_hat, alpha, sigma)))
+    return rectifier_objective(log_r(probs, b.pose_stats.get(t)), alpha, sigma), z
+
+
+def _step_gaussians(b: Bench) -> None:
+    for opt in b.gaussian_opts.values():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if b.image is not None:
+        b.image.grad = None
+
+
+def iteration_sds(b: Bench, guidance_scale: float = 100.0) -> None:
+    """Render -> encode -> ε̂ (no_grad) -> σ²(ε̂ − ε) -> reparameterised loss -> backward -> Adam steps."""
+    z = b.prior.encode(_render(b))
+    noise = torch.randn_like(z)
+    t = torch.randint(20, 980, (b.batch,), device=b.device)
+    alpha, sigma = alpha_sigma(b.prior.alphas_cumprod, t)
+    with torch.no_grad():
+        eps_hat = b.prior.eps(add_noise(z.detach(), noise, alpha, sigma), t, guidance_scale)
+    reparameterised_loss(z, sds_grad(eps_hat, noise, sigma)).backward()
+    _step_gaussians(b)
+
+
+def iteration_vsd(b: Bench, guidance_scale: float = 7.5) -> None:
+    """As SDS with ε_φ in place of ε, then one LoRA step on the detached latents."""
+    z = b.prior.encode(_render(b))
+    c2w = _c2w(b)
+    noise = torch.randn_like(z)
+    t = torch.randint(20, 980, (b.batch,), device=b.device)
+    alpha, sigma = alpha_sigma(b.prior.alphas_cumprod, t)
+    x_t = add_noise(z.detach(), noise, alpha, sigma)
+    with torch.no_grad():
+        eps_hat = b.prior.eps(x_t, t, guidance_scale)
+        eps_phi = b.eps_phi.eps_phi(x_t, t, c2w)
+    reparameterised_loss(z, vsd_grad(eps_hat, eps_phi, sigma)).backward()
+    _step_gaussians(b)
+    loss = b.eps_phi.lora_loss(z, c2w)
+    b.lora_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    b.lora_opt.step()
+
+
+def usd_step(b: Bench, rectify: bool, guidance_scale: float = 7.5) -> None:
+    """One USD iteration as ``TextTo3DSystem.training_step`` with shared noise (DESIGN 4 steps 1-10).
+
+    With ``rectify`` the ε̂ pass keeps its graph to z and the rectifier gradient is taken through
+    classifier, decoder and UNet; without it (the other iterations under ``rectify_every``) ε̂ and the
+    decode + classify for the EMA update run under no_grad.
+    """
+    classifier = _need_classifier(b)
+    rect = b.rectifier
+    z = b.prior.encode(_render(b))  # 1-2
+    c2w = _c2w(b)
+    t = _shared_t(b)  # 3
+    alpha, sigma = alpha_sigma(b.prior.alphas_cumprod, t)
+    x_t = add_noise(z if rectify else z.detach(), torch.randn_like(z), alpha, sigma)
+    with torch.set_grad_enabled(rectify):  # 4
+        eps_hat = b.prior.eps(x_t, t, guidance_scale)
+    with torch.no_grad():  # 5
+        eps_phi = b.eps_phi.eps_phi(x_t.detach(), t, c2w)
+    grad_vsd = vsd_grad(eps_hat.detach(), eps_phi, sigma)
+    with torch.set_grad_enabled(rectify):  # 6
+        probs = classifier(b.prior.decode(tweedie_x0(x_t, eps_hat, alpha, sigma)))
+        log_r_value = log_r(probs, b.pose_stats.get(t))
+        if rectify:
+            (grad_rect,) = torch.autograd.grad(-rectifier_objective(log_r_value, alpha, sigma), z)
+        else:
+            grad_rect = torch.zeros_like(grad_vsd)
+    grad_rect = rect.weight * clamp_to_norm(grad_rect, grad_vsd, rect.gain, rect.norm_coef)  # 7
+    reparameterised_loss(z, nan_to_zero(grad_vsd + grad_rect)).backward()  # 8
+    _step_gaussians(b)
+    b.pose_stats.update(t, probs.detach())  # 9
+    loss = b.eps_phi.lora_loss(z, c2w)  # 10
+    b.lora_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    b.lora_opt.step()
+
+
+def iteration_usd(b: Bench) -> None:
+    """USD with the rectifier every iteration (rectify_every = 1)."""
+    usd_step(b, rectify=True)
+
+
+def iteration_usd_k4(b: Bench) -> None:
+    """Four USD iterations with the rectifier on the first only (rectify_every = 4)."""
+    for k in range(4):
+        usd_step(b, rectify=k == 0)
+
+
+PARTS: dict[str, Callable[[Bench], None]] = {
+    "render": part_render,
+    "vae_encode": part_vae_encode,
+    "unet_cfg": part_unet_cfg,
+    "unet_backward": part_unet_backward,
+    "unet_cond": part_unet_cond,
+    "eps_phi": part_eps_phi,
+    "lora_step": part_lora_step,
+    "usd_unet_cfg": part_usd_unet_cfg,
+    "usd_decode": part_usd_decode,
+    "pose_classifier": part_pose_classifier,
+    "rectifier_backward": part_rectifier_backward,
+}
+ITERATIONS: dict[str, Callable[[Bench], None]] = {
+    "sds": iteration_sds, "vsd": iteration_vsd, "usd": iteration_usd, "usd_k4": iteration_usd_k4,
+}
+ITERATIONS_PER_CALL: dict[str, int] = {"usd_k4": 4}  # times of these are divided by this count
+USD_NAMES = frozenset({"usd_unet_cfg", "usd_decode", "pose_classifier", "rectifier_backward", "usd", "usd_k4"})
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+
+def time_ms(
+    fn: Callable[[], None], device: torch.device, iters: int = 10, warmup: int = 3,
+    state: Optional[dict] = None, per_call: int = 1,
+) -> dict:
+    """Milliseconds per call (CUDA events on CUDA, wall clock elsewhere) and peak GPU memory in MiB.
+
+    If ``fn`` times a :func:`timed_region` (recorded in ``state["region"]``), only that region counts.
+    ``per_call``: iterations one call runs; times are divided by it (ms per iteration).
+    """
+    for _ in range(warmup):
+        fn()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        if state is not None:
+            state.pop("region", None)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            elapsed = 1e3 * (time.perf_counter() - t0)
+        region = state.get("region") if state is not None else None
+        if region is not None:
+            elapsed = region[0].elapsed_time(region[1]) if isinstance(region, tuple) else region
+        times.append(elapsed / per_call)
+    out = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times), "min_ms": min(times)}
+    if per_call != 1:
+        out["iterations_per_call"] = per_call
+    if state is not None and "region" in state:
+        out["timed_region_only"] = True
+    if cuda:
+        out["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return out
+
+
+def sanity(b: Bench) -> dict:
+    """Finite outputs of ε̂, ε_φ and the LoRA loss in the benchmark's precision (random weights)."""
+    z = b.prior.encode(_render(b).detach())
+    x_t, t, _ = _noisy(b, z)
+    with torch.no_grad():
+        eps_hat = b.prior.eps(x_t, t, 7.5)
+        eps_phi = b.eps_phi.eps_phi(x_t, t, _c2w(b))
+        loss = b.eps_phi.lora_loss(z, _c2w(b))
+    out = {"latents_finite": bool(torch.isfinite(z).all()), "eps_hat_finite": bool(torch.isfinite(eps_hat).all()),
+           "eps_phi_finite": bool(torch.isfinite(eps_phi).all()), "lora_loss": float(loss)}
+    if b.classifier is not None:
+        with torch.no_grad():
+            probs = b.classifier(b.prior.decode(x_t))
+        out["pose_probs_finite"] = bool(torch.isfinite(probs).all())
+        out["pose_probs_sum"] = float(probs.sum(-1).mean())
+        objective, z_leaf = _rectifier_forward(b)
+        (grad_rect,) = torch.autograd.grad(-objective, z_leaf)
+        out["rect_grad_finite"] = bool(torch.isfinite(grad_rect).all())
+        out["rect_grad_norm"] = float(grad_rect.float().norm())
+    return out
+
+
+def profile(fn: Callable[[], None], device: torch.device, iters: int = 5, warmup: int = 2, rows: int = 25) -> str:
+    """torch.profiler table (CPU + CUDA) of ``iters`` calls after warm-up, sorted by self time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(warmup):
+        fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    num_gaussians = 0 if args.no_render else args.gaussians
+    parts = args.parts.split(",") if args.parts else list(PARTS)
+    iterations = args.iterations.split(",") if args.iterations else list(ITERATIONS)
+    for name in parts + iterations:
+        if name not in PARTS and name not in ITERATIONS:
+            raise SystemExit(f"unknown part {name!r}; expected one of {', '.join([*PARTS, *ITERATIONS])}")
+    pose = bool(USD_NAMES & {*parts, *iterations, args.profile})
+    bench = build_bench(args.device, args.dtype, args.tiny, args.resolution, num_gaussians, args.batch, args.seed,
+                        pose=pose, dino_dtype=args.dino_dtype, n_augment=args.n_augment)
+    if args.no_render:
+        bench.gaussians, bench.gaussian_opts = None, {}
+        bench.image = torch.rand(args.batch, 3, args.resolution, args.resolution, device=bench.device,
+                                 requires_grad=True)
+    build_s = time.perf_counter() - t0
+    device = bench.device
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "dtype": str(bench.prior.dtype).replace("torch.", ""),
+        "model": "tiny" if args.tiny else "sd-2.1-base size (random weights)",
+        "pose_model": (None if bench.classifier is None else
+                       ("tiny dinov2-with-registers" if args.tiny else "dinov2-with-registers-small size (random)")),
+        "pose_dtype": None if bench.classifier is None else args.dino_dtype,
+        "pose_input_size": None if bench.classifier is None else bench.classifier.cfg.input_size,
+        "render_resolution": args.resolution,
+        "latent_resolution": bench.prior.latent_resolution // 8,
+        "batch": args.batch,
+        "gaussians": args.gaussians if bench.gaussians is not None else 0,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "build_s": round(build_s, 2),
+        "parts": {},
+        "iterations": {},
+    }
+    if bench.gaussians is not None:
+        try:  # the first gsplat call JIT-builds its CUDA extension; without it, time the rest
+            part_render(bench)
+        except Exception as err:  # noqa: BLE001
+            result["render_error"] = f"{type(err).__name__}: {str(err)[-800:]}"
+            print(f"render skipped: {result['render_error']}", flush=True)
+            bench.gaussians, bench.gaussian_opts = None, {}
+            bench.image = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device,
+                                     requires_grad=True)
+            result["gaussians"] = 0
+    for name in parts:
+        fn = PARTS[name]
+        if name == "render" and bench.gaussians is None:
+            result["parts"][name] = None  # skipped: no CUDA or --no-render
+            continue
+        result["parts"][name] = time_ms(lambda: fn(bench), device, args.iters, args.warmup, state=bench.state)
+        print(f"{name:>18}: {result['parts'][name]['median_ms']:9.2f} ms", flush=True)
+    for name in iterations:
+        fn = ITERATIONS[name]
+        result["iterations"][name] = time_ms(lambda: fn(bench), device, args.iters, args.warmup,
+                                             per_call=ITERATIONS_PER_CALL.get(name, 1))
+        print(f"{name:>18}: {result['iterations'][name]['median_ms']:9.2f} ms / iteration", flush=True)
+    if device.type == "cuda":  # the largest of the per-part / per-iteration peaks
+        timed = [r for r in [*result["parts"].values(), *result["iterations"].values()] if r]
+        result["peak_mem_mib"] = max([r["peak_mem_mib"] for r in timed] or [0.0])
+        result["peak_reserved_mib"] = max([r["peak_reserved_mib"] for r in timed] or [0.0])
+    result["sanity"] = sanity(bench)
+    if args.profile:
+        fn = {**PARTS, **ITERATIONS}[args.profile]
+        result["profile"] = {args.profile: profile(lambda: fn(bench), device)}
+        print(result["profile"][args.profile], flush=True)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    parser.add_argument("--resolution", type=int, default=512, help="render resolution (square)")
+    parser.add_argument("--tiny", action="store_true", help="test-fixture-size networks (CPU smoke run)")
+    parser.add_argument("--gaussians", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=1, help="views per iteration (CFG doubles it)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--no-render", action="store_true", help="stand in a random image for the render")
+    parser.add_argument("--parts", default="", help="comma list of parts to time (default: all)")
+    parser.add_argument("--iterations", default="",
+                        help="comma list of whole iterations (default: sds,vsd,usd,usd_k4)")
+    parser.add_argument("--dino-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="DINOv2 precision of the pose classifier (the pipeline loads it in fp32)")
+    parser.add_argument("--n-augment", type=int, default=4, help="augmented copies per template (release: 200)")
+    parser.add_argument("--profile", default="", help="also profile this part or iteration (torch.profiler)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    args = parser.parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

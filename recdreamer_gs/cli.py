@@ -1,0 +1,435 @@
+"""Command line: ``recdreamer-gs run | render | export``.
+
+Every known failure (bad input, missing files, no GPU, no weights) ends with one line on stderr
+saying what was wrong and what to do, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Text to 3D Gaussians by uniform score distillation (RecDreamer) with gsplat.",
+)
+err_console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """Raised by commands for input the user can fix."""
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _quiet_libraries() -> None:
+    """Keep Lightning's and the model libraries' chatter out of the run's own output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from recdreamer_gs.config import ConfigError
+    from recdreamer_gs.export import PlyError
+    from recdreamer_gs.gaussians import InitError
+    from recdreamer_gs.pipeline import RunError
+    from recdreamer_gs.priors.base import PriorUnavailable
+
+    return (ConfigError, InitError, PlyError, PriorUnavailable, RunError, UserError)
+
+
+@app.command()
+def run(
+    prompt: str = typer.Argument(..., help="What to make, e.g. 'a kangaroo wearing boxing gloves'."),
+    preset: str = typer.Option("preview", help="Preset in configs/: preview (fast look), standard, synthetic."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset."),
+    out: Path = typer.Option(Path("outputs"), "--out", help="Parent folder; the run goes to OUT/<slug>-<time>/."),
+    steps: Optional[int] = typer.Option(None, help="Iterations (overrides the preset)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    resolution: Optional[int] = typer.Option(None, help="Render size in pixels (square)."),
+    prior: Optional[str] = typer.Option(None, help="auto | synthetic | sd. auto: SD when a GPU and weights exist."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Point cloud or mesh to start from (open3d)."),
+    method: Optional[str] = typer.Option(None, help="usd | vsd | sds (score distillation flavour)."),
+    model: Optional[str] = typer.Option(None, help="Stable Diffusion repo id or local diffusers folder."),
+    pose_model: Optional[str] = typer.Option(None, "--pose-model", help="DINOv2 repo id or local folder (USD)."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Pose template folder DIR/<class>/*.png (USD)."),
+    pose_control: Optional[str] = typer.Option(None, "--pose-control", help="Pull every view to one pose class."),
+    set_: List[str] = typer.Option([], "--set", help="Any config value, e.g. --set distill.guidance_scale=50."),
+) -> None:
+    """Optimise Gaussians for PROMPT and write model.ply, previews and metrics.json."""
+    _quiet_libraries()
+    try:
+        extra = {"method": method, "model": model, "pose_model": pose_model, "templates": templates,
+                 "pose_control": pose_control}
+        _run(prompt, preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra)
+    except _known_errors() as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        fail("interrupted")
+
+
+def _run(prompt, preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra) -> None:
+    from recdreamer_gs.config import load_config, parse_override
+    from recdreamer_gs import pipeline
+
+    if not prompt.strip():
+        raise UserError("the prompt is empty; give a description, e.g. recdreamer-gs run \"a red teapot\"")
+    overrides = [parse_override(s) for s in set_]
+    flags: dict = {"prompt": prompt.strip()}
+    if steps is not None:
+        flags.setdefault("train", {})["steps"] = steps
+    if seed is not None:
+        flags.setdefault("train", {})["seed"] = seed
+    if device is not None:
+        flags.setdefault("train", {})["device"] = device
+    if resolution is not None:
+        flags.setdefault("camera", {})["resolution"] = resolution
+        flags.setdefault("prior", {}).setdefault("synthetic", {})["resolution"] = resolution
+    if prior is not None:
+        flags.setdefault("prior", {})["kind"] = prior
+    if init_from is not None:
+        if not init_from.is_file():
+            raise UserError(f"--init-from: file {init_from} does not exist")
+        flags.setdefault("gaussians", {})["init_from"] = str(init_from)
+    _model_flags(flags, extra)
+    cfg = load_config(preset, config, overrides + [flags])
+
+    dev = pipeline.resolve_device(cfg.train.device)
+    choice = pipeline.build_prior(cfg, dev)
+    if choice.notice:
+        err_console.print(Panel(choice.notice, title="synthetic prior", border_style="yellow"))
+    if cfg.gaussians.init_from:
+        # Read the init file before creating the run folder so a bad file leaves nothing behind.
+        from recdreamer_gs.gaussians import load_points
+
+        load_points(cfg.gaussians.init_from, cfg.gaussians.num_init, cfg.gaussians.init_radius)
+    out_dir = pipeline.make_run_dir(out, cfg.prompt)
+    err_console.print(f"run folder: {out_dir}  (prior: {choice.prior.name}, device: {dev})", highlight=False)
+    pipeline.fit(cfg, out_dir, choice, dev)
+    err_console.print(f"wrote {out_dir / 'model.ply'}", highlight=False)
+
+
+def _model_flags(flags: dict, extra: dict) -> None:
+    """Shared options of run/templates/classify/eval into the config tree."""
+    if extra.get("method"):
+        flags.setdefault("distill", {})["method"] = extra["method"]
+    if extra.get("model"):
+        flags.setdefault("prior", {}).setdefault("sd", {})["model"] = extra["model"]
+    rect = {}
+    if extra.get("pose_model"):
+        rect["pose_model"] = extra["pose_model"]
+    if extra.get("templates"):
+        if not Path(extra["templates"]).is_dir():
+            raise UserError(f"--templates: folder {extra['templates']} does not exist")
+        rect["templates"] = str(extra["templates"])
+    if extra.get("pose_control"):
+        rect["pose_control"] = extra["pose_control"]
+    if rect:
+        flags.setdefault("distill", {})["rectifier"] = rect
+
+
+def _setup(prompt: str, prior: Optional[str], device: Optional[str], extra: dict):
+    """Config, device and prior for the templates/classify/eval commands."""
+    from recdreamer_gs import pipeline
+    from recdreamer_gs.config import load_config
+
+    flags: dict = {"prompt": prompt}
+    if prior:
+        flags.setdefault("prior", {})["kind"] = prior
+    if device:
+        flags.setdefault("train", {})["device"] = device
+    _model_flags(flags, extra)
+    cfg = load_config("preview", None, [flags])
+    dev = pipeline.resolve_device(cfg.train.device)
+    choice = pipeline.build_prior(cfg, dev)
+    if choice.notice:
+        err_console.print(Panel(choice.notice, title="synthetic prior", border_style="yellow"))
+    return cfg, dev, choice.prior
+
+
+@app.command("templates")
+def templates_cmd(
+    prompt: str = typer.Argument(..., help="The prompt whose front/back/side views become templates."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: OUT/<class>/NNN.png (edit it, then --templates OUT)."),
+    per_view: int = typer.Option(4, "--per-view", help="Candidates per view (keep the good ones)."),
+    prior: Optional[str] = typer.Option(None, help="auto | synthetic | sd."),
+    model: Optional[str] = typer.Option(None, help="Stable Diffusion repo id or local folder."),
+    pose_model: Optional[str] = typer.Option(None, "--pose-model", help="DINOv2 repo id or local folder (unused here)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+) -> None:
+    """Write candidate pose templates (front, back, left, right = mirrored side) from the prior."""
+    _quiet_libraries()
+    try:
+        from recdreamer_gs.pipeline import sd_sample_fn
+        from recdreamer_gs.pose.templates import generate_templates, write_template_folder
+
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+        if per_view < 1:
+            raise UserError(f"--per-view: expected 1 or more, got {per_view}")
+        cfg, dev, p = _setup(prompt.strip(), prior, device, {"model": model, "pose_model": pose_model})
+        if p.name == "synthetic":
+            images = p.templates(torch_ones(len(p.class_names), dev), 1)[0]
+            templates = {name: [images[i]] for i, name in enumerate(p.class_names)}
+        else:
+            templates = generate_templates(sd_sample_fn(p), cfg.prompt, per_view)
+        paths = write_template_folder(templates, out)
+        err_console.print(f"wrote {len(paths)} templates to {out}", highlight=False)
+    except _known_errors() as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"cannot write templates to {out}: {err.strerror or err}")
+
+
+def torch_ones(n: int, device) -> "object":
+    import torch
+
+    return torch.ones(n, 3, device=device)
+
+
+def _pose_setup(cfg, dev, p, templates: Optional[Path]):
+    from recdreamer_gs import pipeline
+
+    if p.name != "synthetic" and templates is None:
+        raise UserError("--templates DIR is needed with the Stable Diffusion prior (or use --prior synthetic)")
+    return pipeline.build_pose(cfg, p, dev, need=True)
+
+
+@app.command("classify")
+def classify_cmd(
+    images: List[Path] = typer.Argument(..., help="Images to classify (PNG/JPG)."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Template folder DIR/<class>/*.png."),
+    prior: Optional[str] = typer.Option(None, help="synthetic: the synthetic prior's template classifier."),
+    model: Optional[str] = typer.Option(None, help="Stable Diffusion repo id or local folder (unused here)."),
+    pose_model: Optional[str] = typer.Option(None, "--pose-model", help="DINOv2 repo id or local folder."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+) -> None:
+    """Print the pose-class probabilities of each image."""
+    _quiet_libraries()
+    try:
+        import torch
+        import torch.nn.functional as F
+        from rich.table import Table
+
+        from recdreamer_gs.pose.templates import read_image
+
+        cfg, dev, p = _classifier_setup(templates, prior, pose_model, device)
+        pose = _pose_setup(cfg, dev, p, templates)
+        table = Table("image", *pose.class_names)
+        for path in images:
+            x = read_image(path, 256)[None].to(dev)
+            if p is not None and p.name == "synthetic":
+                x = F.interpolate(x, size=(cfg.prior.synthetic.resolution,) * 2, mode="bilinear", antialias=True)
+            with torch.no_grad():
+                probs = pose.classifier(x, torch.ones(1, 3, device=dev))[0]
+            table.add_row(path.name, *[f"{v:.3f}" for v in probs.tolist()])
+        Console().print(table)
+    except _known_errors() as err:
+        fail(str(err))
+
+
+class _NoPrior:
+    """Stands for 'no diffusion prior needed': classify with DINOv2 + templates only."""
+
+    name = "none"
+
+
+def _classifier_setup(templates: Optional[Path], prior: Optional[str], pose_model: Optional[str],
+                      device: Optional[str]):
+    """DINOv2 + a template folder, or the synthetic prior's template classifier (``--prior synthetic``)."""
+    if templates is not None:
+        return _setup_templates_only(templates, pose_model, device)
+    if prior != "synthetic":
+        raise UserError("give --templates DIR (DINOv2 classifier) or --prior synthetic (its template classifier)")
+    return _setup("classify", "synthetic", device, {})
+
+
+def _setup_templates_only(templates: Optional[Path], pose_model: Optional[str], device: Optional[str]):
+    from recdreamer_gs import pipeline
+    from recdreamer_gs.config import load_config
+
+    flags: dict = {"prompt": "classify", "prior": {"kind": "sd"}}
+    if device:
+        flags["train"] = {"device": device}
+    _model_flags(flags, {"templates": templates, "pose_model": pose_model})
+    cfg = load_config("preview", None, [flags])
+    return cfg, pipeline.resolve_device(cfg.train.device), _NoPrior()
+
+
+@app.command("eval")
+def eval_cmd(
+    ply: Path = typer.Argument(..., help="A 3DGS .ply (viewer frame unless --frame y-up)."),
+    prompt: str = typer.Option("", help="The prompt, for cEnt and the CLIP score."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Template folder for pEnt (DINOv2 classifier)."),
+    prior: Optional[str] = typer.Option(None, help="synthetic: pEnt with the synthetic prior's classifier."),
+    model: Optional[str] = typer.Option(None, help="Stable Diffusion repo id or local folder (unused here)."),
+    pose_model: Optional[str] = typer.Option(None, "--pose-model", help="DINOv2 repo id or local folder."),
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP repo id or local folder (cEnt, CLIP score)."),
+    resolution: int = typer.Option(64, help="Render size for the evaluation views."),
+    frame: str = typer.Option("viewer", help="Frame of the PLY: viewer | y-up."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+) -> None:
+    """pEnt (pose entropy over 10 azimuths), and cEnt + CLIP score with --clip-model."""
+    _quiet_libraries()
+    try:
+        import json
+
+        import torch
+
+        from recdreamer_gs.cameras import orbit
+        from recdreamer_gs.config import GaussiansConfig
+        from recdreamer_gs.export import read_ply
+        from recdreamer_gs.gaussians import Gaussians
+        from recdreamer_gs.metrics import ClipScorer, ClipUnavailable, pent_views, pose_entropy
+        from recdreamer_gs.render import render
+
+        if templates is None and prior != "synthetic" and clip_model is None:
+            raise UserError("nothing to evaluate: give --templates DIR or --prior synthetic (pEnt), "
+                            "and/or --clip-model (cEnt, CLIP score)")
+        if templates is None and prior != "synthetic":
+            cfg, dev, p = _setup_templates_only(None, pose_model, device)
+        else:
+            cfg, dev, p = _classifier_setup(templates, prior, pose_model, device)
+        params = read_ply(ply, frame=frame)
+        degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(params["shN"].shape[1], 0)
+        gaussians = Gaussians(params, GaussiansConfig(sh_degree=degree)).to(dev)
+        if p.name == "synthetic":
+            resolution = cfg.prior.synthetic.resolution
+        n = len(pent_views())
+        cams = orbit(n, 15.0, 2.5, 40.0, resolution).to(dev)
+        with torch.no_grad():
+            rgb = render(gaussians, cams, torch.ones(n, 3, device=dev)).rgb
+        result: dict = {}
+        if templates is not None or prior == "synthetic":
+            pose = _pose_setup(cfg, dev, p, templates)
+            with torch.no_grad():
+                probs = pose.classifier(rgb * 2 - 1, torch.ones(n, 3, device=dev))
+            result["pEnt"] = round(pose_entropy(probs.float().cpu()), 4)
+            result["pose_histogram"] = dict(zip(pose.class_names, [round(v, 4) for v in probs.mean(0).tolist()]))
+        if clip_model is not None:
+            if not prompt:
+                raise UserError("--clip-model needs --prompt for cEnt and the CLIP score")
+            try:
+                scorer = ClipScorer.load(clip_model, device=dev)
+            except ClipUnavailable as err:
+                raise UserError(str(err)) from None
+            with torch.no_grad():
+                result["cEnt"] = round(scorer.view_entropy(rgb, prompt), 4)
+                result["clip_score"] = round(scorer.clip_score(rgb, prompt), 4)
+        Console().print_json(json.dumps(result))
+    except _known_errors() as err:
+        fail(str(err))
+
+
+@app.command("render")
+def render_cmd(
+    ply: Path = typer.Argument(..., help="A 3DGS .ply written by recdreamer-gs (or any standard 3DGS PLY)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for orbit.png and orbit.gif (default: next to the PLY)."),
+    views: int = typer.Option(8, help="Views in the PNG grid."),
+    frames: int = typer.Option(36, help="Frames in the GIF (0: no GIF)."),
+    resolution: int = typer.Option(128, help="Render size in pixels."),
+    elevation: float = typer.Option(15.0, help="Orbit elevation in degrees."),
+    radius: float = typer.Option(2.5, help="Orbit radius."),
+    fovy: float = typer.Option(40.0, help="Vertical field of view in degrees."),
+    frame: str = typer.Option("viewer", help="Frame the PLY was written in: viewer | y-up."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+) -> None:
+    """Render orbit views of a PLY to a PNG grid and a GIF."""
+    _quiet_libraries()
+    try:
+        _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame, device)
+    except _known_errors() as err:
+        fail(str(err))
+
+
+def _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame, device) -> None:
+    import torch
+
+    from recdreamer_gs.callbacks import image_grid, preview_upscale, save_gif, save_png
+    from recdreamer_gs.cameras import orbit
+    from recdreamer_gs.config import GaussiansConfig
+    from recdreamer_gs.export import read_ply
+    from recdreamer_gs.gaussians import Gaussians
+    from recdreamer_gs.pipeline import resolve_device
+    from recdreamer_gs.render import render
+
+    if views < 1 or frames < 0 or resolution < 8 or radius <= 0 or not 1 <= fovy < 170:
+        raise UserError("expected --views >= 1, --frames >= 0, --resolution >= 8, --radius > 0, 1 <= --fovy < 170")
+    if frame not in ("viewer", "y-up"):
+        raise UserError(f"--frame: expected viewer or y-up, got {frame!r}")
+    dev = resolve_device(device)
+    params = read_ply(ply, frame=frame)
+    k = params["shN"].shape[1]
+    degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(k, 0)
+    gaussians = Gaussians(params, GaussiansConfig(sh_degree=degree)).to(dev)
+    out_dir = out or ply.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        cams = orbit(views, elevation, radius, fovy, resolution).to(dev)
+        rgb = render(gaussians, cams, torch.ones(views, 3, device=dev)).rgb
+        save_png(image_grid(rgb), out_dir / "orbit.png", preview_upscale(resolution))
+        if frames > 0:
+            cams = orbit(frames, elevation, radius, fovy, resolution).to(dev)
+            rgb = render(gaussians, cams, torch.ones(frames, 3, device=dev)).rgb
+            save_gif(rgb, out_dir / "orbit.gif", upscale=preview_upscale(resolution))
+    err_console.print(f"wrote {out_dir / 'orbit.png'}" + (f" and {out_dir / 'orbit.gif'}" if frames else ""),
+                      highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    ply: Path = typer.Argument(..., help="Input 3DGS .ply."),
+    target: Path = typer.Argument(..., help="Output file: .ply or .splat."),
+    frame_in: str = typer.Option("viewer", "--from-frame", help="Frame of the input: viewer | y-up."),
+    frame_out: str = typer.Option("viewer", "--to-frame", help="Frame of the output: viewer | y-up."),
+) -> None:
+    """Convert a PLY to .splat, or between the viewer and y-up frames."""
+    _quiet_libraries()
+    try:
+        from recdreamer_gs.export import read_ply, write_ply, write_splat
+
+        for name, value in (("--from-frame", frame_in), ("--to-frame", frame_out)):
+            if value not in ("viewer", "y-up"):
+                raise UserError(f"{name}: expected viewer or y-up, got {value!r}")
+        params = read_ply(ply, frame=frame_in)
+        suffix = target.suffix.lower()
+        if suffix == ".ply":
+            n = write_ply(target, params, frame=frame_out)
+        elif suffix == ".splat":
+            n = write_splat(target, params, frame=frame_out)
+        else:
+            raise UserError(f"output {target}: expected a .ply or .splat file name, got {suffix or 'no suffix'}")
+        err_console.print(f"wrote {target} ({n} Gaussians)", highlight=False)
+    except _known_errors() as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"cannot write {target}: {err.strerror or err}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The Gaussian set: per-Gaussian tensors in a ParameterDict with one optimizer each.
+
+Storage follows gsplat's convention (DESIGN section 3): ``means [N,3]``, log ``scales [N,3]``,
+raw wxyz ``quats [N,4]``, opacity logits ``opacities [N]``, SH DC ``sh0 [N,1,3]`` and higher bands
+``shN [N,K,3]``. One single-group Adam per key is the layout gsplat strategies expect; they
+replace the Parameter objects when they grow or prune, so always read ``gaussians.params[...]``
+afresh.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from recdreamer_gs.config import GaussiansConfig
+
+SH_C0 = 0.28209479177387814  # rgb = 0.5 + SH_C0 * sh0
+
+
+class InitError(ValueError):
+    """An --init-from file is missing or holds no usable points."""
+
+
+def rgb_to_sh0(rgb: Tensor) -> Tensor:
+    return (rgb - 0.5) / SH_C0
+
+
+def sh0_to_rgb(sh0: Tensor) -> Tensor:
+    return sh0 * SH_C0 + 0.5
+
+
+def num_sh_rest(sh_degree: int) -> int:
+    """Number of SH coefficients beyond the DC term for a degree."""
+    return (sh_degree + 1) ** 2 - 1
+
+
+def random_sphere_points(n: int, radius: float, generator: torch.Generator) -> Float[Tensor, "N 3"]:
+    """Points uniform in a ball (cube-root radial sampling)."""
+    direction = torch.randn(n, 3, generator=generator)
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    r = radius * torch.rand(n, 1, generator=generator) ** (1.0 / 3.0)
+    return direction * r
+
+
+def load_points(path: str | Path, n: int, radius: float) -> tuple[Tensor, Optional[Tensor]]:
+    """Points (and colours if present) from a point cloud or mesh, centred and scaled into ``radius``.
+
+    Meshes are sampled uniformly on their surface (open3d); point clouds are subsampled to ``n``.
+    """
+    import numpy as np
+    import open3d as o3d
+
+    path = Path(path)
+    if not path.is_file():
+        raise InitError(f"--init-from: file {path} does not exist")
+    suffix = path.suffix.lower()
+    points = colors = None
+    if suffix in {".obj", ".glb", ".gltf", ".off", ".stl", ".fbx"} or suffix == ".ply":
+        mesh = o3d.io.read_triangle_mesh(str(path))
+        if len(mesh.triangles) > 0:
+            cloud = mesh.sample_points_uniformly(number_of_points=n)
+            points = np.asarray(cloud.points)
+            colors = np.asarray(cloud.colors) if cloud.has_colors() else None
+    if points is None:
+        if suffix not in {".ply", ".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts"}:
+            raise InitError(
+                f"--init-from: cannot read {path.name}; expected a mesh (.obj .ply .glb .off .stl) "
+                "or a point cloud (.ply .pcd .xyz .pts)"
+            )
+        cloud = o3d.io.read_point_cloud(str(path))
+        points = np.asarray(cloud.points)
+        colors = np.asarray(cloud.colors) if cloud.has_colors() else None
+        if len(points) > n:
+            keep = np.random.default_rng(0).choice(len(points), n, replace=False)
+            points = points[keep]
+            colors = colors[keep] if colors is not None else None
+    if points is None or len(points) == 0 or not np.isfinite(points).all():
+        raise InitError(f"--init-from: {path} holds no readable points (empty or corrupt file)")
+    pts = torch.as_tensor(points, dtype=torch.float32)
+    pts = pts - pts.mean(dim=0)
+    extent = pts.norm(dim=-1).max().clamp_min(1e-8)
+    pts = pts * (radius / extent)
+    rgb = torch.as_tensor(colors, dtype=torch.float32) if colors is not None and len(colors) else None
+    return pts, rgb
+
+
+class Gaussians(nn.Module):
+    """A set of 3D Gaussians with per-parameter Adam optimizers."""
+
+    def __init__(self, params: dict[str, Tensor], cfg: GaussiansConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.params = nn.ParameterDict({k: nn.Parameter(v.contiguous()) for k, v in params.items()})
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_points(
+        cls, points: Float[Tensor, "N 3"], cfg: GaussiansConfig, rgb: Optional[Float[Tensor, "N 3"]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> "Gaussians":
+        n = points.shape[0]
+        if rgb is None:
+            # Grey with a little noise, as the text-to-3D peers initialise.
+            noise = torch.rand(n, 3, generator=generator) if generator is not None else torch.rand(n, 3)
+            rgb = 0.5 + 0.1 * (noise - 0.5)
+        params = {
+            "means": points.float(),
+            "scales": torch.full((n, 3), math.log(cfg.init_scale)),
+            "quats": torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1),
+            "opacities": torch.full((n,), math.log(cfg.init_opacity / (1.0 - cfg.init_opacity))),
+            "sh0": rgb_to_sh0(rgb.float()).reshape(n, 1, 3),
+            "shN": torch.zeros(n, num_sh_rest(cfg.sh_degree), 3),
+        }
+        return cls(params, cfg)
+
+    @classmethod
+    def create(cls, cfg: GaussiansConfig, generator: torch.Generator) -> "Gaussians":
+        """Random sphere, or the points of ``cfg.init_from`` (point cloud or mesh)."""
+        if cfg.init_from:
+            points, rgb = load_points(cfg.init_from, cfg.num_init, cfg.init_radius)
+            return cls.from_points(points, cfg, rgb, generator)
+        return cls.from_points(random_sphere_points(cfg.num_init, cfg.init_radius, generator), cfg,
+                               generator=generator)
+
+    @classmethod
+    def empty_like_state(cls, state: dict[str, Tensor], cfg: GaussiansConfig) -> "Gaussians":
+        """A set shaped like a saved state dict (used to resize before loading a checkpoint)."""
+        prefix = "params."
+        return cls({k[len(prefix):]: torch.zeros_like(v) for k, v in state.items() if k.startswith(prefix)}, cfg)
+
+    def make_optimizers(self, lr_scale: float = 1.0) -> dict[str, torch.optim.Optimizer]:
+        """One single-group Adam per parameter (the layout gsplat strategies check)."""
+        lrs = {
+            "means": self.cfg.lr_means, "scales": self.cfg.lr_scales, "quats": self.cfg.lr_quats,
+            "opacities": self.cfg.lr_opacities, "sh0": self.cfg.lr_sh0, "shN": self.cfg.lr_shN,
+        }
+        return {
+            name: torch.optim.Adam([{"params": [param], "lr": lrs[name] * lr_scale, "name": name}], eps=1e-15)
+            for name, param in self.params.items()
+        }
+
+    # -- activated views ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.params["means"].shape[0]
+
+    @property
+    def sh_degree(self) -> int:
+        return self.cfg.sh_degree
+
+    @property
+    def means(self) -> Float[Tensor, "N 3"]:
+        return self.params["means"]
+
+    @property
+    def scales(self) -> Float[Tensor, "N 3"]:
+        """Activated (linear) scales."""
+        return torch.exp(self.params["scales"])
+
+    @property
+    def quats(self) -> Float[Tensor, "N 4"]:
+        """Normalised wxyz quaternions."""
+        return nn.functional.normalize(self.params["quats"], dim=-1)
+
+    @property
+    def opacities(self) -> Float[Tensor, "N"]:
+        return torch.sigmoid(self.params["opacities"])
+
+    @property
+    def sh(self) -> Float[Tensor, "N K 3"]:
+        """All SH coefficients, DC first."""
+        return torch.cat([self.params["sh0"], self.params["shN"]], dim=1)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep log-scales finite and below the scene size (viewers break on -inf / huge scales)."""
+        self.params["scales"].clamp_(self.cfg.min_log_scale, self.cfg.max_log_scale)

@@ -1,0 +1,221 @@
+"""Building and running a job from a RunConfig: device, prior choice, output folder, Trainer."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from recdreamer_gs.config import RunConfig
+from recdreamer_gs.priors.base import Prior, PriorUnavailable
+
+
+class RunError(RuntimeError):
+    """A run cannot start; the message says what was wrong and what to do."""
+
+
+@dataclass
+class PriorChoice:
+    prior: Prior
+    notice: Optional[str]  # shown to the user when auto fell back to the synthetic prior
+
+
+@dataclass
+class PoseSetup:
+    classifier: Optional[Callable]  # images in [-1, 1] (+ background) -> probabilities [B, C]
+    class_names: tuple[str, ...]
+    templates: Optional[dict] = None  # the template images the classifier was built from (SD)
+    metric: Optional[Callable] = None  # classifier for pEnt; defaults to ``classifier``
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu (synthetic prior) "
+                       "or run on a machine with an NVIDIA GPU and a CUDA build of torch")
+    return torch.device(device)
+
+
+def synthetic_notice(reason: str) -> str:
+    return (
+        f"Using the offline synthetic prior because {reason}. It distils a built-in reference object, "
+        "not your prompt. For real text-to-3D run on a CUDA GPU with Stable Diffusion weights "
+        "(--prior sd, with --model PATH to a local diffusers folder or a populated Hugging Face cache)."
+    )
+
+
+def build_prior(cfg: RunConfig, device: torch.device) -> PriorChoice:
+    """The prior the config asks for; ``auto`` picks SD when CUDA and the weights are available."""
+    from recdreamer_gs.priors.synthetic import SyntheticPrior
+
+    kind = cfg.prior.kind
+    notice = None
+    if kind == "auto":
+        if device.type != "cuda":
+            kind, notice = "synthetic", synthetic_notice("no CUDA device is in use")
+        else:
+            ok, why = _sd_available(cfg.prior.sd.model)
+            kind = "sd" if ok else "synthetic"
+            notice = None if ok else synthetic_notice(why)
+    if kind == "synthetic":
+        return PriorChoice(SyntheticPrior(cfg.prior.synthetic, device), notice)
+    return PriorChoice(_load_sd(cfg, device), notice)
+
+
+def _sd_available(model: str) -> tuple[bool, str]:
+    try:
+        from recdreamer_gs.priors.stable_diffusion import sd_available
+    except ImportError:  # pragma: no cover - the SD module ships with the package
+        return False, "the Stable Diffusion prior is not available in this build"
+    return sd_available(model)
+
+
+def _load_sd(cfg: RunConfig, device: torch.device) -> Prior:
+    try:
+        from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
+    except ImportError:
+        raise PriorUnavailable(
+            "the Stable Diffusion prior is not available yet in this version; use --prior synthetic"
+        ) from None
+    sd = cfg.prior.sd
+    return StableDiffusionPrior.load(sd.model, cfg.prompt, sd.aux_prompt, device, sd.dtype, sd.latent_resolution)
+
+
+def build_particle_score(cfg: RunConfig, prior: Prior):
+    """ε_φ for VSD/USD: exact kernel score on the synthetic prior, LoRA on Stable Diffusion."""
+    if cfg.distill.method == "sds":
+        return None
+    if prior.name == "synthetic":
+        from recdreamer_gs.priors.synthetic import KernelParticleScore
+
+        return KernelParticleScore(prior.alphas_cumprod, cfg.prior.synthetic.kernel_width)
+    from recdreamer_gs.priors.particle_score import LoRAParticleScore
+
+    return LoRAParticleScore.from_prior(prior, cfg.distill.particle_score)
+
+
+def sd_sample_fn(prior) -> Callable:
+    """``sample_fn(text, n)`` for template generation from the prior's view-prompt sampler."""
+    def sample(text: str, n: int):
+        view = next((v for v in ("front", "back", "side") if f"{v} view" in text), "front")
+        generator = torch.Generator(device=prior.device).manual_seed(0)
+        return prior.sample(view, n, generator=generator)
+
+    return sample
+
+
+def load_templates(cfg: RunConfig, prior: Prior) -> dict:
+    """Templates from ``--templates DIR``, or generated with the prior's view prompts."""
+    from recdreamer_gs.pose.templates import generate_templates, load_template_folder
+
+    rect = cfg.distill.rectifier
+    if rect.templates:
+        return load_template_folder(rect.templates)
+    return generate_templates(sd_sample_fn(prior), cfg.prompt, rect.templates_per_view)
+
+
+def build_pose(cfg: RunConfig, prior: Prior, device: torch.device, need: bool) -> PoseSetup:
+    """The pose classifier: the synthetic prior's template matcher, or DINOv2 + templates for SD.
+
+    For SD it is built only when ``need`` (USD, or a template folder was given for metrics).
+    """
+    rect = cfg.distill.rectifier
+    if prior.name == "synthetic":
+        from recdreamer_gs.priors.synthetic import POSE_CLASSES
+
+        # Training uses the soft template matcher (DESIGN 8.2); pEnt uses the prior's exact, sharp class
+        # posterior of the clean renders, so the metric measures poses rather than the matcher's softness.
+        setup = PoseSetup(prior.classify, POSE_CLASSES, metric=prior.clean_class_posterior)
+    elif not (need or rect.templates):
+        return PoseSetup(None, ())
+    else:
+        from recdreamer_gs.pose.classifier import PoseClassifier, PoseClassifierConfig
+        from recdreamer_gs.pose.features import DinoFeatures, FeatureModelUnavailable
+
+        try:
+            features = DinoFeatures.load(rect.pose_model, device=device)
+        except FeatureModelUnavailable as err:
+            raise RunError(str(err)) from None
+        templates = load_templates(cfg, prior)
+        pcfg = PoseClassifierConfig(classes=tuple(templates), feature_model=rect.pose_model,
+                                    tau_pose=rect.tau_pose, n_augment=rect.template_augment)
+        classifier = PoseClassifier.from_templates(features, templates, pcfg).to(device)
+        setup = PoseSetup(lambda images, background=None: classifier(images), tuple(templates), templates)
+        setup.module = classifier  # type: ignore[attr-defined]
+    if rect.pose_control and rect.pose_control not in setup.class_names:
+        raise RunError(f"--pose-control {rect.pose_control!r}: expected one of {', '.join(setup.class_names)}")
+    return setup
+
+
+def slugify(prompt: str, limit: int = 48) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return (slug[:limit].rstrip("-") or "run")
+
+
+def make_run_dir(root: Path, prompt: str) -> Path:
+    """``root/<slug>-<YYYYmmdd-HHMMSS>``, created fresh (never reuses an existing folder)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{slugify(prompt)}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    try:
+        path.mkdir(parents=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"--out {root}: cannot create the run folder there ({err.strerror or err}); "
+                       "choose a writable folder") from None
+    return path
+
+
+def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device) -> Path:
+    """Train one Gaussian set with Lightning and write the outputs of DESIGN section 10."""
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    from recdreamer_gs.callbacks import ConfigSnapshot, ExportAndMetrics, PreviewImages
+    from recdreamer_gs.data import CameraDataModule
+    from recdreamer_gs.system import TextTo3DSystem
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available" banners or tips
+    torch.manual_seed(cfg.train.seed)
+    pose = build_pose(cfg, choice.prior, device, need=cfg.distill.method == "usd")
+    if pose.templates is not None:
+        from recdreamer_gs.pose.templates import write_template_folder
+
+        write_template_folder(pose.templates, out_dir / "templates")
+    system = TextTo3DSystem(cfg, choice.prior, build_particle_score(cfg, choice.prior), pose.classifier,
+                            pose.class_names, metric_classifier=pose.metric)
+    data = CameraDataModule(cfg.camera, cfg.train.steps, cfg.train.seed, cfg.render.background)
+    callbacks: list = [
+        ConfigSnapshot(cfg, out_dir),
+        PreviewImages(out_dir, cfg.train.preview_every),
+        ExportAndMetrics(cfg, out_dir),
+    ]
+    if cfg.train.progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=CSVLogger(save_dir=str(out_dir), name="logs", version=""),
+        log_every_n_steps=max(cfg.train.log_every, 1),
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.train.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(system, datamodule=data)
+    return out_dir

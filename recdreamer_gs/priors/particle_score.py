@@ -1,0 +1,277 @@
+"""ε_φ for VSD/USD: the particles' own score, a camera-conditioned LoRA on a Stable Diffusion UNet
+(DESIGN section 4 steps 5 and 10; official-facts section 5).
+
+By default the LoRA adapters (peft, rank 4, on every attention projection) sit on the *same* frozen
+UNet as the pretrained prior, so one UNet is in memory: adapters are disabled for ε̂ and enabled for
+ε_φ. The camera embedding (flattened 4x4 camera-to-world -> MLP 16 -> W -> W, W the UNet's
+time-embedding width, 1280 for SD) is added to the timestep embedding through the UNet's
+``class_embedding`` slot, in the LoRA branch only. :func:`lora_branch` switches both together.
+
+``base: separate`` puts the LoRA on a second UNet instead (the release uses SD 2.1, v-prediction).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from recdreamer_gs.config import ParticleScoreConfig  # re-exported for callers of this module
+from recdreamer_gs.usd.distill import add_noise, alpha_sigma, to_eps
+
+ADAPTER = "eps_phi"  # peft adapter name on the UNet
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention, as the release
+
+
+class CameraEmbedding(nn.Module):
+    """Flattened 4x4 camera-to-world -> Linear(16, W) -> SiLU -> Linear(W, W), added to the time embedding.
+
+    The output layer starts at zero (as peft starts LoRA's B at zero), so that ε_φ begins as the
+    pretrained conditional ε and the camera's effect is learned.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, width), nn.SiLU(), nn.Linear(width, width))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, c2w_flat: Float[Tensor, "B 16"]) -> Float[Tensor, "B W"]:
+        return self.net(c2w_flat.to(self.net[0].weight.dtype))
+
+
+@dataclass
+class AdapterHandles:
+    """A UNet's peft layers and their adapter weights, found once: walking SD's thousands of modules
+    on every switch (as ``unet.enable_adapters()`` does) costs milliseconds per ε_φ pass."""
+
+    layers: list  # peft BaseTunerLayer modules (the LoRA-wrapped projections)
+    params: list  # their adapter weights (lora_A / lora_B)
+
+    @classmethod
+    def find(cls, unet) -> "AdapterHandles":
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        if not layers:
+            raise ValueError("lora_branch: expected a UNet with peft adapters (unet.add_adapter), found none")
+        params = [p for layer in layers for n, p in layer.named_parameters() if "lora_" in n]
+        return cls(layers, params)
+
+
+@contextmanager
+def lora_branch(
+    unet, camera_embedding: Optional[nn.Module], handles: Optional[AdapterHandles] = None
+) -> Iterator[None]:
+    """Inside: LoRA adapters on and the camera embedding installed as ``unet.class_embedding``
+    (callers pass the flattened camera as ``class_labels``). On exit both are undone, so the frozen ε̂
+    pass sees the pure pretrained UNet (diffusers raises if ``class_embedding`` is set without labels).
+
+    peft's enable/disable also flips the adapters' ``requires_grad``; the flags are put back on exit,
+    because autograd drops the gradient of a leaf whose ``requires_grad`` is False at backward time
+    (the LoRA loss is built inside the branch and backpropagated after it). ``handles`` (from
+    :meth:`AdapterHandles.find`) saves a walk over the UNet's modules.
+    """
+    if unet.class_embedding is not None:
+        raise RuntimeError(
+            "lora_branch: expected a UNet without class embedding, got one with "
+            f"{type(unet.class_embedding).__name__} (nested lora_branch, or a class-conditional UNet)"
+        )
+    handles = AdapterHandles.find(unet) if handles is None else handles
+    trainable = [p.requires_grad for p in handles.params]
+    for layer in handles.layers:
+        layer.enable_adapters(True)
+    unet.class_embedding = camera_embedding
+    try:
+        yield
+    finally:
+        unet.class_embedding = None
+        for layer in handles.layers:
+            layer.enable_adapters(False)
+        for p, flag in zip(handles.params, trainable):
+            p.requires_grad_(flag)
+
+
+def lora_target(
+    z: Float[Tensor, "B C h w"], noise: Float[Tensor, "B C h w"], alpha: Tensor, sigma: Tensor,
+    prediction_type: Literal["epsilon", "v_prediction"],
+) -> Float[Tensor, "B C h w"]:
+    """Regression target of the LoRA loss: ε, or v = α ε − σ z (diffusers' ``get_velocity``)."""
+    return noise if prediction_type == "epsilon" else alpha * noise - sigma * z
+
+
+class LoRAParticleScore(nn.Module):
+    """Camera-conditioned LoRA ε_φ(x_t, t, y, c) on a frozen SD UNet.
+
+    The UNet is deliberately *not* a registered submodule: it belongs to the prior and must not be
+    saved, moved or counted with this module. ``state_dict()`` holds only the LoRA weights (under
+    ``lora.``, peft's adapter-name-free keys) and the camera MLP (under ``camera.``); it also works
+    when this module is nested in a LightningModule.
+    """
+
+    def __init__(
+        self,
+        unet,
+        text_embedding: Float[Tensor, "1 L D"],
+        alphas_cumprod: Float[Tensor, "T"],
+        prediction_type: Literal["epsilon", "v_prediction"],
+        cfg: Optional[ParticleScoreConfig] = None,
+    ):
+        super().__init__()
+        from peft import LoraConfig
+
+        self.cfg = cfg or ParticleScoreConfig()
+        if unet.class_embedding is not None:
+            raise ValueError(
+                "LoRAParticleScore: expected a UNet without class embedding (class_embed_type None), got "
+                f"{type(unet.class_embedding).__name__}; the camera embedding needs that slot"
+            )
+        if text_embedding.shape[-1] != unet.config.cross_attention_dim:
+            raise ValueError(
+                f"text embedding width {text_embedding.shape[-1]} does not match the UNet's cross_attention_dim "
+                f"{unet.config.cross_attention_dim} (a separate base must use the prior's text encoder)"
+            )
+        self.__dict__["unet"] = unet  # unregistered on purpose (see class docstring)
+        device = next(unet.parameters()).device
+        self.dtype = next(unet.parameters()).dtype
+        self.prediction_type = prediction_type
+        self.alphas_cumprod = alphas_cumprod.to(device, torch.float32)
+        self.num_train_timesteps = int(alphas_cumprod.shape[0])
+        self.text_embedding = text_embedding.to(device, self.dtype)
+
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, init_lora_weights="gaussian",
+                       target_modules=list(ATTENTION_PROJECTIONS)),
+            adapter_name=ADAPTER,
+        )
+        unet.disable_adapters()  # add_adapter activates it; the prior's pass must see the pure UNet
+        self._handles = AdapterHandles.find(unet)
+        self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{ADAPTER}." in n]
+        for p in self._lora_params:  # trainable weights in fp32 next to an fp16 UNet (diffusers' LoRA recipe)
+            p.data = p.data.float()
+            p.requires_grad_(True)  # unused while the adapters are off, so the frozen pass never reaches them
+        width = unet.time_embedding.linear_2.out_features  # 1280 for SD
+        self.camera = CameraEmbedding(width).to(device)
+
+    @classmethod
+    def from_prior(cls, prior, cfg: Optional[ParticleScoreConfig] = None) -> "LoRAParticleScore":
+        """ε_φ for a :class:`StableDiffusionPrior`: on its UNet (``shared``) or on ``cfg.separate_model``."""
+        from recdreamer_gs.priors.stable_diffusion import load_scheduler, load_unet
+
+        cfg = cfg or ParticleScoreConfig()
+        if cfg.base == "shared":
+            return cls(prior.unet, prior.cond_embedding, prior.alphas_cumprod, prior.prediction_type, cfg)
+        if cfg.base != "separate":
+            raise ValueError(f"particle score base: expected 'shared' or 'separate', got {cfg.base!r}")
+        if not cfg.separate_model:
+            raise ValueError("particle score base 'separate' needs separate_model (a repo id or folder), got None")
+        scheduler = load_scheduler(cfg.separate_model)
+        alphas = scheduler.alphas_cumprod.to(prior.alphas_cumprod.device)
+        if alphas.shape != prior.alphas_cumprod.shape or not torch.allclose(alphas, prior.alphas_cumprod, atol=1e-5):
+            raise ValueError(
+                f"separate ε_φ base {cfg.separate_model!r} has a different noise schedule from the prior "
+                f"{prior.name!r}; ε_φ and ε̂ must share x_t, so their ᾱ_t must match"
+            )
+        unet = load_unet(cfg.separate_model, prior.device, prior.dtype)
+        return cls(unet, prior.cond_embedding, prior.alphas_cumprod, scheduler.config.prediction_type, cfg)
+
+    # ---- ε_φ and its training ---------------------------------------------------------------
+
+    def predict(
+        self,
+        x: Float[Tensor, "B C h w"],
+        t: Int[Tensor, "B"],
+        c2w: Float[Tensor, "B 4 4"],
+        text_embedding: Optional[Float[Tensor, "B L D"]] = None,
+    ) -> Float[Tensor, "B C h w"]:
+        """Raw LoRA-branch output (ε or v, as the base predicts), fp32."""
+        b = x.shape[0]
+        text = self.text_embedding if text_embedding is None else text_embedding
+        text = text.to(self.dtype).expand(b, -1, -1)
+        with lora_branch(self.unet, self.camera, self._handles):
+            out = self.unet(
+                x.to(self.dtype), t.to(x.device), encoder_hidden_states=text,
+                class_labels=c2w.reshape(b, 16).float(),
+            ).sample
+        return out.float()
+
+    def eps_phi(
+        self,
+        x_t: Float[Tensor, "B C h w"],
+        t: Int[Tensor, "B"],
+        c2w: Float[Tensor, "B 4 4"],
+        text_embedding: Optional[Float[Tensor, "B L D"]] = None,
+        particles: Optional[Tensor] = None,
+    ) -> Float[Tensor, "B C h w"]:
+        """ε_φ(x_t, t, y, c): conditional text only, no CFG (the release's effective scale 1), as ε.
+
+        Callers wrap it in ``torch.no_grad()`` for the VSD gradient (DESIGN 4 step 5). ``particles``
+        (the current renders) is part of the shared ε_φ signature; the LoRA does not need it because it
+        learns the particles' distribution through :meth:`lora_loss`.
+        """
+        pred = self.predict(x_t, t, c2w, text_embedding)
+        alpha, sigma = alpha_sigma(self.alphas_cumprod, t)
+        return to_eps(pred, x_t.float(), alpha, sigma, self.prediction_type)
+
+    def lora_loss(
+        self,
+        z: Float[Tensor, "B C h w"],
+        c2w: Float[Tensor, "B 4 4"],
+        generator: Optional[torch.Generator] = None,
+        text_embedding: Optional[Float[Tensor, "B L D"]] = None,
+    ) -> Tensor:
+        """DESIGN 4 step 10: fresh t' ~ U[0, T), ε', x = α z + σ ε'; MSE to ε or v (the base's
+        prediction type); each sample's camera zeroed with probability ``camera_dropout``.
+
+        ``z`` is detached here (the LoRA never trains the Gaussians). Random draws use ``generator``
+        (on its own device) in the order t', ε', dropout.
+        """
+        z = z.detach().float()
+        b = z.shape[0]
+        draw_device = generator.device if generator is not None else z.device
+        t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator, device=draw_device).to(z.device)
+        noise = torch.randn(z.shape, generator=generator, device=draw_device).to(z.device)
+        keep = torch.rand(b, generator=generator, device=draw_device) >= self.cfg.camera_dropout
+        c2w = c2w.float() * keep.to(z.device, torch.float32).view(b, 1, 1)  # zero pose = "no camera"
+        alpha, sigma = alpha_sigma(self.alphas_cumprod, t)
+        pred = self.predict(add_noise(z, noise, alpha, sigma), t, c2w, text_embedding)
+        return F.mse_loss(pred, lora_target(z, noise, alpha, sigma, self.prediction_type))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA weights and camera MLP, all fp32."""
+        return list(self._lora_params) + list(self.camera.parameters())
+
+    def make_optimizer(self, lr: Optional[float] = None) -> torch.optim.AdamW:
+        """AdamW over :meth:`trainable_parameters` (lr defaults to ``cfg.lr``, 1e-4)."""
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.cfg.lr if lr is None else lr)
+
+    # ---- checkpoints: LoRA + camera only ----------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        from peft import get_peft_model_state_dict
+
+        for key, value in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items():
+            destination[f"{prefix}lora.{key}"] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        lora_prefix = f"{prefix}lora."
+        lora = {k[len(lora_prefix):]: v for k, v in state_dict.items() if k.startswith(lora_prefix)}
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(lora_prefix)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        expected = set(get_peft_model_state_dict(self.unet, adapter_name=ADAPTER))
+        missing_keys.extend(lora_prefix + k for k in sorted(expected - set(lora)))
+        unexpected_keys.extend(lora_prefix + k for k in sorted(set(lora) - expected))
+        known = {k: v for k, v in lora.items() if k in expected}
+        if known:
+            set_peft_model_state_dict(self.unet, known, adapter_name=ADAPTER)

@@ -1,0 +1,72 @@
+"""Schedules as pure functions of the system's own iteration counter (never trainer.global_step).
+
+Time ranges are integer timesteps ``(lo, hi)``; t is drawn uniformly from ``lo <= t < hi``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+TimeSchedule = Literal["uniform", "linear", "t5", "bnf"]
+
+
+def _steps(fraction: float, T: int) -> int:
+    return int(round(fraction * T))
+
+
+def uniform_range(t_min: float, t_max: float, T: int = 1000) -> tuple[int, int]:
+    """The whole range [t_min·T, t_max·T)."""
+    return _steps(t_min, T), _steps(t_max, T)
+
+
+def linear_range(iteration: int, total: int, t_min: float, t_max: float, t_end: float, T: int = 1000) -> tuple[int, int]:
+    """Upper bound annealed linearly from t_max to t_end over the run; lower bound fixed at t_min."""
+    frac = min(max(iteration / max(total - 1, 1), 0.0), 1.0)
+    hi = t_max + (t_end - t_max) * frac
+    return _steps(t_min, T), max(_steps(hi, T), _steps(t_min, T) + 1)
+
+
+def t5_range(iteration: int, switch_at: int, t_min: float, t_max: float, T: int = 1000) -> tuple[int, int]:
+    """The release's ``t5`` schedule: [t_min, t_max) before ``switch_at`` iterations, then [t_min, T/2 + 1)."""
+    if iteration < switch_at and _steps(t_max, T) > T // 2:
+        return _steps(t_min, T), _steps(t_max, T)
+    return _steps(t_min, T), T // 2 + 1
+
+
+def bnf_block(iteration: int, total: int, n_intervals: int) -> tuple[Literal["expand", "shrink"], int, int]:
+    """Which back-and-forth block an iteration is in: (phase, index within phase, block length).
+
+    The run is split into 2·n_i equal blocks (DESIGN 7); iterations past the last block stay in it.
+    """
+    length = max(total // (2 * n_intervals), 1)
+    block = min(iteration // length, 2 * n_intervals - 1)
+    if block < n_intervals:
+        return "expand", block, length
+    return "shrink", block - n_intervals, length
+
+
+def bnf_range(iteration: int, total: int, n_intervals: int, t_min: float, t_max: float, T: int = 1000) -> tuple[int, int]:
+    """Back-and-forth schedule (paper sec. 4.3): expanding blocks [t_lo, t_max] with t_lo stepping down
+    from T − T/n_i to t_min, then shrinking blocks [t_min, t_hi] with t_hi stepping down from t_max to T/n_i."""
+    phase, i, _ = bnf_block(iteration, total, n_intervals)
+    lo, hi = _steps(t_min, T), _steps(t_max, T)
+    delta = T // n_intervals
+    if phase == "expand":
+        return max(lo, (n_intervals - 1 - i) * delta), hi
+    return lo, hi if i == 0 else (n_intervals - i) * delta
+
+
+def t_range(
+    schedule: TimeSchedule, iteration: int, total: int, t_min: float, t_max: float, *,
+    t_end: float = 0.5, t5_switch: int = 5000, bnf_intervals: int = 2, T: int = 1000,
+) -> tuple[int, int]:
+    """Dispatch to one of the schedules above."""
+    if schedule == "uniform":
+        return uniform_range(t_min, t_max, T)
+    if schedule == "linear":
+        return linear_range(iteration, total, t_min, t_max, t_end, T)
+    if schedule == "t5":
+        return t5_range(iteration, t5_switch, t_min, t_max, T)
+    if schedule == "bnf":
+        return bnf_range(iteration, total, bnf_intervals, t_min, t_max, T)
+    raise ValueError(f"unknown time schedule {schedule!r}; expected uniform, linear, t5 or bnf")

@@ -1,0 +1,270 @@
+"""The LightningModule: wires Gaussians, renderer, prior, ε_φ and the rectifier; the maths lives elsewhere.
+
+Manual optimisation: one ``training_step`` is one iteration of DESIGN section 4, counted by
+``self.iteration`` (``trainer.global_step`` counts every optimizer.step(), seven or so per iteration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Protocol
+
+import lightning as L
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from recdreamer_gs import schedule
+from recdreamer_gs.cameras import Cameras, orbit, preview_orbit
+from recdreamer_gs.config import RunConfig
+from recdreamer_gs.data import cameras_from_batch
+from recdreamer_gs.densify import Densifier
+from recdreamer_gs.gaussians import Gaussians
+from recdreamer_gs.priors.base import Prior
+from recdreamer_gs.render import RenderOut, render
+from recdreamer_gs.usd import distill
+from recdreamer_gs.usd.rectifier import PoseStatistics, log_r, pose_control_log_r, rectifier_objective
+
+# A pose classifier on images in [-1, 1]: probabilities over the pose classes (differentiable).
+Classifier = Callable[[Float[Tensor, "B 3 H W"], Optional[Float[Tensor, "B 3"]]], Float[Tensor, "B C"]]
+
+
+class ParticleScore(Protocol):
+    """ε_φ, the score of the particles' own distribution (LoRA on SD, exact kernel score on the synthetic prior)."""
+
+    def eps_phi(self, x_t: Tensor, t: Tensor, c2w: Tensor, particles: Optional[Tensor] = None) -> Tensor: ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+
+class TextTo3DSystem(L.LightningModule):
+    """Score distillation (SDS, VSD or USD) of a 2D prior into one set of 3D Gaussians."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        prior: Prior,
+        particle_score: Optional[ParticleScore] = None,
+        classifier: Optional[Classifier] = None,
+        class_names: tuple[str, ...] = (),
+        gaussians: Optional[Gaussians] = None,
+        metric_classifier: Optional[Classifier] = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.automatic_optimization = False
+        self.gaussians = gaussians if gaussians is not None else Gaussians.create(
+            cfg.gaussians, torch.Generator().manual_seed(cfg.train.seed)
+        )
+        # The frozen prior and the classifier stay out of the module tree: they are not saved in
+        # checkpoints and Lightning does not move them (they are built on the right device).
+        object.__setattr__(self, "prior", prior)
+        object.__setattr__(self, "classifier", classifier)
+        object.__setattr__(self, "metric_classifier", metric_classifier or classifier)
+        self.particle_score = particle_score  # an nn.Module: LoRA + camera MLP are checkpointed
+        self.class_names = class_names
+        rect = cfg.distill.rectifier
+        self.pose_stats = PoseStatistics(len(class_names), rect.n_intervals, rect.n_ema, prior.num_train_timesteps) \
+            if class_names else None
+        self.pose_control_index = class_names.index(rect.pose_control) if rect.pose_control else None
+        dcfg = cfg.densify
+        if prior.name == "synthetic":
+            dcfg = dataclasses.replace(dcfg, grow_grad2d=cfg.prior.synthetic.densify_grow_grad2d)
+        self.densifier = Densifier(dcfg, scene_scale=cfg.gaussians.init_radius, total_iterations=cfg.train.steps,
+                                   n_intervals=cfg.distill.bnf_intervals)
+        self.iteration = 0  # the system's own counter: one per training_step
+        self.noise_generator: Optional[torch.Generator] = None
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        self.gaussian_optimizers = self.gaussians.make_optimizers()
+        self.densifier.check(self.gaussians.params, self.gaussian_optimizers)
+        optimizers = list(self.gaussian_optimizers.values())
+        self.lora_optimizer = None
+        if self.particle_score is not None and self.particle_score.trainable_parameters():
+            self.lora_optimizer = torch.optim.AdamW(self.particle_score.trainable_parameters(),
+                                                    lr=self.cfg.distill.particle_score.lr)
+            optimizers.append(self.lora_optimizer)
+        return optimizers
+
+    def on_fit_start(self) -> None:
+        if self.noise_generator is None:
+            self.noise_generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 1)
+        if self.pose_stats is not None:
+            self.pose_stats.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["iteration"] = self.iteration
+        checkpoint["densify"] = self.densifier.state_dict()
+        if self.pose_stats is not None:
+            checkpoint["pose_stats"] = self.pose_stats.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.iteration = checkpoint["iteration"]
+        if "densify" in checkpoint:
+            self.densifier.load_state_dict(checkpoint["densify"])
+        if self.pose_stats is not None and "pose_stats" in checkpoint:
+            self.pose_stats.load_state_dict(checkpoint["pose_stats"])
+
+    # -- one iteration -------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        d = self.cfg.distill
+        method = d.method
+        rectify = method == "usd" and self.iteration % d.rectifier.rectify_every == 0
+        shared_noise = d.rectifier.noise == "shared"
+
+        # 1. Cameras and random solid backgrounds; render x0 = g(θ, c).
+        cameras = cameras_from_batch(batch, self.render_resolution).to(self.device)
+        background = batch["background"].to(self.device)
+        out = self.render(cameras, background)
+        self.densifier.pre_backward(self.gaussians.params, self.gaussian_optimizers, self.iteration, out.meta)
+
+        # 2. Encode into the prior's diffusion space (with gradient).
+        z = self.prior.encode(out.rgb)
+
+        # 3. Sample t from the time schedule and noise: x_t = α_t z + σ_t ε. Under USD x_t keeps
+        #    its graph to z, because the rectifier differentiates through it (step 6).
+        t = self.sample_t(z.shape[0])
+        alpha, sigma = distill.alpha_sigma(self.prior.alphas_cumprod, t)
+        eps = self.randn_like(z)
+        x_t = distill.add_noise(z if (rectify and shared_noise) else z.detach(), eps, alpha, sigma)
+
+        # 4. Pretrained score with CFG; one UNet pass, kept differentiable only when step 6 needs it.
+        azimuth = cameras.azimuth if d.view_prompts else None
+        with torch.set_grad_enabled(rectify and shared_noise):
+            eps_hat = self.prior.eps(x_t, t, d.guidance_scale, background, azimuth=azimuth)
+
+        # 5. Distillation gradient: SDS against the injected noise, VSD/USD against ε_φ (no gradient).
+        if method == "sds":
+            grad_distill = distill.sds_grad(eps_hat.detach(), eps, sigma)
+        else:
+            with torch.no_grad():
+                eps_phi = self.particle_score.eps_phi(x_t.detach(), t, cameras.c2w, particles=z.detach()[:, None])
+            grad_distill = distill.vsd_grad(eps_hat.detach(), eps_phi, sigma)
+        grad_distill = distill.clamp_elements(grad_distill, d.grad_clip)
+
+        # 6. Rectifier (USD): x̂0 → decode → classify → log r; g_rect = −∂/∂z[ω σ/α log r] (paper eq. 12).
+        grad_rect = torch.zeros_like(grad_distill)
+        probs = None
+        if method == "usd":
+            if rectify and not shared_noise:  # the release draws fresh noise for this branch
+                x_t = distill.add_noise(z, self.randn_like(z), alpha, sigma)
+                eps_hat = self.prior.eps(x_t, t, d.guidance_scale, background, azimuth=azimuth)
+            with torch.set_grad_enabled(rectify):
+                x0_hat = distill.tweedie_x0(x_t, eps_hat, alpha, sigma)
+                probs = self.classifier(self.prior.decode(x0_hat), background)
+                log_r_value = self.log_r(probs, t)
+                if rectify:
+                    (grad_rect,) = torch.autograd.grad(-rectifier_objective(log_r_value, alpha, sigma), z)
+            # 7. Clamp: gain, then at most norm_coef·‖g_vsd‖ (whole-tensor norms, DESIGN 4 step 7).
+            grad_rect = d.rectifier.weight * distill.clamp_to_norm(
+                grad_rect, grad_distill, d.rectifier.gain, d.rectifier.norm_coef)
+        grad = distill.nan_to_zero(grad_distill + grad_rect)
+
+        # 8. Reparameterised loss 0.5‖z − (z − g).detach()‖² / B (gradient g / B); step the Gaussians,
+        #    then densify in the BNF-aligned window (densify.py) and clamp the log-scales.
+        loss_distill = d.grad_weight * distill.reparameterised_loss(z, grad)
+        for opt in self.gaussian_optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss_distill)
+        for opt in self.gaussian_optimizers.values():
+            opt.step()
+        dens = self.densifier.post_backward(self.gaussians.params, self.gaussian_optimizers, self.iteration, out.meta,
+                                            lr_means=self.gaussian_optimizers["means"].param_groups[0]["lr"])
+        self.gaussians.clamp_()
+
+        # 9. Rectifier statistics: the EMA of the interval of t moves towards the batch's p(c̄|x̂0).
+        if probs is not None:
+            self.pose_stats.update(t, probs.detach())
+
+        # 10. LoRA step for ε_φ on the detached renders (fresh t', ε'; DESIGN 4 step 10).
+        loss_lora = torch.zeros((), device=self.device)
+        if self.lora_optimizer is not None:
+            loss_lora = self.particle_score.lora_loss(z.detach(), cameras.c2w, generator=self.noise_generator)
+            self.lora_optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss_lora)
+            self.lora_optimizer.step()
+
+        # 11. Log every term; advance the iteration counter.
+        logs = {
+            f"loss/{method}": loss_distill.detach(),
+            f"grad/{'sds' if method == 'sds' else 'vsd'}_norm": grad_distill.norm().detach(),
+            "grad/rect_norm": grad_rect.norm().detach(),
+            "loss/lora": loss_lora.detach(),
+            "t": t.float().mean(),
+            "gaussians/count": float(dens["count"]),
+            "gaussians/grown": float(dens["grown"]),
+            "gaussians/pruned": float(dens["pruned"]),
+            "render/alpha_mean": out.alpha.mean().detach(),
+        }
+        if probs is not None:
+            logs["rect/log_r"] = log_r_value.detach().mean()
+            for i, name in enumerate(self.class_names):
+                logs[f"pose/{name}"] = probs[:, i].detach().mean()
+        self.log_dict(logs, on_step=True, batch_size=z.shape[0])
+        self.iteration += 1
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def log_r(self, probs: Float[Tensor, "B C"], t: Int[Tensor, "B"]) -> Float[Tensor, "B"]:
+        if self.pose_control_index is not None:
+            return pose_control_log_r(probs, self.pose_control_index)
+        return log_r(probs, self.pose_stats.get(t))
+
+    def randn_like(self, z: Tensor) -> Tensor:
+        return torch.randn(z.shape, generator=self.noise_generator, device=z.device, dtype=z.dtype)
+
+    @property
+    def render_resolution(self) -> int:
+        if getattr(self.prior, "name", "") == "synthetic":
+            return self.cfg.prior.synthetic.resolution
+        return self.cfg.camera.resolution
+
+    def render(self, cameras: Cameras, background: Float[Tensor, "B 3"]) -> RenderOut:
+        rcfg = self.cfg.render
+        return render(self.gaussians, cameras, background, backend=rcfg.backend, eps2d=rcfg.eps2d,
+                      near_plane=rcfg.near_plane)
+
+    def sample_t(self, batch: int) -> Tensor:
+        """One t per iteration (shared by the batch, as in the release), from the configured schedule."""
+        d = self.cfg.distill
+        lo, hi = schedule.t_range(
+            d.time_schedule, self.iteration, self.cfg.train.steps, d.t_min, d.t_max, t_end=d.t_anneal_to,
+            t5_switch=d.t5_switch, bnf_intervals=d.bnf_intervals, T=self.prior.num_train_timesteps,
+        )
+        t = torch.randint(lo, hi, (1,), generator=self.noise_generator, device=self.device)
+        return t.expand(batch)
+
+    @torch.no_grad()
+    def render_preview(self, n: Optional[int] = None) -> Float[Tensor, "N 3 H W"]:
+        """Views on the fixed preview orbit, on a white background."""
+        cameras = preview_orbit(self.cfg.camera, n)
+        cameras.width = cameras.height = self.render_resolution
+        cameras = cameras.to(self.device)
+        background = torch.ones(len(cameras), 3, device=self.device)
+        return self.render(cameras, background).rgb
+
+    @torch.no_grad()
+    def pose_probabilities(self, n_views: int = 10) -> Optional[Float[Tensor, "V C"]]:
+        """Classifier probabilities of renders at n uniform azimuths (for pEnt), white background."""
+        if self.metric_classifier is None:
+            return None
+        c = self.cfg.camera
+        cams = orbit(n_views, c.preview_elevation, 0.5 * sum(c.radius_range), 0.5 * sum(c.fovy_range),
+                     self.render_resolution).to(self.device)
+        background = torch.ones(n_views, 3, device=self.device)
+        rgb = self.render(cams, background).rgb
+        return self.metric_classifier(rgb * 2.0 - 1.0, background)
+
+    def final_metrics(self) -> dict[str, Any]:
+        from recdreamer_gs.metrics import pose_entropy
+
+        probs = self.pose_probabilities()
+        if probs is None:
+            return {"pEnt": None}
+        return {
+            "pEnt": round(pose_entropy(probs.float().cpu()), 4),
+            "pose_histogram": {n: round(float(v), 4) for n, v in zip(self.class_names, probs.mean(0).tolist())},
+        }

@@ -1,0 +1,154 @@
+"""Write tiny random-weight models with ``save_pretrained`` so that the real loading code runs offline.
+
+    python tests/make_fixtures.py OUTDIR
+
+writes ``OUTDIR/dinov2`` (DINOv2 with registers), ``OUTDIR/clip`` (CLIP model + tokenizer) and
+``OUTDIR/sd`` (a Stable Diffusion pipeline folder: tokenizer, text encoder, UNet, VAE, scheduler).
+No file is downloaded: the tokenizer vocabulary is the byte-level alphabet built here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The printable byte alphabet that CLIP's byte-level BPE uses."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_clip_tokenizer(out: Path, max_length: int = 77) -> None:
+    """A CLIPTokenizer with single-character tokens only (no merges)."""
+    from transformers import CLIPTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=max_length)
+    tok.save_pretrained(str(out))
+
+
+def make_dinov2(out: Path) -> Path:
+    """DINOv2-with-registers, 2 layers of width 32, patch 14 (same token layout as ViT-S/14)."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    config = Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        patch_size=14, image_size=224, num_register_tokens=4,
+    )
+    Dinov2WithRegistersModel(config).save_pretrained(str(out))
+    return out
+
+
+def make_clip(out: Path) -> Path:
+    """CLIP with tiny text and vision towers, plus its tokenizer and image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=512, eos_token_id=513, pad_token_id=513),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(str(out))
+    write_clip_tokenizer(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(out))
+    return out
+
+
+def make_sd(out: Path) -> Path:
+    """A Stable Diffusion pipeline folder with random weights, laid out like SD 2.1-base.
+
+    UNet and VAE keep SD's structure (cross-attention UNet, 4 latent channels, VAE downsampling by 8,
+    1000-step scaled-linear ε-prediction schedule) at a width that runs in milliseconds on a CPU:
+    64² images give 8² latents. Written to a temporary folder and renamed, so that an interrupted run
+    never leaves a folder that looks complete.
+    """
+    import shutil
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8,
+        use_linear_projection=True,  # as SD 2.x
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        block_out_channels=(8, 16, 16, 16),  # four blocks: three 2x downsamplings, 8x like SD's VAE
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(  # SD 2.1-base's schedule
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write_clip_tokenizer(tmp / "tokenizer_files")
+        tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer_files"))
+        shutil.rmtree(tmp / "tokenizer_files")
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def make_all(root: Path) -> dict[str, Path]:
+    root = Path(root)
+    paths = {"dinov2": root / "dinov2", "clip": root / "clip", "sd": root / "sd"}
+    if not (paths["dinov2"] / "config.json").exists():
+        make_dinov2(paths["dinov2"])
+    if not (paths["clip"] / "config.json").exists():
+        make_clip(paths["clip"])
+    make_sd = globals().get("make_sd")
+    if make_sd is not None and not (paths["sd"] / "model_index.json").exists():
+        make_sd(paths["sd"])
+    return paths
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/make_fixtures.py OUTDIR")
+    for name, path in make_all(Path(sys.argv[1])).items():
+        print(f"{name}: {path}")

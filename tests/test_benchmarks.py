@@ -1,0 +1,122 @@
+"""CPU smoke runs of benchmarks/iteration.py (USD parts) and benchmarks/memory.py (real training loop).
+
+The scripts run as subprocesses from the repo root with tiny random-weight networks; the tests check
+that they finish and that the JSON they write has the expected keys and values, never the times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+USD_PARTS = ("usd_unet_cfg", "usd_decode", "pose_classifier", "rectifier_backward")
+
+
+def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    # One thread: on a small shared CPU, OpenMP threads spinning against each other make tiny
+    # networks a hundred times slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args, "--threads", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{name} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def load_iteration_module():
+    spec = importlib.util.spec_from_file_location("bench_iteration", BENCHMARKS / "iteration.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_iteration_tiny_usd_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "iteration.json"
+    run_script("iteration.py", "--device", "cpu", "--tiny", "--resolution", "64", "--iters", "1", "--warmup", "1",
+               "--parts", ",".join(("vae_encode", *USD_PARTS, "lora_step")), "--iterations", "usd,usd_k4",
+               "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["parts"]) == {"vae_encode", *USD_PARTS, "lora_step"}
+    assert set(result["iterations"]) == {"usd", "usd_k4"}
+    for timing in [*result["parts"].values(), *result["iterations"].values()]:
+        assert timing["median_ms"] > 0 and timing["min_ms"] <= timing["median_ms"]
+        assert "peak_mem_mib" not in timing  # GPU memory only on CUDA
+    assert result["parts"]["rectifier_backward"]["timed_region_only"] is True
+    assert result["iterations"]["usd_k4"]["iterations_per_call"] == 4
+    assert "iterations_per_call" not in result["iterations"]["usd"]
+    assert result["pose_dtype"] == "fp32" and result["pose_input_size"] == 112
+    assert result["render_resolution"] == 64 and result["latent_resolution"] == 8
+    sanity = result["sanity"]
+    assert sanity["pose_probs_finite"] and sanity["rect_grad_finite"]
+    assert sanity["pose_probs_sum"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_iteration_sds_only_skips_pose_classifier(tmp_path: Path) -> None:
+    out = tmp_path / "sds.json"
+    run_script("iteration.py", "--device", "cpu", "--tiny", "--resolution", "64", "--iters", "1", "--warmup", "0",
+               "--parts", "unet_cfg", "--iterations", "sds", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["pose_model"] is None and "pose_probs_finite" not in result["sanity"]
+    assert set(result["iterations"]) == {"sds"}
+
+
+def test_time_ms_counts_timed_region_and_divides_per_call() -> None:
+    it = load_iteration_module()
+    state: dict = {}
+
+    def fn() -> None:
+        state["region"] = 8.0  # what timed_region leaves on CPU: milliseconds of the region only
+
+    timing = it.time_ms(fn, torch.device("cpu"), iters=3, warmup=0, state=state, per_call=4)
+    assert timing["median_ms"] == pytest.approx(2.0) and timing["iterations_per_call"] == 4
+    assert timing["timed_region_only"] is True
+
+
+def test_memory_tiny_runs_training_loop(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    proc = run_script("memory.py", "--device", "cpu", "--tiny", "--iters", "2", "--warmup", "0", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout[proc.stdout.index("{"):]) == result  # printed and written alike
+    assert result["preset"] == "standard" and result["method"] == "usd" and result["rectify_every"] == 1
+    assert result["iterations"] == 2 and len(result["ms_all_iterations"]) == 2
+    assert result["ms_per_iteration"] > 0
+    assert result["resolution"] == 64 and result["latent_resolution"] == 8
+    assert result["batch_size"] == 4  # the standard preset's batch
+    assert result["gaussians"] == 512 and result["render"] == "torch"
+    for key in ("peak_allocated_gib", "peak_reserved_gib", "steady_peak_allocated_gib", "static_allocated_gib"):
+        assert key in result and result[key] is None  # CUDA only
+    assert result["cpu_max_rss_gib"] > 0
+    metrics = result["metrics"]
+    assert {"loss/usd", "grad/vsd_norm", "grad/rect_norm", "loss/lora", "pose/front"} <= set(metrics)
+    assert metrics["grad/vsd_norm"] > 0
+
+
+def test_memory_overrides_and_torch_render_fallback(tmp_path: Path) -> None:
+    # gsplat refuses CPU tensors, so the probe fails and the torch compositor takes over.
+    out = tmp_path / "memory.json"
+    proc = run_script("memory.py", "--device", "cpu", "--tiny", "--iters", "1", "--warmup", "1", "--method", "vsd",
+                      "--set", "camera.batch_size=2", "--set", "render.backend=gsplat", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert "NOTICE" in proc.stdout
+    assert result["render"].startswith("torch (gsplat failed")
+    assert result["method"] == "vsd" and result["rectify_every"] is None and result["pose_dtype"] is None
+    assert result["batch_size"] == 2 and result["overrides"] == ["camera.batch_size=2", "render.backend=gsplat"]
+    assert result["warmup"] == 1 and len(result["ms_all_iterations"]) == 2
+    assert "grad/rect_norm" in result["metrics"] and result["metrics"]["grad/rect_norm"] == 0.0
+
+
+def test_memory_render_fallback_error_stops(tmp_path: Path) -> None:
+    proc = run_script("memory.py", "--device", "cpu", "--tiny", "--iters", "1", "--method", "sds",
+                      "--set", "render.backend=gsplat", "--render-fallback", "error", check=False)
+    assert proc.returncode != 0
+    assert "render probe failed with backend 'gsplat'" in proc.stderr

@@ -1,0 +1,117 @@
+"""The command line: an end-to-end offline run, render/export, and one clear line per bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from recdreamer_gs.cli import app
+
+runner = CliRunner()
+FAST = ["--set", "gaussians.num_init=200", "--set", "output.turntable_frames=3", "--set", "train.progress_bar=false",
+        "--set", "train.preview_every=2", "--resolution", "32", "--device", "cpu"]
+
+
+def invoke(args):
+    return runner.invoke(app, args, catch_exceptions=False)
+
+
+def assert_clean_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    text = result.output
+    assert "Traceback" not in text
+    assert fragment in " ".join(text.split()), text
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    result = invoke(["run", "a kangaroo wearing boxing gloves", "--steps", "3", "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = list(out.iterdir())
+    return run_dir
+
+
+def test_run_writes_outputs(finished_run):
+    assert finished_run.name.startswith("a-kangaroo-wearing-boxing-gloves-")
+    for name in ("model.ply", "config.yaml", "metrics.json", "turntable.gif", "preview/final.png",
+                 "preview/iter_000002.png"):
+        assert (finished_run / name).is_file(), name
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["prior"] == "synthetic" and metrics["iterations"] == 3 and metrics["gaussians"] == 200
+    assert (finished_run / "model.ply").stat().st_size > 200 * 248
+    assert not list(finished_run.rglob("*.tmp"))
+
+
+def test_render_and_export_commands(finished_run, tmp_path):
+    ply = finished_run / "model.ply"
+    result = invoke(["render", str(ply), "--out", str(tmp_path), "--views", "4", "--frames", "2",
+                     "--resolution", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "orbit.png").is_file() and (tmp_path / "orbit.gif").is_file()
+    result = invoke(["export", str(ply), str(tmp_path / "m.splat")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.splat").stat().st_size == 200 * 32
+
+
+def test_empty_prompt(tmp_path):
+    assert_clean_error(invoke(["run", "   ", "--out", str(tmp_path)]), "prompt is empty")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_bad_steps(tmp_path, steps):
+    assert_clean_error(invoke(["run", "a cat", "--steps", steps, "--out", str(tmp_path)]),
+                       "train.steps: expected a positive number")
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_preset(tmp_path):
+    assert_clean_error(invoke(["run", "a cat", "--preset", "turbo", "--out", str(tmp_path)]), "unknown preset 'turbo'")
+
+
+def test_unknown_config_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  stepz: 3\n")
+    assert_clean_error(invoke(["run", "a cat", "--config", str(cfg), "--out", str(tmp_path / "o")]),
+                       "unknown config key train.stepz")
+    assert_clean_error(invoke(["run", "a cat", "--set", "distill.methd=usd", "--out", str(tmp_path / "o")]),
+                       "unknown config key distill.methd")
+
+
+def test_missing_init_from(tmp_path):
+    assert_clean_error(invoke(["run", "a cat", "--init-from", str(tmp_path / "none.ply"), "--out", str(tmp_path)]),
+                       "does not exist")
+
+
+def test_corrupt_init_from(tmp_path):
+    bad = tmp_path / "bad.ply"
+    bad.write_bytes(b"ply\nformat garbage\n")
+    out = tmp_path / "out"
+    assert_clean_error(invoke(["run", "a cat", "--init-from", str(bad), "--out", str(out), *FAST]),
+                       "no readable points")
+    assert not out.exists()
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_clean_error(invoke(["run", "a cat", "--out", str(blocker / "sub"), *FAST]), "cannot create the run folder")
+
+
+def test_missing_and_corrupt_ply(tmp_path):
+    assert_clean_error(invoke(["render", str(tmp_path / "nope.ply"), "--device", "cpu"]), "nope.ply")
+    bad = tmp_path / "bad.ply"
+    bad.write_bytes(b"\x00\x01garbage")
+    assert_clean_error(invoke(["render", str(bad), "--device", "cpu"]), "bad.ply")
+    assert_clean_error(invoke(["export", str(bad), str(tmp_path / "x.splat")]), "bad.ply")
+    assert not (tmp_path / "x.splat").exists()
+
+
+def test_cuda_requested_without_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert_clean_error(invoke(["run", "a cat", "--device", "cuda", "--out", str(tmp_path)]), "no CUDA device")

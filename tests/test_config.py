@@ -1,0 +1,60 @@
+"""Config loading: presets mirror the dataclasses, unknown keys and bad values are errors."""
+
+import pytest
+
+from recdreamer_gs.config import PRESETS, ConfigError, RunConfig, load_config, parse_override, to_dict
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.steps > 0
+
+
+def test_yaml_round_trip(tmp_path):
+    import yaml
+
+    cfg = load_config("preview", overrides=[parse_override("train.steps=7")])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    again = load_config("preview", path)
+    assert again == cfg and again.train.steps == 7
+    assert isinstance(again.camera.elevation_range, tuple)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown config key train.stepz"),
+        ("bogus=1", "unknown config key bogus"),
+        ("train.steps=0", "train.steps: expected a positive number, got 0"),
+        ("train.steps=-5", "expected a positive number"),
+        ("train.steps=1.5", "train.steps: expected an integer"),
+        ("distill.method=magic", "distill.method: expected one of"),
+        ("camera.elevation_range=[40, 10]", "camera.elevation_range"),
+        ("gaussians.init_opacity=0.01", "gsplat culls"),
+        ("distill.t_min=0.99", "t_min < t_max"),
+        ("camera=5", "expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config("preview", overrides=[parse_override(override)])
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        load_config("fast")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("preview", tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("preview", bad)
+
+
+def test_override_syntax():
+    assert parse_override("a.b=3") == {"a": {"b": 3}}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("nonsense")

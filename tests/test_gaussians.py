@@ -1,0 +1,82 @@
+"""Gaussian parameter set: layout, optimizers, init from sphere and from files, clamps."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recdreamer_gs.config import GaussiansConfig
+from recdreamer_gs.gaussians import Gaussians, InitError, load_points, sh0_to_rgb
+
+
+def test_sphere_init_layout_and_optimizers():
+    cfg = GaussiansConfig(num_init=500, init_radius=0.5, sh_degree=1)
+    g = Gaussians.create(cfg, torch.Generator().manual_seed(0))
+    p = g.params
+    assert p["means"].shape == (500, 3) and p["scales"].shape == (500, 3) and p["quats"].shape == (500, 4)
+    assert p["opacities"].shape == (500,) and p["sh0"].shape == (500, 1, 3) and p["shN"].shape == (500, 3, 3)
+    assert p["means"].norm(dim=-1).max() <= 0.5 + 1e-6
+    assert torch.allclose(g.opacities, torch.full((500,), cfg.init_opacity))
+    assert torch.allclose(g.scales, torch.full((500, 3), cfg.init_scale))
+    assert ((sh0_to_rgb(p["sh0"]) - 0.5).abs() <= 0.05 + 1e-6).all()
+    opts = g.make_optimizers()
+    assert set(opts) == set(p.keys())
+    for name, opt in opts.items():
+        assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"][0] is p[name]
+
+
+def test_gsplat_strategy_accepts_layout():
+    from gsplat import DefaultStrategy
+
+    g = Gaussians.create(GaussiansConfig(num_init=50), torch.Generator().manual_seed(0))
+    DefaultStrategy().check_sanity(g.params, g.make_optimizers())
+
+
+def test_clamp_keeps_scales_finite_and_bounded():
+    cfg = GaussiansConfig(num_init=10)
+    g = Gaussians.create(cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g.params["scales"][0] = -math.inf
+        g.params["scales"][1] = 5.0
+    g.clamp_()
+    assert torch.isfinite(g.params["scales"]).all()
+    assert g.params["scales"].max() <= cfg.max_log_scale and g.params["scales"].min() >= cfg.min_log_scale
+
+
+def test_init_from_point_cloud_and_mesh(tmp_path):
+    import open3d as o3d
+
+    pts = np.random.default_rng(0).normal(size=(300, 3)) * 3 + 10
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+    cloud.colors = o3d.utility.Vector3dVector(np.tile([[1.0, 0.0, 0.0]], (300, 1)))
+    o3d.io.write_point_cloud(str(tmp_path / "cloud.ply"), cloud)
+    points, rgb = load_points(tmp_path / "cloud.ply", 200, 0.6)
+    assert points.shape == (200, 3)
+    assert points.mean(0).abs().max() < 0.1  # centred
+    assert points.norm(dim=-1).max() == pytest.approx(0.6, rel=1e-4)  # scaled into the radius
+    assert torch.allclose(rgb, torch.tensor([1.0, 0.0, 0.0]).expand(200, 3))
+
+    mesh = o3d.geometry.TriangleMesh.create_box(2.0, 2.0, 2.0)
+    o3d.io.write_triangle_mesh(str(tmp_path / "box.obj"), mesh)
+    cfg = GaussiansConfig(num_init=400, init_from=str(tmp_path / "box.obj"), init_radius=0.5)
+    g = Gaussians.create(cfg, torch.Generator().manual_seed(0))
+    assert len(g) == 400
+    # Surface samples of a cube: every point has at least one coordinate on a face.
+    m = g.means
+    gap = torch.minimum(m - m.min(0).values, m.max(0).values - m).min(dim=-1).values
+    on_face = gap < 1e-4
+    assert on_face.float().mean() > 0.99
+
+
+def test_init_from_missing_or_corrupt_file(tmp_path):
+    with pytest.raises(InitError, match="does not exist"):
+        load_points(tmp_path / "nope.ply", 10, 0.5)
+    bad = tmp_path / "bad.ply"
+    bad.write_bytes(b"this is not a ply file")
+    with pytest.raises(InitError, match="no readable points"):
+        load_points(bad, 10, 0.5)
+    with pytest.raises(InitError, match="cannot read"):
+        other = tmp_path / "x.txt"
+        other.write_text("1 2 3")
+        load_points(other, 10, 0.5)
