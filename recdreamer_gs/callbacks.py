@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -86,6 +87,35 @@ class PreviewImages(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.write(pl_module, "final")
+
+
+class Checkpointer(L.Callback):
+    """``checkpoints/last.ckpt`` every ``every`` iterations, at the end, and when Ctrl-C stops the run
+    (then also ``model.ply``), so that ``run --resume`` can continue. Written atomically."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, every: int):
+        self.cfg, self.out_dir, self.every = cfg, out_dir, every
+        self.path = out_dir / "checkpoints" / "last.ckpt"
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(str(tmp))
+        os.replace(tmp, self.path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.every > 0 and pl_module.iteration % self.every == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            pl_module.interrupted = True
+            self.save(trainer)
+            params = {k: v.detach().cpu() for k, v in pl_module.gaussians.params.items()}
+            write_ply(self.out_dir / "model.ply", params, frame=self.cfg.output.ply_frame)
 
 
 class ExportAndMetrics(L.Callback):

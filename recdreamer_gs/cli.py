@@ -56,7 +56,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 @app.command()
 def run(
-    prompt: str = typer.Argument(..., help="What to make, e.g. 'a kangaroo wearing boxing gloves'."),
+    prompt: Optional[str] = typer.Argument(None, help="What to make, e.g. 'a kangaroo wearing boxing gloves'."),
     preset: str = typer.Option("preview", help="Preset in configs/: preview (fast look), standard, synthetic."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset."),
     out: Path = typer.Option(Path("outputs"), "--out", help="Parent folder; the run goes to OUT/<slug>-<time>/."),
@@ -72,17 +72,59 @@ def run(
     templates: Optional[Path] = typer.Option(None, "--templates", help="Pose template folder DIR/<class>/*.png (USD)."),
     pose_control: Optional[str] = typer.Option(None, "--pose-control", help="Pull every view to one pose class."),
     set_: List[str] = typer.Option([], "--set", help="Any config value, e.g. --set distill.guidance_scale=50."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its "
+                                          "checkpoints/last.ckpt (--steps may extend it)."),
 ) -> None:
-    """Optimise Gaussians for PROMPT and write model.ply, previews and metrics.json."""
+    """Optimise Gaussians for PROMPT and write model.ply, previews and metrics.json.
+
+    Ctrl-C writes a checkpoint and model.ply first; continue with --resume OUTDIR.
+    """
     _quiet_libraries()
+    from recdreamer_gs.pipeline import Interrupted
+
     try:
-        extra = {"method": method, "model": model, "pose_model": pose_model, "templates": templates,
-                 "pose_control": pose_control}
-        _run(prompt, preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra)
+        if resume is not None:
+            others = [config, seed, resolution, prior, init_from, method, model, pose_model, templates, pose_control]
+            if any(v is not None for v in others) or set_ or preset != "preview" or out != Path("outputs"):
+                raise UserError("--resume continues a run with its saved config; it takes only --steps and --device")
+            _resume(resume, steps, device, prompt)
+        else:
+            extra = {"method": method, "model": model, "pose_model": pose_model, "templates": templates,
+                     "pose_control": pose_control}
+            _run(prompt or "", preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra)
     except _known_errors() as err:
         fail(str(err))
+    except Interrupted as err:
+        err_console.print(f"[yellow]{err}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130)
     except KeyboardInterrupt:
-        fail("interrupted")
+        err_console.print("interrupted before training started; nothing was written")
+        raise typer.Exit(code=130)
+
+
+def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: Optional[str]) -> None:
+    import dataclasses
+
+    from recdreamer_gs import pipeline
+    from recdreamer_gs.config import validate
+
+    if prompt:
+        raise UserError("--resume continues a run folder with its own prompt and config; drop the PROMPT")
+    cfg, checkpoint = pipeline.read_resume(run_dir)
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    if device is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    validate(cfg)
+    if checkpoint["iteration"] >= cfg.train.steps:
+        raise UserError(f"--resume {run_dir}: the run already finished {checkpoint['iteration']} of "
+                        f"{cfg.train.steps} iterations; pass --steps N with N > {checkpoint['iteration']} to extend it")
+    dev = pipeline.resolve_device(cfg.train.device)
+    choice = pipeline.build_prior(cfg, dev)
+    err_console.print(f"resuming {run_dir} at iteration {checkpoint['iteration']} of {cfg.train.steps}",
+                      highlight=False)
+    pipeline.fit(cfg, Path(run_dir), choice, dev, resume=checkpoint)
+    err_console.print(f"wrote {Path(run_dir) / 'model.ply'}", highlight=False)
 
 
 def _run(prompt, preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra) -> None:

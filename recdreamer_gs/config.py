@@ -76,8 +76,12 @@ class SyntheticPriorConfig:
     radius: float = 2.5  # camera distance of the reference renders
     fovy: float = 40.0  # field of view of the reference renders, degrees
     std: float = 0.1  # s: standard deviation of each mixture component in [-1, 1] pixel units
-    classifier_tau: float = 0.1  # temperature of the template classifier on mean squared distance (soft: no saturation)
+    classifier_tau: float = 0.03  # temperature of the template classifier on mean squared distance (soft: no saturation)
     kernel_width: float = 0.3  # s_q: kernel of the particles' own exact score (VSD's ε_φ on this prior)
+    rectifier_norm_coef: float = 10.0  # replaces distill.rectifier.norm_coef with this prior: inside a narrow
+    # mixture basin Tweedie's x̂0 barely moves with x_t, so a rectifier capped at the VSD norm cannot leave it
+    view_conditioned: bool = True  # CFG towards the camera's pose class in 3D runs (as distill.view_prompts);
+    # without it a single Gaussian set collapses to one look seen from everywhere (README, "synthetic prior")
     densify_grow_grad2d: float = 2.0  # replaces densify.grow_grad2d with this prior: its pixel-space
     # gradients are 10-30x those of SD latents (measured median 0.06-0.35, p90 2-10)
 
@@ -130,7 +134,7 @@ class RectifierConfig:
 
 @dataclass
 class DistillConfig:
-    method: Literal["sds", "vsd", "usd"] = "sds"  # score distillation flavour
+    method: Literal["sds", "vsd", "usd"] = "usd"  # score distillation flavour (USD: VSD + rectifier)
     guidance_scale: float = 7.5  # CFG scale s (100 is usual for SDS with SD)
     view_prompts: bool = False  # view-dependent conditioning ("PROMPT, front view"); USD uses one prompt
     t_min: float = 0.02  # smallest diffusion time, fraction of T
@@ -153,6 +157,7 @@ class TrainConfig:
     preview_every: int = 100  # write a preview grid every N iterations (0: only at the end)
     log_every: int = 10  # log metrics every N iterations
     progress_bar: bool = True  # Lightning's rich progress bar
+    checkpoint_every: int = 0  # write checkpoints/last.ckpt every N iterations (0: at the end and on Ctrl-C only)
 
 
 @dataclass
@@ -345,6 +350,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: expected a positive number, got {value}")
     for key, value in {"train.preview_every": cfg.train.preview_every,
                        "train.log_every": cfg.train.log_every,
+                       "train.checkpoint_every": cfg.train.checkpoint_every,
                        "output.turntable_frames": cfg.output.turntable_frames}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected 0 or more, got {value}")

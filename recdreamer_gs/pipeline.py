@@ -177,13 +177,42 @@ def make_run_dir(root: Path, prompt: str) -> Path:
     return path
 
 
-def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device) -> Path:
-    """Train one Gaussian set with Lightning and write the outputs of DESIGN section 10."""
+class Interrupted(RuntimeError):
+    """Ctrl-C stopped a run after its checkpoint and PLY were written."""
+
+
+def read_resume(out_dir: Path) -> tuple[RunConfig, dict]:
+    """The resolved config and last checkpoint of an earlier run folder (``run --resume OUTDIR``)."""
+    from recdreamer_gs.config import ConfigError, RunConfig, _from_dict, read_yaml, validate
+
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoints" / "last.ckpt"
+    if not (out_dir / "config.yaml").is_file() or not ckpt_path.is_file():
+        raise RunError(f"--resume {out_dir}: expected a run folder with config.yaml and checkpoints/last.ckpt")
+    cfg = _from_dict(RunConfig, read_yaml(out_dir / "config.yaml"))
+    validate(cfg)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+        raise RunError(f"--resume {out_dir}: cannot read {ckpt_path.name} ({err})") from None
+    if not isinstance(checkpoint, dict) or "iteration" not in checkpoint:
+        raise ConfigError(f"--resume {out_dir}: {ckpt_path.name} is not a recdreamer-gs checkpoint")
+    return cfg, checkpoint
+
+
+def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device,
+        resume: Optional[dict] = None, extra_callbacks: Optional[list] = None):
+    """Train one Gaussian set with Lightning and write the outputs of DESIGN section 10.
+
+    Returns the trained system. ``resume`` is a checkpoint of this run folder to continue from.
+    """
+    import signal
+
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-    from recdreamer_gs.callbacks import ConfigSnapshot, ExportAndMetrics, PreviewImages
+    from recdreamer_gs.callbacks import Checkpointer, ConfigSnapshot, ExportAndMetrics, PreviewImages
     from recdreamer_gs.data import CameraDataModule
     from recdreamer_gs.system import TextTo3DSystem
 
@@ -197,11 +226,17 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
         write_template_folder(pose.templates, out_dir / "templates")
     system = TextTo3DSystem(cfg, choice.prior, build_particle_score(cfg, choice.prior), pose.classifier,
                             pose.class_names, metric_classifier=pose.metric)
-    data = CameraDataModule(cfg.camera, cfg.train.steps, cfg.train.seed, cfg.render.background)
+    start = 0
+    if resume is not None:
+        system.restore(resume)
+        start = system.iteration
+    data = CameraDataModule(cfg.camera, cfg.train.steps, cfg.train.seed, cfg.render.background, start=start)
     callbacks: list = [
         ConfigSnapshot(cfg, out_dir),
         PreviewImages(out_dir, cfg.train.preview_every),
+        Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
         ExportAndMetrics(cfg, out_dir),
+        *(extra_callbacks or []),
     ]
     if cfg.train.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
@@ -217,5 +252,14 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(system, datamodule=data)
-    return out_dir
+    try:
+        trainer.fit(system, datamodule=data)
+    except SystemExit:
+        # Lightning turns Ctrl-C into sys.exit(1) after the callbacks ran (Checkpointer saved).
+        if system.interrupted:
+            raise Interrupted(f"interrupted at iteration {system.iteration}; checkpoint and model.ply are in "
+                              f"{out_dir}; continue with: recdreamer-gs run --resume {out_dir}") from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
+    return system

@@ -67,13 +67,19 @@ class TextTo3DSystem(L.LightningModule):
         self.pose_stats = PoseStatistics(len(class_names), rect.n_intervals, rect.n_ema, prior.num_train_timesteps) \
             if class_names else None
         self.pose_control_index = class_names.index(rect.pose_control) if rect.pose_control else None
+        self.rect_norm_coef = cfg.prior.synthetic.rectifier_norm_coef if prior.name == "synthetic" else rect.norm_coef
         dcfg = cfg.densify
         if prior.name == "synthetic":
             dcfg = dataclasses.replace(dcfg, grow_grad2d=cfg.prior.synthetic.densify_grow_grad2d)
         self.densifier = Densifier(dcfg, scene_scale=cfg.gaussians.init_radius, total_iterations=cfg.train.steps,
                                    n_intervals=cfg.distill.bnf_intervals)
+        # View-dependent conditioning: the config's view prompts, or the synthetic prior's own switch.
+        self.view_conditioned = cfg.distill.view_prompts or (
+            prior.name == "synthetic" and cfg.prior.synthetic.view_conditioned)
         self.iteration = 0  # the system's own counter: one per training_step
         self.noise_generator: Optional[torch.Generator] = None
+        self.interrupted = False  # set when Ctrl-C stopped the run (callbacks.Checkpointer)
+        self._resume: Optional[dict[str, Any]] = None  # a checkpoint to continue from (restore())
 
     # -- Lightning hooks ------------------------------------------------------------------------
 
@@ -86,6 +92,9 @@ class TextTo3DSystem(L.LightningModule):
             self.lora_optimizer = torch.optim.AdamW(self.particle_score.trainable_parameters(),
                                                     lr=self.cfg.distill.particle_score.lr)
             optimizers.append(self.lora_optimizer)
+        if self._resume is not None:  # Adam moments of the resumed run (shapes match the resized set)
+            for opt, state in zip(optimizers, self._resume["optimizer_states"]):
+                opt.load_state_dict(state)
         return optimizers
 
     def on_fit_start(self) -> None:
@@ -93,19 +102,31 @@ class TextTo3DSystem(L.LightningModule):
             self.noise_generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 1)
         if self.pose_stats is not None:
             self.pose_stats.to(self.device)
+        if self._resume is not None:
+            self.noise_generator.set_state(self._resume["noise_generator"])
+            torch.set_rng_state(self._resume["torch_rng"])
+            self._resume = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["iteration"] = self.iteration
         checkpoint["densify"] = self.densifier.state_dict()
+        checkpoint["noise_generator"] = self.noise_generator.get_state()
+        checkpoint["torch_rng"] = torch.get_rng_state()  # gsplat's split sampling draws from it
         if self.pose_stats is not None:
             checkpoint["pose_stats"] = self.pose_stats.state_dict()
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.iteration = checkpoint["iteration"]
-        if "densify" in checkpoint:
-            self.densifier.load_state_dict(checkpoint["densify"])
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from a checkpoint of this run: Gaussians resized to the saved count, ε_φ, iteration,
+        densifier and rectifier statistics now; optimizer moments and random states when fitting starts."""
+        state = checkpoint["state_dict"]
+        for name in list(self.gaussians.params.keys()):
+            self.gaussians.params[name] = nn.Parameter(state[f"gaussians.params.{name}"].clone())
+        self.load_state_dict(state, strict=True)
+        self.iteration = int(checkpoint["iteration"])
+        self.densifier.load_state_dict(checkpoint["densify"])
         if self.pose_stats is not None and "pose_stats" in checkpoint:
             self.pose_stats.load_state_dict(checkpoint["pose_stats"])
+        self._resume = checkpoint
 
     # -- one iteration -------------------------------------------------------------------------
 
@@ -132,7 +153,7 @@ class TextTo3DSystem(L.LightningModule):
         x_t = distill.add_noise(z if (rectify and shared_noise) else z.detach(), eps, alpha, sigma)
 
         # 4. Pretrained score with CFG; one UNet pass, kept differentiable only when step 6 needs it.
-        azimuth = cameras.azimuth if d.view_prompts else None
+        azimuth = cameras.azimuth if self.view_conditioned else None
         with torch.set_grad_enabled(rectify and shared_noise):
             eps_hat = self.prior.eps(x_t, t, d.guidance_scale, background, azimuth=azimuth)
 
@@ -160,7 +181,7 @@ class TextTo3DSystem(L.LightningModule):
                     (grad_rect,) = torch.autograd.grad(-rectifier_objective(log_r_value, alpha, sigma), z)
             # 7. Clamp: gain, then at most norm_coef·‖g_vsd‖ (whole-tensor norms, DESIGN 4 step 7).
             grad_rect = d.rectifier.weight * distill.clamp_to_norm(
-                grad_rect, grad_distill, d.rectifier.gain, d.rectifier.norm_coef)
+                grad_rect, grad_distill, d.rectifier.gain, self.rect_norm_coef)
         grad = distill.nan_to_zero(grad_distill + grad_rect)
 
         # 8. Reparameterised loss 0.5‖z − (z − g).detach()‖² / B (gradient g / B); step the Gaussians,
@@ -265,6 +286,6 @@ class TextTo3DSystem(L.LightningModule):
         if probs is None:
             return {"pEnt": None}
         return {
-            "pEnt": round(pose_entropy(probs.float().cpu()), 4),
+            "pEnt": round(pose_entropy(probs.float().cpu()), 4) + 0.0,  # + 0.0: no "-0.0"
             "pose_histogram": {n: round(float(v), 4) for n, v in zip(self.class_names, probs.mean(0).tolist())},
         }
