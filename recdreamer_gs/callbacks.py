@@ -71,14 +71,16 @@ class ConfigSnapshot(L.Callback):
 class PreviewImages(L.Callback):
     """Orbit previews as PNG grids every ``every`` iterations and at the end."""
 
-    def __init__(self, out_dir: Path, every: int):
+    def __init__(self, out_dir: Path, every: int, prefix: str = ""):
         self.dir = out_dir / "preview"
         self.every = every
+        self.prefix = prefix  # the stage name in a multi-stage run
 
     def write(self, pl_module: Any, name: str) -> Path:
-        images = pl_module.render_preview()
-        path = self.dir / f"{name}.png"
-        save_png(image_grid(images), path, preview_upscale(images.shape[-1]))
+        images = pl_module.render_preview()  # one row per particle
+        path = self.dir / f"{self.prefix}{name}.png"
+        save_png(image_grid(images, columns=images.shape[0] // len(pl_module.particles)), path,
+                 preview_upscale(images.shape[-1]))
         return path
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -87,6 +89,23 @@ class PreviewImages(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.write(pl_module, "final")
+
+
+def particle_files(n: int, suffix: str) -> list[str]:
+    """``model.ply`` for one particle, ``model_0.ply``, ``model_1.ply``, ... for several."""
+    return [f"model{suffix}"] if n == 1 else [f"model_{i}{suffix}" for i in range(n)]
+
+
+def write_particles(pl_module: Any, out_dir: Path, cfg: RunConfig) -> int:
+    """Every particle's PLY (and .splat if configured); returns the rows written in total."""
+    rows = 0
+    names = particle_files(len(pl_module.particles), "")
+    for name, gaussians in zip(names, pl_module.particles):
+        params = {k: v.detach().cpu() for k, v in gaussians.params.items()}
+        rows += write_ply(out_dir / f"{name}.ply", params, frame=cfg.output.ply_frame)
+        if cfg.output.write_splat:
+            write_splat(out_dir / f"{name}.splat", params, frame=cfg.output.ply_frame)
+    return rows
 
 
 class Checkpointer(L.Callback):
@@ -114,8 +133,7 @@ class Checkpointer(L.Callback):
         if isinstance(exception, KeyboardInterrupt):
             pl_module.interrupted = True
             self.save(trainer)
-            params = {k: v.detach().cpu() for k, v in pl_module.gaussians.params.items()}
-            write_ply(self.out_dir / "model.ply", params, frame=self.cfg.output.ply_frame)
+            write_particles(pl_module, self.out_dir, self.cfg)
 
 
 class ExportAndMetrics(L.Callback):
@@ -133,12 +151,9 @@ class ExportAndMetrics(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         seconds = time.perf_counter() - self.start_time
-        params = {k: v.detach().cpu() for k, v in pl_module.gaussians.params.items()}
-        rows = write_ply(self.out_dir / "model.ply", params, frame=self.cfg.output.ply_frame)
-        if self.cfg.output.write_splat:
-            write_splat(self.out_dir / "model.splat", params, frame=self.cfg.output.ply_frame)
+        rows = write_particles(pl_module, self.out_dir, self.cfg)
         if self.cfg.output.turntable_frames > 0:
-            frames = pl_module.render_preview(self.cfg.output.turntable_frames)
+            frames = pl_module.render_preview(self.cfg.output.turntable_frames, particle=0)
             save_gif(frames, self.out_dir / "turntable.gif", upscale=preview_upscale(frames.shape[-1]))
         iterations = pl_module.iteration - self.start_iteration
         metrics = {
@@ -146,7 +161,8 @@ class ExportAndMetrics(L.Callback):
             "prior": getattr(pl_module.prior, "name", "?"),
             "method": self.cfg.distill.method,
             "iterations": pl_module.iteration,
-            "gaussians": len(pl_module.gaussians),
+            "particles": len(pl_module.particles),
+            "gaussians": sum(len(g) for g in pl_module.particles),
             "gaussians_written": rows,
             "train_seconds": round(seconds, 3),
             "ms_per_iteration": round(1000.0 * seconds / max(iterations, 1), 2),

@@ -67,6 +67,7 @@ def run(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Point cloud or mesh to start from (open3d)."),
     method: Optional[str] = typer.Option(None, help="usd | vsd | sds (score distillation flavour)."),
+    particles: Optional[int] = typer.Option(None, help="Gaussian sets optimised together (model_0.ply, ...)."),
     model: Optional[str] = typer.Option(None, help="Stable Diffusion repo id or local diffusers folder."),
     pose_model: Optional[str] = typer.Option(None, "--pose-model", help="DINOv2 repo id or local folder (USD)."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Pose template folder DIR/<class>/*.png (USD)."),
@@ -84,13 +85,14 @@ def run(
 
     try:
         if resume is not None:
-            others = [config, seed, resolution, prior, init_from, method, model, pose_model, templates, pose_control]
+            others = [config, seed, resolution, prior, init_from, method, model, pose_model, templates, pose_control,
+                      particles]
             if any(v is not None for v in others) or set_ or preset != "preview" or out != Path("outputs"):
                 raise UserError("--resume continues a run with its saved config; it takes only --steps and --device")
             _resume(resume, steps, device, prompt)
         else:
             extra = {"method": method, "model": model, "pose_model": pose_model, "templates": templates,
-                     "pose_control": pose_control}
+                     "pose_control": pose_control, "particles": particles}
             _run(prompt or "", preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra)
     except _known_errors() as err:
         fail(str(err))
@@ -116,15 +118,21 @@ def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: 
     if device is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     validate(cfg)
-    if checkpoint["iteration"] >= cfg.train.steps:
+    stage = int(checkpoint.get("stage", 0))
+    last_stage = stage >= len(cfg.stages) - 1
+    stage_steps = cfg.stages[stage].steps if cfg.stages else cfg.train.steps
+    if steps is not None and cfg.stages:
+        raise UserError("--steps cannot extend a multi-stage run; edit the stages in its config.yaml instead")
+    if last_stage and checkpoint["iteration"] >= stage_steps:
         raise UserError(f"--resume {run_dir}: the run already finished {checkpoint['iteration']} of "
-                        f"{cfg.train.steps} iterations; pass --steps N with N > {checkpoint['iteration']} to extend it")
+                        f"{stage_steps} iterations; pass --steps N with N > {checkpoint['iteration']} to extend it")
     dev = pipeline.resolve_device(cfg.train.device)
     choice = pipeline.build_prior(cfg, dev)
-    err_console.print(f"resuming {run_dir} at iteration {checkpoint['iteration']} of {cfg.train.steps}",
+    where = f" of stage {stage + 1}/{len(cfg.stages)}" if cfg.stages else ""
+    err_console.print(f"resuming {run_dir} at iteration {checkpoint['iteration']} of {stage_steps}{where}",
                       highlight=False)
     pipeline.fit(cfg, Path(run_dir), choice, dev, resume=checkpoint)
-    err_console.print(f"wrote {Path(run_dir) / 'model.ply'}", highlight=False)
+    err_console.print(f"wrote the model into {run_dir}", highlight=False)
 
 
 def _run(prompt, preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra) -> None:
@@ -165,13 +173,16 @@ def _run(prompt, preset, config, out, steps, seed, resolution, prior, device, in
     out_dir = pipeline.make_run_dir(out, cfg.prompt)
     err_console.print(f"run folder: {out_dir}  (prior: {choice.prior.name}, device: {dev})", highlight=False)
     pipeline.fit(cfg, out_dir, choice, dev)
-    err_console.print(f"wrote {out_dir / 'model.ply'}", highlight=False)
+    names = "model.ply" if cfg.train.particles == 1 else f"model_0.ply ... model_{cfg.train.particles - 1}.ply"
+    err_console.print(f"wrote {out_dir / names}", highlight=False)
 
 
 def _model_flags(flags: dict, extra: dict) -> None:
     """Shared options of run/templates/classify/eval into the config tree."""
     if extra.get("method"):
         flags.setdefault("distill", {})["method"] = extra["method"]
+    if extra.get("particles") is not None:
+        flags.setdefault("train", {})["particles"] = extra["particles"]
     if extra.get("model"):
         flags.setdefault("prior", {}).setdefault("sd", {})["model"] = extra["model"]
     rect = {}

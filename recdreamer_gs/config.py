@@ -142,7 +142,7 @@ class DistillConfig:
     time_schedule: Literal["uniform", "linear", "t5", "bnf"] = "linear"  # how the t range moves (schedule.py)
     t_anneal_to: float = 0.5  # "linear": the t upper bound decays to this over the run
     t5_switch: int = 5000  # "t5": iteration after which t < T/2 (the release's schedule)
-    bnf_intervals: int = 2  # "bnf": n_i back-and-forth intervals (2 for one particle, 10 for several)
+    bnf_intervals: Optional[int] = None  # "bnf": n_i back-and-forth intervals; None: 2 for one particle, 10 for several
     grad_weight: float = 1.0  # weight of the distillation gradient in the reparameterised loss
     grad_clip: float = 0.0  # if > 0, clamp each element of the latent gradient to [-c, c]
     particle_score: ParticleScoreConfig = field(default_factory=ParticleScoreConfig)  # VSD/USD ε_φ (SD prior)
@@ -152,6 +152,7 @@ class DistillConfig:
 @dataclass
 class TrainConfig:
     steps: int = 300  # iterations (one per training_step, not per optimizer step)
+    particles: int = 1  # Gaussian sets optimised together with one shared ε_φ and rectifier
     seed: int = 0  # seeds torch, cameras and noise
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if available
     preview_every: int = 100  # write a preview grid every N iterations (0: only at the end)
@@ -169,6 +170,19 @@ class OutputConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage run (the ``paper`` preset): overrides of the run's distillation settings."""
+
+    name: str = "stage"  # used in preview file names
+    steps: int = 1000  # iterations of this stage (its own counter starts at 0)
+    method: Literal["sds", "vsd", "usd"] = "usd"  # score distillation flavour of this stage
+    guidance_scale: float = 7.5  # CFG scale of this stage (100 for the SDS geometry stage)
+    view_prompts: bool = False  # view-dependent prompts in this stage (the release's SDS stage uses them)
+    time_schedule: Literal["uniform", "linear", "t5", "bnf"] = "bnf"  # t schedule of this stage
+    params: Literal["all", "colour"] = "all"  # colour: positions and shapes frozen, no densification
+
+
+@dataclass
 class RunConfig:
     prompt: str = ""  # the text prompt (set by the CLI)
     camera: CameraConfig = field(default_factory=CameraConfig)
@@ -179,13 +193,14 @@ class RunConfig:
     densify: DensifyConfig = field(default_factory=DensifyConfig)  # growth/pruning aligned to BNF (densify.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage with the settings above
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 
-PRESETS = ("preview", "standard", "synthetic")
+PRESETS = ("preview", "standard", "paper", "synthetic")
 
 
 def preset_path(name: str) -> Path:
@@ -222,6 +237,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
@@ -317,7 +336,7 @@ def to_dict(cfg: Any) -> dict:
     """Plain-YAML-friendly dict of a config (tuples become lists)."""
 
     def convert(value: Any) -> Any:
-        if isinstance(value, tuple):
+        if isinstance(value, (tuple, list)):
             return [convert(v) for v in value]
         if isinstance(value, dict):
             return {k: convert(v) for k, v in value.items()}
@@ -336,6 +355,7 @@ def validate(cfg: RunConfig) -> None:
     """Reject impossible numbers with the key that holds them."""
     positive = {
         "train.steps": cfg.train.steps,
+        "train.particles": cfg.train.particles,
         "camera.batch_size": cfg.camera.batch_size,
         "camera.resolution": cfg.camera.resolution,
         "camera.preview_views": cfg.camera.preview_views,
@@ -354,6 +374,11 @@ def validate(cfg: RunConfig) -> None:
                        "output.turntable_frames": cfg.output.turntable_frames}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected 0 or more, got {value}")
+    for i, stage in enumerate(cfg.stages):
+        if stage.steps <= 0:
+            raise ConfigError(f"stages[{i}].steps: expected a positive number, got {stage.steps}")
+        if stage.guidance_scale < 0:
+            raise ConfigError(f"stages[{i}].guidance_scale: expected >= 0, got {stage.guidance_scale}")
     if not 0.1 <= cfg.gaussians.init_opacity < 1.0:
         raise ConfigError(
             f"gaussians.init_opacity: expected a value in [0.1, 1) (gsplat culls opacity < 1/255), "
@@ -369,6 +394,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if not cfg.distill.t_min < cfg.distill.t_anneal_to <= cfg.distill.t_max:
         raise ConfigError("distill.t_anneal_to: expected t_min < t_anneal_to <= t_max")
+    if cfg.distill.bnf_intervals is not None and not 1 <= cfg.distill.bnf_intervals <= 100:
+        raise ConfigError(f"distill.bnf_intervals: expected 1..100 or null, got {cfg.distill.bnf_intervals}")
     if cfg.distill.guidance_scale < 0:
         raise ConfigError(f"distill.guidance_scale: expected >= 0, got {cfg.distill.guidance_scale}")
     _check_range("camera.elevation_range", cfg.camera.elevation_range, -89.0, 89.0)

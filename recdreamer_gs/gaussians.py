@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from recdreamer_gs.config import GaussiansConfig
 
 SH_C0 = 0.28209479177387814  # rgb = 0.5 + SH_C0 * sh0
+COLOUR_PARAMS = ("sh0", "shN")  # what a colour-only (texture) stage trains
 
 
 class InitError(ValueError):
@@ -134,15 +135,20 @@ class Gaussians(nn.Module):
         prefix = "params."
         return cls({k[len(prefix):]: torch.zeros_like(v) for k, v in state.items() if k.startswith(prefix)}, cfg)
 
-    def make_optimizers(self, lr_scale: float = 1.0) -> dict[str, torch.optim.Optimizer]:
-        """One single-group Adam per parameter (the layout gsplat strategies check)."""
+    def make_optimizers(self, lr_scale: float = 1.0, colour_only: bool = False) -> dict[str, torch.optim.Optimizer]:
+        """One single-group Adam per trainable parameter (the layout gsplat strategies check).
+
+        ``colour_only`` freezes positions and shapes (a texture stage): only sh0/shN train.
+        """
         lrs = {
             "means": self.cfg.lr_means, "scales": self.cfg.lr_scales, "quats": self.cfg.lr_quats,
             "opacities": self.cfg.lr_opacities, "sh0": self.cfg.lr_sh0, "shN": self.cfg.lr_shN,
         }
+        for name, param in self.params.items():
+            param.requires_grad_(not colour_only or name in COLOUR_PARAMS)
         return {
             name: torch.optim.Adam([{"params": [param], "lr": lrs[name] * lr_scale, "name": name}], eps=1e-15)
-            for name, param in self.params.items()
+            for name, param in self.params.items() if param.requires_grad
         }
 
     # -- activated views ----------------------------------------------------------------------

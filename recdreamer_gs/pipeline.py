@@ -200,12 +200,54 @@ def read_resume(out_dir: Path) -> tuple[RunConfig, dict]:
     return cfg, checkpoint
 
 
+def stage_config(cfg: RunConfig, stage) -> RunConfig:
+    """The config of one stage of a multi-stage run: its steps and distillation settings."""
+    import dataclasses
+
+    distill = dataclasses.replace(cfg.distill, method=stage.method, guidance_scale=stage.guidance_scale,
+                                  view_prompts=stage.view_prompts, time_schedule=stage.time_schedule)
+    densify = cfg.densify if stage.params == "all" else dataclasses.replace(cfg.densify, strategy="none")
+    return dataclasses.replace(cfg, distill=distill, densify=densify,
+                               train=dataclasses.replace(cfg.train, steps=stage.steps), stages=[])
+
+
 def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device,
         resume: Optional[dict] = None, extra_callbacks: Optional[list] = None):
-    """Train one Gaussian set with Lightning and write the outputs of DESIGN section 10.
+    """Train the Gaussian set(s) with Lightning, stage by stage, and write the outputs of DESIGN section 10.
 
-    Returns the trained system. ``resume`` is a checkpoint of this run folder to continue from.
+    Returns the system of the last stage. ``resume`` is a checkpoint of this run folder to continue from.
     """
+    from recdreamer_gs.config import StageConfig
+
+    torch.manual_seed(cfg.train.seed)
+    stages = cfg.stages or [None]
+    stage_cfgs = [cfg if st is None else stage_config(cfg, st) for st in stages]
+    methods = {c.distill.method for c in stage_cfgs}
+    pose = build_pose(cfg, choice.prior, device, need="usd" in methods)
+    if pose.templates is not None:
+        from recdreamer_gs.pose.templates import write_template_folder
+
+        write_template_folder(pose.templates, out_dir / "templates")
+    # One ε_φ for the whole run, shared by its VSD/USD stages.
+    score_cfg = next((c for c in stage_cfgs if c.distill.method != "sds"), stage_cfgs[0])
+    particle_score = build_particle_score(score_cfg, choice.prior)
+    first = int(resume.get("stage", 0)) if resume is not None else 0
+    particles, system = None, None
+    for k in range(first, len(stages)):
+        stage = stages[k] or StageConfig(name="", steps=cfg.train.steps)
+        system = _fit_stage(
+            cfg, stage_cfgs[k], out_dir, choice, device, pose, particle_score, particles, k,
+            colour_only=stage.params == "colour", prefix=f"{stage.name}_" if len(stages) > 1 else "",
+            resume=resume if k == first else None, extra_callbacks=extra_callbacks,
+        )
+        particles = list(system.particles)
+    return system
+
+
+def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device, pose: PoseSetup,
+               particle_score, particles, stage: int, colour_only: bool, prefix: str,
+               resume: Optional[dict], extra_callbacks: Optional[list]):
+    """One Lightning fit: the system of one stage (its config ``cfg``) with its callbacks."""
     import signal
 
     import lightning as L
@@ -218,26 +260,23 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available" banners or tips
-    torch.manual_seed(cfg.train.seed)
-    pose = build_pose(cfg, choice.prior, device, need=cfg.distill.method == "usd")
-    if pose.templates is not None:
-        from recdreamer_gs.pose.templates import write_template_folder
-
-        write_template_folder(pose.templates, out_dir / "templates")
-    system = TextTo3DSystem(cfg, choice.prior, build_particle_score(cfg, choice.prior), pose.classifier,
-                            pose.class_names, metric_classifier=pose.metric)
+    system = TextTo3DSystem(cfg, choice.prior, particle_score if cfg.distill.method != "sds" else None,
+                            pose.classifier, pose.class_names, particles=particles, metric_classifier=pose.metric,
+                            colour_only=colour_only, stage=stage)
     start = 0
     if resume is not None:
         system.restore(resume)
         start = system.iteration
-    data = CameraDataModule(cfg.camera, cfg.train.steps, cfg.train.seed, cfg.render.background, start=start)
+    data = CameraDataModule(cfg.camera, cfg.train.steps, cfg.train.seed + 104729 * stage, cfg.render.background,
+                            start=start)
     callbacks: list = [
-        ConfigSnapshot(cfg, out_dir),
-        PreviewImages(out_dir, cfg.train.preview_every),
+        PreviewImages(out_dir, cfg.train.preview_every, prefix),
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
         ExportAndMetrics(cfg, out_dir),
         *(extra_callbacks or []),
     ]
+    if stage == 0:
+        callbacks.insert(0, ConfigSnapshot(run_cfg, out_dir))  # the whole run's config, stages included
     if cfg.train.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     trainer = L.Trainer(
@@ -245,7 +284,7 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
         devices=1,
         max_epochs=1,
         callbacks=callbacks,
-        logger=CSVLogger(save_dir=str(out_dir), name="logs", version=""),
+        logger=CSVLogger(save_dir=str(out_dir), name="logs", version=prefix.rstrip("_")),
         log_every_n_steps=max(cfg.train.log_every, 1),
         enable_checkpointing=False,
         enable_progress_bar=cfg.train.progress_bar,

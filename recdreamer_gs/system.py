@@ -38,7 +38,8 @@ class ParticleScore(Protocol):
 
 
 class TextTo3DSystem(L.LightningModule):
-    """Score distillation (SDS, VSD or USD) of a 2D prior into one set of 3D Gaussians."""
+    """Score distillation (SDS, VSD or USD) of a 2D prior into one or more sets of 3D Gaussians (particles)
+    that share ε_φ and the rectifier statistics."""
 
     def __init__(
         self,
@@ -47,15 +48,21 @@ class TextTo3DSystem(L.LightningModule):
         particle_score: Optional[ParticleScore] = None,
         classifier: Optional[Classifier] = None,
         class_names: tuple[str, ...] = (),
-        gaussians: Optional[Gaussians] = None,
+        particles: Optional[list[Gaussians]] = None,
         metric_classifier: Optional[Classifier] = None,
+        colour_only: bool = False,
+        stage: int = 0,
     ):
         super().__init__()
         self.cfg = cfg
         self.automatic_optimization = False
-        self.gaussians = gaussians if gaussians is not None else Gaussians.create(
-            cfg.gaussians, torch.Generator().manual_seed(cfg.train.seed)
-        )
+        n = cfg.train.particles
+        self.particles = nn.ModuleList(particles if particles is not None else [
+            Gaussians.create(cfg.gaussians, torch.Generator().manual_seed(cfg.train.seed + 7919 * i))
+            for i in range(n)
+        ])
+        self.colour_only = colour_only  # a texture stage: positions and shapes frozen
+        self.stage = stage  # index of this stage in a multi-stage run
         # The frozen prior and the classifier stay out of the module tree: they are not saved in
         # checkpoints and Lightning does not move them (they are built on the right device).
         object.__setattr__(self, "prior", prior)
@@ -71,8 +78,10 @@ class TextTo3DSystem(L.LightningModule):
         dcfg = cfg.densify
         if prior.name == "synthetic":
             dcfg = dataclasses.replace(dcfg, grow_grad2d=cfg.prior.synthetic.densify_grow_grad2d)
-        self.densifier = Densifier(dcfg, scene_scale=cfg.gaussians.init_radius, total_iterations=cfg.train.steps,
-                                   n_intervals=cfg.distill.bnf_intervals)
+        # BNF with n_i = 2 for one particle and 10 for several unless the config says otherwise (DESIGN 7).
+        self.bnf_intervals = cfg.distill.bnf_intervals or (2 if n == 1 else 10)
+        self.densifiers = [Densifier(dcfg, scene_scale=cfg.gaussians.init_radius, total_iterations=cfg.train.steps,
+                                     n_intervals=self.bnf_intervals) for _ in range(n)]
         # View-dependent conditioning: the config's view prompts, or the synthetic prior's own switch.
         self.view_conditioned = cfg.distill.view_prompts or (
             prior.name == "synthetic" and cfg.prior.synthetic.view_conditioned)
@@ -83,10 +92,18 @@ class TextTo3DSystem(L.LightningModule):
 
     # -- Lightning hooks ------------------------------------------------------------------------
 
+    @property
+    def gaussians(self) -> Gaussians:
+        """The first particle (the only one in a single-particle run)."""
+        return self.particles[0]
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        self.gaussian_optimizers = self.gaussians.make_optimizers()
-        self.densifier.check(self.gaussians.params, self.gaussian_optimizers)
-        optimizers = list(self.gaussian_optimizers.values())
+        # One dict per particle.
+        self.gaussian_optimizers = [g.make_optimizers(colour_only=self.colour_only) for g in self.particles]
+        optimizers = []
+        for g, opts, densifier in zip(self.particles, self.gaussian_optimizers, self.densifiers):
+            densifier.check(g.params, opts)
+            optimizers += list(opts.values())
         self.lora_optimizer = None
         if self.particle_score is not None and self.particle_score.trainable_parameters():
             self.lora_optimizer = torch.optim.AdamW(self.particle_score.trainable_parameters(),
@@ -109,7 +126,8 @@ class TextTo3DSystem(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["iteration"] = self.iteration
-        checkpoint["densify"] = self.densifier.state_dict()
+        checkpoint["stage"] = self.stage
+        checkpoint["densify"] = [d.state_dict() for d in self.densifiers]
         checkpoint["noise_generator"] = self.noise_generator.get_state()
         checkpoint["torch_rng"] = torch.get_rng_state()  # gsplat's split sampling draws from it
         if self.pose_stats is not None:
@@ -119,11 +137,18 @@ class TextTo3DSystem(L.LightningModule):
         """Continue from a checkpoint of this run: Gaussians resized to the saved count, ε_φ, iteration,
         densifier and rectifier statistics now; optimizer moments and random states when fitting starts."""
         state = checkpoint["state_dict"]
-        for name in list(self.gaussians.params.keys()):
-            self.gaussians.params[name] = nn.Parameter(state[f"gaussians.params.{name}"].clone())
-        self.load_state_dict(state, strict=True)
+        for i, g in enumerate(self.particles):
+            for name in list(g.params.keys()):
+                g.params[name] = nn.Parameter(state[f"particles.{i}.params.{name}"].clone())
+        # A stage without ε_φ (SDS) ignores the LoRA weights saved by another stage of the run.
+        own = self.state_dict().keys()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint does not fit this run: missing {missing[:3]}")
+        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
         self.iteration = int(checkpoint["iteration"])
-        self.densifier.load_state_dict(checkpoint["densify"])
+        for densifier, dstate in zip(self.densifiers, checkpoint["densify"]):
+            densifier.load_state_dict(dstate)
         if self.pose_stats is not None and "pose_stats" in checkpoint:
             self.pose_stats.load_state_dict(checkpoint["pose_stats"])
         self._resume = checkpoint
@@ -136,14 +161,18 @@ class TextTo3DSystem(L.LightningModule):
         rectify = method == "usd" and self.iteration % d.rectifier.rectify_every == 0
         shared_noise = d.rectifier.noise == "shared"
 
-        # 1. Cameras and random solid backgrounds; render x0 = g(θ, c).
+        # 1. Cameras and random solid backgrounds; render x0 = g(θ, c) for every particle (same cameras).
         cameras = cameras_from_batch(batch, self.render_resolution).to(self.device)
-        background = batch["background"].to(self.device)
-        out = self.render(cameras, background)
-        self.densifier.pre_backward(self.gaussians.params, self.gaussian_optimizers, self.iteration, out.meta)
+        P, B = len(self.particles), len(cameras)
+        outs = [self.render(cameras, batch["background"].to(self.device), particle=i) for i in range(P)]
+        for g, opts, densifier, out in zip(self.particles, self.gaussian_optimizers, self.densifiers, outs):
+            densifier.pre_backward(g.params, opts, self.iteration, out.meta)
+        # The particles' views form one batch of P·B samples (particle-major) from here on.
+        background = batch["background"].to(self.device).repeat(P, 1)
+        c2w = cameras.c2w.repeat(P, 1, 1)
 
         # 2. Encode into the prior's diffusion space (with gradient).
-        z = self.prior.encode(out.rgb)
+        z = self.prior.encode(torch.cat([out.rgb for out in outs]))
 
         # 3. Sample t from the time schedule and noise: x_t = α_t z + σ_t ε. Under USD x_t keeps
         #    its graph to z, because the rectifier differentiates through it (step 6).
@@ -153,7 +182,7 @@ class TextTo3DSystem(L.LightningModule):
         x_t = distill.add_noise(z if (rectify and shared_noise) else z.detach(), eps, alpha, sigma)
 
         # 4. Pretrained score with CFG; one UNet pass, kept differentiable only when step 6 needs it.
-        azimuth = cameras.azimuth if self.view_conditioned else None
+        azimuth = cameras.azimuth.repeat(P) if self.view_conditioned else None
         with torch.set_grad_enabled(rectify and shared_noise):
             eps_hat = self.prior.eps(x_t, t, d.guidance_scale, background, azimuth=azimuth)
 
@@ -162,7 +191,9 @@ class TextTo3DSystem(L.LightningModule):
             grad_distill = distill.sds_grad(eps_hat.detach(), eps, sigma)
         else:
             with torch.no_grad():
-                eps_phi = self.particle_score.eps_phi(x_t.detach(), t, cameras.c2w, particles=z.detach()[:, None])
+                # Every particle's render at the same camera (the kernel ε_φ's components; the LoRA ignores it).
+                same_camera = z.detach().view(P, B, *z.shape[1:]).transpose(0, 1).repeat(P, *[1] * z.dim())
+                eps_phi = self.particle_score.eps_phi(x_t.detach(), t, c2w, particles=same_camera)
             grad_distill = distill.vsd_grad(eps_hat.detach(), eps_phi, sigma)
         grad_distill = distill.clamp_elements(grad_distill, d.grad_clip)
 
@@ -187,23 +218,27 @@ class TextTo3DSystem(L.LightningModule):
         # 8. Reparameterised loss 0.5‖z − (z − g).detach()‖² / B (gradient g / B); step the Gaussians,
         #    then densify in the BNF-aligned window (densify.py) and clamp the log-scales.
         loss_distill = d.grad_weight * distill.reparameterised_loss(z, grad)
-        for opt in self.gaussian_optimizers.values():
+        optimizers = [opt for opts in self.gaussian_optimizers for opt in opts.values()]
+        for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.manual_backward(loss_distill)
-        for opt in self.gaussian_optimizers.values():
+        for opt in optimizers:
             opt.step()
-        dens = self.densifier.post_backward(self.gaussians.params, self.gaussian_optimizers, self.iteration, out.meta,
-                                            lr_means=self.gaussian_optimizers["means"].param_groups[0]["lr"])
-        self.gaussians.clamp_()
+        dens = {"count": 0, "grown": 0, "pruned": 0}
+        for g, opts, densifier, out in zip(self.particles, self.gaussian_optimizers, self.densifiers, outs):
+            counts = densifier.post_backward(g.params, opts, self.iteration, out.meta,
+                                             lr_means=opts["means"].param_groups[0]["lr"] if "means" in opts else 0.0)
+            dens = {k: dens[k] + counts[k] for k in dens}
+            g.clamp_()
 
         # 9. Rectifier statistics: the EMA of the interval of t moves towards the batch's p(c̄|x̂0).
         if probs is not None:
-            self.pose_stats.update(t, probs.detach())
+            self.pose_stats.update(t, probs.detach())  # mean over every particle's views
 
         # 10. LoRA step for ε_φ on the detached renders (fresh t', ε'; DESIGN 4 step 10).
         loss_lora = torch.zeros((), device=self.device)
         if self.lora_optimizer is not None:
-            loss_lora = self.particle_score.lora_loss(z.detach(), cameras.c2w, generator=self.noise_generator)
+            loss_lora = self.particle_score.lora_loss(z.detach(), c2w, generator=self.noise_generator)
             self.lora_optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss_lora)
             self.lora_optimizer.step()
@@ -218,7 +253,7 @@ class TextTo3DSystem(L.LightningModule):
             "gaussians/count": float(dens["count"]),
             "gaussians/grown": float(dens["grown"]),
             "gaussians/pruned": float(dens["pruned"]),
-            "render/alpha_mean": out.alpha.mean().detach(),
+            "render/alpha_mean": torch.stack([out.alpha.mean() for out in outs]).mean().detach(),
         }
         if probs is not None:
             logs["rect/log_r"] = log_r_value.detach().mean()
@@ -243,9 +278,9 @@ class TextTo3DSystem(L.LightningModule):
             return self.cfg.prior.synthetic.resolution
         return self.cfg.camera.resolution
 
-    def render(self, cameras: Cameras, background: Float[Tensor, "B 3"]) -> RenderOut:
+    def render(self, cameras: Cameras, background: Float[Tensor, "B 3"], particle: int = 0) -> RenderOut:
         rcfg = self.cfg.render
-        return render(self.gaussians, cameras, background, backend=rcfg.backend, eps2d=rcfg.eps2d,
+        return render(self.particles[particle], cameras, background, backend=rcfg.backend, eps2d=rcfg.eps2d,
                       near_plane=rcfg.near_plane)
 
     def sample_t(self, batch: int) -> Tensor:
@@ -253,22 +288,23 @@ class TextTo3DSystem(L.LightningModule):
         d = self.cfg.distill
         lo, hi = schedule.t_range(
             d.time_schedule, self.iteration, self.cfg.train.steps, d.t_min, d.t_max, t_end=d.t_anneal_to,
-            t5_switch=d.t5_switch, bnf_intervals=d.bnf_intervals, T=self.prior.num_train_timesteps,
+            t5_switch=d.t5_switch, bnf_intervals=self.bnf_intervals, T=self.prior.num_train_timesteps,
         )
         t = torch.randint(lo, hi, (1,), generator=self.noise_generator, device=self.device)
         return t.expand(batch)
 
     @torch.no_grad()
-    def render_preview(self, n: Optional[int] = None) -> Float[Tensor, "N 3 H W"]:
-        """Views on the fixed preview orbit, on a white background."""
+    def render_preview(self, n: Optional[int] = None, particle: Optional[int] = None) -> Float[Tensor, "N 3 H W"]:
+        """Views on the fixed preview orbit on a white background: one particle, or all of them (particle-major)."""
         cameras = preview_orbit(self.cfg.camera, n)
         cameras.width = cameras.height = self.render_resolution
         cameras = cameras.to(self.device)
         background = torch.ones(len(cameras), 3, device=self.device)
-        return self.render(cameras, background).rgb
+        which = range(len(self.particles)) if particle is None else [particle]
+        return torch.cat([self.render(cameras, background, particle=i).rgb for i in which])
 
     @torch.no_grad()
-    def pose_probabilities(self, n_views: int = 10) -> Optional[Float[Tensor, "V C"]]:
+    def pose_probabilities(self, n_views: int = 10, particle: int = 0) -> Optional[Float[Tensor, "V C"]]:
         """Classifier probabilities of renders at n uniform azimuths (for pEnt), white background."""
         if self.metric_classifier is None:
             return None
@@ -276,16 +312,22 @@ class TextTo3DSystem(L.LightningModule):
         cams = orbit(n_views, c.preview_elevation, 0.5 * sum(c.radius_range), 0.5 * sum(c.fovy_range),
                      self.render_resolution).to(self.device)
         background = torch.ones(n_views, 3, device=self.device)
-        rgb = self.render(cams, background).rgb
+        rgb = self.render(cams, background, particle=particle).rgb
         return self.metric_classifier(rgb * 2.0 - 1.0, background)
 
     def final_metrics(self) -> dict[str, Any]:
+        """pEnt per particle (entropy of the mean pose probabilities over 10 azimuths, normalised)."""
         from recdreamer_gs.metrics import pose_entropy
 
-        probs = self.pose_probabilities()
-        if probs is None:
+        if self.metric_classifier is None:
             return {"pEnt": None}
-        return {
-            "pEnt": round(pose_entropy(probs.float().cpu()), 4) + 0.0,  # + 0.0: no "-0.0"
-            "pose_histogram": {n: round(float(v), 4) for n, v in zip(self.class_names, probs.mean(0).tolist())},
+        probs = [self.pose_probabilities(particle=i).float().cpu() for i in range(len(self.particles))]
+        pents = [round(pose_entropy(p), 4) + 0.0 for p in probs]  # + 0.0: no "-0.0"
+        mean = torch.stack(probs).mean(dim=(0, 1))
+        out: dict[str, Any] = {
+            "pEnt": round(sum(pents) / len(pents), 4),
+            "pose_histogram": {n: round(float(v), 4) for n, v in zip(self.class_names, mean.tolist())},
         }
+        if len(pents) > 1:
+            out["pEnt_per_particle"] = pents
+        return out

@@ -51,7 +51,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
                            resume=checkpoint)
     assert resumed.iteration == full.iteration == 8
     assert len(resumed.gaussians) == len(full.gaussians)
-    assert full.densifier.n_grown > 0 or full.densifier.n_pruned > 0  # the densifier state mattered
+    assert full.densifiers[0].n_grown > 0 or full.densifiers[0].n_pruned > 0  # the densifier state mattered
     for name, value in full.gaussians.params.items():
         assert torch.allclose(resumed.gaussians.params[name], value, atol=1e-5), name
     assert torch.allclose(resumed.pose_stats.marginal, full.pose_stats.marginal, atol=1e-6)

@@ -1,0 +1,68 @@
+"""Multi-stage runs (the paper preset's shape): stages run in order, colour-only stages freeze geometry."""
+
+import json
+
+import pytest
+import torch
+
+from recdreamer_gs import pipeline
+from recdreamer_gs.config import ConfigError, load_config, parse_override
+
+
+def tiny(extra=()):
+    overrides = ["prior.kind=synthetic", "train.device=cpu", "prior.synthetic.resolution=32", "gaussians.num_init=150",
+                 "train.progress_bar=false", "output.turntable_frames=0", "train.preview_every=0",
+                 "train.log_every=1", *extra]
+    return load_config("paper", overrides=[parse_override(s) for s in overrides])
+
+
+def test_paper_preset_has_three_stages():
+    cfg = load_config("paper")
+    assert [s.method for s in cfg.stages] == ["usd", "sds", "usd"]
+    assert cfg.stages[1].guidance_scale == 100.0 and cfg.stages[1].view_prompts
+    assert [s.params for s in cfg.stages] == ["all", "all", "colour"]
+
+
+def test_three_stages_run_in_order_and_freeze_geometry(tmp_path):
+    cfg = tiny()
+    for stage in cfg.stages:
+        stage.steps = 2
+    device = torch.device("cpu")
+    captured = {}
+
+    import recdreamer_gs.pipeline as pl
+
+    original = pl._fit_stage
+
+    def spy(run_cfg, stage_cfg, *args, **kwargs):
+        stage = args[6]
+        before = None
+        particles = args[5]
+        if particles is not None:
+            before = {k: v.detach().clone() for k, v in particles[0].params.items()}
+        system = original(run_cfg, stage_cfg, *args, **kwargs)
+        captured[stage] = (stage_cfg.distill.method, stage_cfg.distill.guidance_scale, before,
+                           {k: v.detach().clone() for k, v in system.particles[0].params.items()})
+        return system
+
+    pl._fit_stage = spy
+    try:
+        system = pipeline.fit(cfg, tmp_path, pipeline.build_prior(cfg, device), device)
+    finally:
+        pl._fit_stage = original
+    assert [captured[k][:2] for k in range(3)] == [("usd", 7.5), ("sds", 100.0), ("usd", 7.5)]
+    _, _, before, after = captured[2]
+    for name in ("means", "scales", "quats", "opacities"):
+        assert torch.equal(before[name], after[name]), name  # frozen in the colour stage
+    assert not torch.equal(before["sh0"], after["sh0"])  # colour still trains
+    assert system.stage == 2 and (tmp_path / "model.ply").is_file()
+    for name in ("stage1-usd_final.png", "stage2-sds_final.png", "stage3-colour_final.png"):
+        assert (tmp_path / "preview" / name).is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["iterations"] == 2
+
+
+def test_bad_stage_values():
+    with pytest.raises(ConfigError, match=r"stages\[0\].steps"):
+        tiny(["stages=[{steps: 0}]"])
+    with pytest.raises(ConfigError, match="unknown config key stages"):
+        tiny(["stages=[{stepz: 3}]"])
