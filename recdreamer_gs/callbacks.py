@@ -64,6 +64,8 @@ class ConfigSnapshot(L.Callback):
         self.cfg, self.out_dir = cfg, out_dir
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
         text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
         atomic_write_bytes(self.out_dir / "config.yaml", text.encode())
 
@@ -84,22 +86,19 @@ class PreviewImages(L.Callback):
         return path
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.every > 0 and pl_module.iteration % self.every == 0:
+        if trainer.is_global_zero and self.every > 0 and pl_module.iteration % self.every == 0:
             self.write(pl_module, f"iter_{pl_module.iteration:06d}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.write(pl_module, "final")
-
-
-def particle_files(n: int, suffix: str) -> list[str]:
-    """``model.ply`` for one particle, ``model_0.ply``, ``model_1.ply``, ... for several."""
-    return [f"model{suffix}"] if n == 1 else [f"model_{i}{suffix}" for i in range(n)]
+        if trainer.is_global_zero:
+            self.write(pl_module, "final")
 
 
 def write_particles(pl_module: Any, out_dir: Path, cfg: RunConfig) -> int:
-    """Every particle's PLY (and .splat if configured); returns the rows written in total."""
+    """This process's particles as ``model.ply`` (one particle) or ``model_<i>.ply`` (and .splat if
+    configured); returns the rows written."""
     rows = 0
-    names = particle_files(len(pl_module.particles), "")
+    names = ["model"] if cfg.train.particles == 1 else [f"model_{i}" for i in pl_module.particle_ids]
     for name, gaussians in zip(names, pl_module.particles):
         params = {k: v.detach().cpu() for k, v in gaussians.params.items()}
         rows += write_ply(out_dir / f"{name}.ply", params, frame=cfg.output.ply_frame)
@@ -117,6 +116,8 @@ class Checkpointer(L.Callback):
         self.path = out_dir / "checkpoints" / "last.ckpt"
 
     def save(self, trainer: L.Trainer) -> None:
+        if trainer.world_size > 1:
+            return  # each rank holds other particles: resuming a data-parallel run is not supported yet
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         trainer.save_checkpoint(str(tmp))
@@ -151,7 +152,9 @@ class ExportAndMetrics(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         seconds = time.perf_counter() - self.start_time
-        rows = write_particles(pl_module, self.out_dir, self.cfg)
+        rows = write_particles(pl_module, self.out_dir, self.cfg)  # every rank writes its own particles
+        if not trainer.is_global_zero:
+            return
         if self.cfg.output.turntable_frames > 0:
             frames = pl_module.render_preview(self.cfg.output.turntable_frames, particle=0)
             save_gif(frames, self.out_dir / "turntable.gif", upscale=preview_upscale(frames.shape[-1]))

@@ -68,6 +68,7 @@ def run(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Point cloud or mesh to start from (open3d)."),
     method: Optional[str] = typer.Option(None, help="usd | vsd | sds (score distillation flavour)."),
     particles: Optional[int] = typer.Option(None, help="Gaussian sets optimised together (model_0.ply, ...)."),
+    devices: Optional[int] = typer.Option(None, help="Processes/GPUs for data-parallel training (particles split)."),
     model: Optional[str] = typer.Option(None, help="Stable Diffusion repo id or local diffusers folder."),
     pose_model: Optional[str] = typer.Option(None, "--pose-model", help="DINOv2 repo id or local folder (USD)."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Pose template folder DIR/<class>/*.png (USD)."),
@@ -86,13 +87,13 @@ def run(
     try:
         if resume is not None:
             others = [config, seed, resolution, prior, init_from, method, model, pose_model, templates, pose_control,
-                      particles]
+                      particles, devices]
             if any(v is not None for v in others) or set_ or preset != "preview" or out != Path("outputs"):
                 raise UserError("--resume continues a run with its saved config; it takes only --steps and --device")
             _resume(resume, steps, device, prompt)
         else:
             extra = {"method": method, "model": model, "pose_model": pose_model, "templates": templates,
-                     "pose_control": pose_control, "particles": particles}
+                     "pose_control": pose_control, "particles": particles, "devices": devices}
             _run(prompt or "", preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra)
     except _known_errors() as err:
         fail(str(err))
@@ -161,20 +162,26 @@ def _run(prompt, preset, config, out, steps, seed, resolution, prior, device, in
     _model_flags(flags, extra)
     cfg = load_config(preset, config, overrides + [flags])
 
+    from recdreamer_gs.distributed import is_secondary_rank
+
+    quiet = is_secondary_rank()  # data-parallel ranks above 0 re-run this command: say things once
     dev = pipeline.resolve_device(cfg.train.device)
     choice = pipeline.build_prior(cfg, dev)
-    if choice.notice:
+    if choice.notice and not quiet:
         err_console.print(Panel(choice.notice, title="synthetic prior", border_style="yellow"))
     if cfg.gaussians.init_from:
         # Read the init file before creating the run folder so a bad file leaves nothing behind.
         from recdreamer_gs.gaussians import load_points
 
         load_points(cfg.gaussians.init_from, cfg.gaussians.num_init, cfg.gaussians.init_radius)
+    clip = pipeline.build_clip(cfg, dev)  # before the run folder exists: a bad --set output.clip_model leaves nothing
     out_dir = pipeline.make_run_dir(out, cfg.prompt)
-    err_console.print(f"run folder: {out_dir}  (prior: {choice.prior.name}, device: {dev})", highlight=False)
-    pipeline.fit(cfg, out_dir, choice, dev)
+    if not quiet:
+        err_console.print(f"run folder: {out_dir}  (prior: {choice.prior.name}, device: {dev})", highlight=False)
+    pipeline.fit(cfg, out_dir, choice, dev, clip=clip)
     names = "model.ply" if cfg.train.particles == 1 else f"model_0.ply ... model_{cfg.train.particles - 1}.ply"
-    err_console.print(f"wrote {out_dir / names}", highlight=False)
+    if not quiet:
+        err_console.print(f"wrote {out_dir / names}", highlight=False)
 
 
 def _model_flags(flags: dict, extra: dict) -> None:
@@ -183,6 +190,8 @@ def _model_flags(flags: dict, extra: dict) -> None:
         flags.setdefault("distill", {})["method"] = extra["method"]
     if extra.get("particles") is not None:
         flags.setdefault("train", {})["particles"] = extra["particles"]
+    if extra.get("devices") is not None:
+        flags.setdefault("train", {})["devices"] = extra["devices"]
     if extra.get("model"):
         flags.setdefault("prior", {}).setdefault("sd", {})["model"] = extra["model"]
     rect = {}

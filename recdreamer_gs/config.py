@@ -153,6 +153,7 @@ class DistillConfig:
 class TrainConfig:
     steps: int = 300  # iterations (one per training_step, not per optimizer step)
     particles: int = 1  # Gaussian sets optimised together with one shared ε_φ and rectifier
+    devices: int = 1  # processes (GPUs) for data-parallel training; particles are split across them
     seed: int = 0  # seeds torch, cameras and noise
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if available
     preview_every: int = 100  # write a preview grid every N iterations (0: only at the end)
@@ -167,6 +168,7 @@ class OutputConfig:
     ply_frame: Literal["viewer", "y-up"] = "viewer"  # viewer: COLMAP-style y-down frame (DESIGN 3)
     write_splat: bool = False  # also write model.splat (antimatter15 format)
     turntable_frames: int = 24  # frames of the final turntable GIF (0: none)
+    clip_model: Optional[str] = None  # CLIP repo id or folder: adds cEnt and the CLIP score to metrics.json
 
 
 @dataclass
@@ -356,6 +358,7 @@ def validate(cfg: RunConfig) -> None:
     positive = {
         "train.steps": cfg.train.steps,
         "train.particles": cfg.train.particles,
+        "train.devices": cfg.train.devices,
         "camera.batch_size": cfg.camera.batch_size,
         "camera.resolution": cfg.camera.resolution,
         "camera.preview_views": cfg.camera.preview_views,
@@ -394,6 +397,9 @@ def validate(cfg: RunConfig) -> None:
         )
     if not cfg.distill.t_min < cfg.distill.t_anneal_to <= cfg.distill.t_max:
         raise ConfigError("distill.t_anneal_to: expected t_min < t_anneal_to <= t_max")
+    if cfg.train.devices > cfg.train.particles:
+        raise ConfigError(f"train.devices: each device needs a particle; got {cfg.train.devices} devices for "
+                          f"{cfg.train.particles} particles (use --particles {cfg.train.devices} or more)")
     if cfg.distill.bnf_intervals is not None and not 1 <= cfg.distill.bnf_intervals <= 100:
         raise ConfigError(f"distill.bnf_intervals: expected 1..100 or null, got {cfg.distill.bnf_intervals}")
     if cfg.distill.guidance_scale < 0:

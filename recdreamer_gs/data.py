@@ -26,15 +26,16 @@ class RandomCameraDataset(Dataset):
     run sees the same cameras as an uninterrupted one."""
 
     def __init__(self, cfg: CameraConfig, steps: int, seed: int,
-                 background: Literal["random", "white", "black"], start: int = 0):
+                 background: Literal["random", "white", "black"], start: int = 0, rank: int = 0):
         self.cfg, self.steps, self.seed, self.background, self.start = cfg, steps, seed, background, start
+        self.rank = rank  # data-parallel ranks draw different cameras
 
     def __len__(self) -> int:
         return max(self.steps - self.start, 0)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         iteration = self.start + index
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration + 7_777_777 * self.rank)
         cams = sample_cameras(self.cfg, self.cfg.batch_size, g)
         return {
             "c2w": cams.c2w, "fovy": cams.fovy, "azimuth": cams.azimuth, "elevation": cams.elevation,
@@ -54,6 +55,10 @@ class CameraDataModule(L.LightningDataModule):
                  background: Literal["random", "white", "black"], start: int = 0):
         super().__init__()
         self.dataset = RandomCameraDataset(cfg, steps, seed, background, start)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            self.dataset.rank = self.trainer.global_rank
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=0)

@@ -159,7 +159,16 @@ def slugify(prompt: str, limit: int = 48) -> str:
 
 
 def make_run_dir(root: Path, prompt: str) -> Path:
-    """``root/<slug>-<YYYYmmdd-HHMMSS>``, created fresh (never reuses an existing folder)."""
+    """``root/<slug>-<YYYYmmdd-HHMMSS>``, created fresh (never reuses an existing folder).
+
+    The processes that a data-parallel launcher starts for ranks above 0 reuse rank 0's folder.
+    """
+    import os
+
+    from recdreamer_gs.distributed import RUN_DIR_ENV, is_secondary_rank
+
+    if is_secondary_rank() and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{slugify(prompt)}-{stamp}"
     path, n = base, 1
@@ -174,6 +183,7 @@ def make_run_dir(root: Path, prompt: str) -> Path:
     except OSError as err:
         raise RunError(f"--out {root}: cannot create the run folder there ({err.strerror or err}); "
                        "choose a writable folder") from None
+    os.environ[RUN_DIR_ENV] = str(path)  # inherited by data-parallel ranks started later
     return path
 
 
@@ -211,8 +221,20 @@ def stage_config(cfg: RunConfig, stage) -> RunConfig:
                                train=dataclasses.replace(cfg.train, steps=stage.steps), stages=[])
 
 
+def build_clip(cfg: RunConfig, device: torch.device):
+    """The CLIP scorer for cEnt and the CLIP score when ``output.clip_model`` is set (else None)."""
+    if not cfg.output.clip_model:
+        return None
+    from recdreamer_gs.metrics import ClipScorer, ClipUnavailable
+
+    try:
+        return ClipScorer.load(cfg.output.clip_model, device=device)
+    except ClipUnavailable as err:
+        raise RunError(str(err)) from None
+
+
 def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device,
-        resume: Optional[dict] = None, extra_callbacks: Optional[list] = None):
+        resume: Optional[dict] = None, extra_callbacks: Optional[list] = None, clip=None):
     """Train the Gaussian set(s) with Lightning, stage by stage, and write the outputs of DESIGN section 10.
 
     Returns the system of the last stage. ``resume`` is a checkpoint of this run folder to continue from.
@@ -231,6 +253,8 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
     # One ε_φ for the whole run, shared by its VSD/USD stages.
     score_cfg = next((c for c in stage_cfgs if c.distill.method != "sds"), stage_cfgs[0])
     particle_score = build_particle_score(score_cfg, choice.prior)
+    if clip is None:
+        clip = build_clip(cfg, device)
     first = int(resume.get("stage", 0)) if resume is not None else 0
     particles, system = None, None
     for k in range(first, len(stages)):
@@ -238,7 +262,7 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
         system = _fit_stage(
             cfg, stage_cfgs[k], out_dir, choice, device, pose, particle_score, particles, k,
             colour_only=stage.params == "colour", prefix=f"{stage.name}_" if len(stages) > 1 else "",
-            resume=resume if k == first else None, extra_callbacks=extra_callbacks,
+            resume=resume if k == first else None, extra_callbacks=extra_callbacks, clip=clip,
         )
         particles = list(system.particles)
     return system
@@ -246,7 +270,7 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
 
 def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device, pose: PoseSetup,
                particle_score, particles, stage: int, colour_only: bool, prefix: str,
-               resume: Optional[dict], extra_callbacks: Optional[list]):
+               resume: Optional[dict], extra_callbacks: Optional[list], clip=None):
     """One Lightning fit: the system of one stage (its config ``cfg``) with its callbacks."""
     import signal
 
@@ -256,6 +280,7 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
 
     from recdreamer_gs.callbacks import Checkpointer, ConfigSnapshot, ExportAndMetrics, PreviewImages
     from recdreamer_gs.data import CameraDataModule
+    from recdreamer_gs.distributed import make_strategy
     from recdreamer_gs.system import TextTo3DSystem
 
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -263,6 +288,7 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     system = TextTo3DSystem(cfg, choice.prior, particle_score if cfg.distill.method != "sds" else None,
                             pose.classifier, pose.class_names, particles=particles, metric_classifier=pose.metric,
                             colour_only=colour_only, stage=stage)
+    system.clip_scorer = clip
     start = 0
     if resume is not None:
         system.restore(resume)
@@ -281,7 +307,9 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
         callbacks.append(RichProgressBar(leave=True))
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
+        devices=cfg.train.devices,
+        strategy=make_strategy(cfg.train.devices, device.type),
+        use_distributed_sampler=False,  # every rank runs every iteration on its own cameras
         max_epochs=1,
         callbacks=callbacks,
         logger=CSVLogger(save_dir=str(out_dir), name="logs", version=prefix.rstrip("_")),

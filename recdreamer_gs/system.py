@@ -19,6 +19,7 @@ from recdreamer_gs.cameras import Cameras, orbit, preview_orbit
 from recdreamer_gs.config import RunConfig
 from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
+from recdreamer_gs.distributed import average_gradients
 from recdreamer_gs.gaussians import Gaussians
 from recdreamer_gs.priors.base import Prior
 from recdreamer_gs.render import RenderOut, render
@@ -61,6 +62,7 @@ class TextTo3DSystem(L.LightningModule):
             Gaussians.create(cfg.gaussians, torch.Generator().manual_seed(cfg.train.seed + 7919 * i))
             for i in range(n)
         ])
+        self.particle_ids = list(range(n))  # global indices of the particles this process owns
         self.colour_only = colour_only  # a texture stage: positions and shapes frozen
         self.stage = stage  # index of this stage in a multi-stage run
         # The frozen prior and the classifier stay out of the module tree: they are not saved in
@@ -86,7 +88,9 @@ class TextTo3DSystem(L.LightningModule):
         self.view_conditioned = cfg.distill.view_prompts or (
             prior.name == "synthetic" and cfg.prior.synthetic.view_conditioned)
         self.iteration = 0  # the system's own counter: one per training_step
-        self.noise_generator: Optional[torch.Generator] = None
+        self.noise_generator: Optional[torch.Generator] = None  # ε, ε', LoRA draws (per rank)
+        self.t_generator: Optional[torch.Generator] = None  # t (the same on every rank)
+        self.clip_scorer = None  # metrics.ClipScorer for cEnt and the CLIP score (output.clip_model)
         self.interrupted = False  # set when Ctrl-C stopped the run (callbacks.Checkpointer)
         self._resume: Optional[dict[str, Any]] = None  # a checkpoint to continue from (restore())
 
@@ -114,13 +118,29 @@ class TextTo3DSystem(L.LightningModule):
                 opt.load_state_dict(state)
         return optimizers
 
+    def setup(self, stage: str) -> None:
+        """Under data parallelism keep this rank's share of the particles; average the rectifier statistics."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if world > 1 and len(self.particle_ids) == len(self.particles):
+            keep = list(range(rank, len(self.particles), world))
+            self.particles = nn.ModuleList([self.particles[i] for i in keep])
+            self.densifiers = [self.densifiers[i] for i in keep]
+            self.particle_ids = keep
+            if self.pose_stats is not None:
+                self.pose_stats.reduce = lambda mean: self.trainer.strategy.reduce(mean, reduce_op="mean")
+
     def on_fit_start(self) -> None:
         if self.noise_generator is None:
-            self.noise_generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 1)
+            seed = self.cfg.train.seed + 1 + 1_000_003 * self.trainer.global_rank
+            self.noise_generator = torch.Generator(device=self.device).manual_seed(seed)
+            # t is drawn identically on every rank, so the rectifier statistics of an iteration update the same
+            # interval everywhere and their mean over ranks is one shared estimate.
+            self.t_generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 2)
         if self.pose_stats is not None:
             self.pose_stats.to(self.device)
         if self._resume is not None:
             self.noise_generator.set_state(self._resume["noise_generator"])
+            self.t_generator.set_state(self._resume["t_generator"])
             torch.set_rng_state(self._resume["torch_rng"])
             self._resume = None
 
@@ -129,6 +149,7 @@ class TextTo3DSystem(L.LightningModule):
         checkpoint["stage"] = self.stage
         checkpoint["densify"] = [d.state_dict() for d in self.densifiers]
         checkpoint["noise_generator"] = self.noise_generator.get_state()
+        checkpoint["t_generator"] = self.t_generator.get_state()
         checkpoint["torch_rng"] = torch.get_rng_state()  # gsplat's split sampling draws from it
         if self.pose_stats is not None:
             checkpoint["pose_stats"] = self.pose_stats.state_dict()
@@ -241,6 +262,8 @@ class TextTo3DSystem(L.LightningModule):
             loss_lora = self.particle_score.lora_loss(z.detach(), c2w, generator=self.noise_generator)
             self.lora_optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss_lora)
+            if self.trainer.world_size > 1:  # one shared ε_φ: average its gradients over ranks
+                average_gradients(self.particle_score.trainable_parameters(), self.trainer.strategy)
             self.lora_optimizer.step()
 
         # 11. Log every term; advance the iteration counter.
@@ -290,7 +313,7 @@ class TextTo3DSystem(L.LightningModule):
             d.time_schedule, self.iteration, self.cfg.train.steps, d.t_min, d.t_max, t_end=d.t_anneal_to,
             t5_switch=d.t5_switch, bnf_intervals=self.bnf_intervals, T=self.prior.num_train_timesteps,
         )
-        t = torch.randint(lo, hi, (1,), generator=self.noise_generator, device=self.device)
+        t = torch.randint(lo, hi, (1,), generator=self.t_generator, device=self.device)
         return t.expand(batch)
 
     @torch.no_grad()
@@ -315,19 +338,32 @@ class TextTo3DSystem(L.LightningModule):
         rgb = self.render(cams, background, particle=particle).rgb
         return self.metric_classifier(rgb * 2.0 - 1.0, background)
 
+    @torch.no_grad()
+    def clip_metrics(self, n_views: int = 10) -> dict[str, float]:
+        """cEnt (CLIP's front/side/back entropy over n azimuths) and the CLIP score, first particle."""
+        c = self.cfg.camera
+        cams = orbit(n_views, c.preview_elevation, 0.5 * sum(c.radius_range), 0.5 * sum(c.fovy_range),
+                     self.render_resolution).to(self.device)
+        rgb = self.render(cams, torch.ones(n_views, 3, device=self.device)).rgb
+        return {"cEnt": round(self.clip_scorer.view_entropy(rgb, self.cfg.prompt), 4),
+                "clip_score": round(self.clip_scorer.clip_score(rgb, self.cfg.prompt), 4)}
+
     def final_metrics(self) -> dict[str, Any]:
         """pEnt per particle (entropy of the mean pose probabilities over 10 azimuths, normalised)."""
         from recdreamer_gs.metrics import pose_entropy
 
+        out: dict[str, Any] = {"pEnt": None}
+        if self.clip_scorer is not None:
+            out.update(self.clip_metrics())
         if self.metric_classifier is None:
-            return {"pEnt": None}
+            return out
         probs = [self.pose_probabilities(particle=i).float().cpu() for i in range(len(self.particles))]
         pents = [round(pose_entropy(p), 4) + 0.0 for p in probs]  # + 0.0: no "-0.0"
         mean = torch.stack(probs).mean(dim=(0, 1))
-        out: dict[str, Any] = {
+        out.update({
             "pEnt": round(sum(pents) / len(pents), 4),
             "pose_histogram": {n: round(float(v), 4) for n, v in zip(self.class_names, mean.tolist())},
-        }
+        })
         if len(pents) > 1:
             out["pEnt_per_particle"] = pents
         return out

@@ -81,3 +81,24 @@ def test_usd_with_tiny_sd_and_dinov2(tiny_models, tmp_path):
     assert sorted(p.name for p in (run_dir / "templates").iterdir()) == ["back", "front", "left", "right"]
     header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "grad/rect_norm" in header and "pose/front" in header
+
+
+def test_run_writes_clip_metrics(tiny_models, tmp_path):
+    """cEnt and the CLIP score in metrics.json when a CLIP model is configured (tiny fixture)."""
+    result = runner.invoke(app, ["run", "a red teapot", "--steps", "1", "--prior", "synthetic", "--device", "cpu",
+                                 "--out", str(tmp_path), "--set", f"output.clip_model={tiny_models['clip']}",
+                                 "--set", "prior.synthetic.resolution=32", "--set", "gaussians.num_init=100",
+                                 "--set", "train.progress_bar=false", "--set", "output.turntable_frames=0"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = list(tmp_path.iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["cEnt"] <= 1.0 and isinstance(metrics["clip_score"], float)
+    assert 0.0 <= metrics["pEnt"] <= 1.0
+
+
+def test_missing_clip_model_is_one_clear_error(tmp_path):
+    result = runner.invoke(app, ["run", "a cat", "--prior", "synthetic", "--device", "cpu", "--out", str(tmp_path),
+                                 "--set", f"output.clip_model={tmp_path / 'no-clip'}"])
+    assert result.exit_code == 2 and "no-clip" in " ".join(result.output.split())
+    assert not list(tmp_path.iterdir())  # no run folder left behind

@@ -1,0 +1,41 @@
+"""Two-process data-parallel run on CPU (gloo), started by tests/test_distributed.py.
+
+    python tests/ddp_check.py OUTDIR
+
+Lightning's launcher re-runs this script for rank 1; each rank saves its rectifier statistics and
+particle indices to OUTDIR/rank<r>.pt so that the test can compare them.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from recdreamer_gs import pipeline
+from recdreamer_gs.config import load_config, parse_override
+
+
+class SaveStats(L.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({"marginal": pl_module.pose_stats.marginal.cpu(), "counts": pl_module.pose_stats.counts.cpu(),
+                    "particles": pl_module.particle_ids, "iteration": pl_module.iteration},
+                   self.out / f"rank{trainer.global_rank}.pt")
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    overrides = ["train.devices=2", "train.particles=2", "train.steps=5", "prior.kind=synthetic", "train.device=cpu",
+                 "prior.synthetic.resolution=32", "gaussians.num_init=150", "train.progress_bar=false",
+                 "output.turntable_frames=0", "train.preview_every=0", "distill.method=usd"]
+    cfg = load_config("preview", overrides=[parse_override(s) for s in overrides])
+    device = torch.device("cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline.fit(cfg, out, pipeline.build_prior(cfg, device), device, extra_callbacks=[SaveStats(out)])
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
