@@ -91,7 +91,7 @@ def test_memory_tiny_runs_training_loop(tmp_path: Path) -> None:
     assert result["iterations"] == 2 and len(result["ms_all_iterations"]) == 2
     assert result["ms_per_iteration"] > 0
     assert result["resolution"] == 64 and result["latent_resolution"] == 8
-    assert result["batch_size"] == 4  # the standard preset's batch
+    assert result["batch_size"] == 2  # the standard preset's batch
     assert result["gaussians"] == 512 and result["render"] == "torch"
     for key in ("peak_allocated_gib", "peak_reserved_gib", "steady_peak_allocated_gib", "static_allocated_gib"):
         assert key in result and result[key] is None  # CUDA only
