@@ -218,7 +218,7 @@ class TextTo3DSystem(L.LightningModule):
             grad_distill = distill.vsd_grad(eps_hat.detach(), eps_phi, sigma)
         grad_distill = distill.clamp_elements(grad_distill, d.grad_clip)
 
-        # 6. Rectifier (USD): x̂0 → decode → classify → log r; g_rect = −∂/∂z[ω σ/α log r] (paper eq. 12).
+        # 6. Rectifier (USD): x̂0 → decode → classify → log r; g_rect = −∂/∂z[ω σ/α log r] (paper eq. 13).
         grad_rect = torch.zeros_like(grad_distill)
         probs = None
         if method == "usd":

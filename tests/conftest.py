@@ -15,3 +15,18 @@ def tiny_models() -> dict[str, Path]:
     from make_fixtures import make_all
 
     return make_all(FIXTURES)
+
+
+@pytest.fixture(scope="session")
+def vpred_folder(tiny_models, tmp_path_factory) -> Path:
+    """The tiny SD folder with a v-prediction schedule (like SD 2.1-768)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("vpred") / "sd"
+    shutil.copytree(tiny_models["sd"], folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["prediction_type"] = "v_prediction"
+    config_path.write_text(json.dumps(config))
+    return folder

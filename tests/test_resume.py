@@ -63,3 +63,36 @@ def test_resume_cli_errors(tmp_path):
     assert result.exit_code == 2 and "config.yaml and checkpoints/last.ckpt" in " ".join(result.output.split())
     result = runner.invoke(app, ["run", "--resume", str(tmp_path), "--seed", "3"])
     assert result.exit_code == 2 and "takes only --steps and --device" in " ".join(result.output.split())
+
+
+def test_ctrl_c_writes_checkpoint_and_ply_then_resume_finishes(tmp_path):
+    """A real SIGINT to a running ``recdreamer-gs run``: checkpoint + PLY first, exit 130, then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "recdreamer_gs.cli", "run", "a cat", "--steps", "100000", "--device", "cpu",
+           "--out", str(tmp_path), "--set", "train.progress_bar=false", "--set", "train.preview_every=2",
+           "--set", "gaussians.num_init=150", "--set", "prior.synthetic.resolution=32",
+           "--set", "output.turntable_frames=0"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("*/preview/iter_000002.png")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-2000:]
+    (run_dir,) = list(tmp_path.iterdir())
+    assert "--resume" in output and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "model.ply").is_file()
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["iteration"]
+    assert 2 <= stopped_at < 100000
+    result = subprocess.run([sys.executable, "-m", "recdreamer_gs.cli", "run", "--resume", str(run_dir),
+                             "--steps", str(stopped_at + 2)], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["iteration"] == stopped_at + 2

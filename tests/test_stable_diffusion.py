@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -36,16 +35,6 @@ def prior(tiny_models) -> StableDiffusionPrior:
     return load(tiny_models["sd"])
 
 
-@pytest.fixture(scope="module")
-def vpred_folder(tiny_models, tmp_path_factory) -> Path:
-    """The tiny SD folder with a v-prediction schedule (like SD 2.1-768)."""
-    folder = tmp_path_factory.mktemp("vpred") / "sd"
-    shutil.copytree(tiny_models["sd"], folder)
-    config_path = folder / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config["prediction_type"] = "v_prediction"
-    config_path.write_text(json.dumps(config))
-    return folder
 
 
 def fake_hub_cache(hf_home: Path, repo_id: str, source: Path) -> Path:

@@ -43,14 +43,14 @@ def weight(sigma: Tensor) -> Tensor:
 def sds_grad(
     eps_pretrained: Float[Tensor, "B C H W"], eps: Float[Tensor, "B C H W"], sigma: Tensor
 ) -> Float[Tensor, "B C H W"]:
-    """SDS: ω(t) (ε̂ − ε) (DreamFusion; paper eq. 3)."""
+    """SDS: ω(t) (ε̂ − ε) (DreamFusion; the gradient of paper eq. 4)."""
     return weight(sigma) * (eps_pretrained - eps)
 
 
 def vsd_grad(
     eps_pretrained: Float[Tensor, "B C H W"], eps_phi: Float[Tensor, "B C H W"], sigma: Tensor
 ) -> Float[Tensor, "B C H W"]:
-    """VSD: ω(t) (ε̂ − ε_φ), ε_φ the particles' own score (ProlificDreamer; paper eq. 4)."""
+    """VSD: ω(t) (ε̂ − ε_φ), ε_φ the particles' own score (ProlificDreamer; paper eq. 9)."""
     return weight(sigma) * (eps_pretrained - eps_phi)
 
 

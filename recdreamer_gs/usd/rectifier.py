@@ -1,10 +1,10 @@
 """The USD rectifier: EMA pose statistics per time interval and log r (DESIGN sections 4 and 6).
 
 USD reweights the prior by r(x|y) = Σ_c̄ f(c̄) p(c̄|x) / p̄_t(c̄), where p̄_t is the pose marginal the
-prior currently produces at noise level t (paper eq. 9-11). With f uniform, ascending log r moves
+prior currently produces at noise level t (paper eq. 10-11). With f uniform, ascending log r moves
 particles out of over-represented poses (the front) into rare ones, so the pose marginal becomes
-uniform. p̄_t is estimated online: one EMA per interval of T/n_t timesteps over the classifier's
-probabilities of the Tweedie estimates x̂0.
+uniform. p̄_t is estimated online (paper eq. 19): one EMA per interval of T/n_t timesteps over the
+classifier's probabilities of the Tweedie estimates x̂0.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from recdreamer_gs.config import RectifierConfig  # noqa: F401  (re-exported)
 
 
 def ema_rate(n_ema: int) -> float:
