@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="standard", help="config preset (preview, standard, synthetic)")
+    parser.add_argument("--preset", default="standard", help="config preset (preview, standard, paper, synthetic)")
     parser.add_argument("--method", default="usd", choices=["sds", "vsd", "usd"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. camera.batch_size=8 (repeatable; applied last)")
@@ -228,7 +228,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--iters", type=int, default=5, help="timed training iterations")
     parser.add_argument("--warmup", type=int, default=1, help="iterations run first and not timed")
     parser.add_argument("--render-fallback", default="torch", choices=["torch", "error"],
-                        help="when the renderer's probe call fails: a stand-in renderer, or stop")
+                        help="when the renderer's probe call fails: the torch compositor, or stop")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     args = parser.parse_args(argv)

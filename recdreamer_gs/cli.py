@@ -57,7 +57,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 @app.command()
 def run(
     prompt: Optional[str] = typer.Argument(None, help="What to make, e.g. 'a kangaroo wearing boxing gloves'."),
-    preset: str = typer.Option("preview", help="Preset in configs/: preview (fast look), standard, synthetic."),
+    preset: str = typer.Option(
+        "preview", help="Preset in configs/: preview (fast look), standard, paper (three stages), synthetic."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset."),
     out: Path = typer.Option(Path("outputs"), "--out", help="Parent folder; the run goes to OUT/<slug>-<time>/."),
     steps: Optional[int] = typer.Option(None, help="Iterations (overrides the preset)."),

@@ -108,6 +108,7 @@ class ParticleScoreConfig:
     rank: int = 4  # LoRA rank (the release: diffusers-0.15 default, 4)
     alpha: float = 4.0  # LoRA alpha; the update is scaled by alpha / rank (the release: scale 1)
     lr: float = 1e-4  # AdamW learning rate of LoRA + camera MLP (the release: unet_lr 1e-4)
+    warmup_iters: int = 500  # linear learning-rate warm-up over these iterations (the release: 500)
     camera_dropout: float = 0.1  # probability that a sample's camera is zeroed in the LoRA loss (uncond_p)
     base: Literal["shared", "separate"] = "shared"  # shared: LoRA on the prior's UNet; separate: a second UNet
     separate_model: Optional[str] = None  # repo id / folder of the second UNet, e.g. stabilityai/stable-diffusion-2-1
@@ -377,6 +378,9 @@ def validate(cfg: RunConfig) -> None:
                        "output.turntable_frames": cfg.output.turntable_frames}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected 0 or more, got {value}")
+    if cfg.distill.particle_score.warmup_iters < 0:
+        raise ConfigError(f"distill.particle_score.warmup_iters: expected 0 or more, "
+                          f"got {cfg.distill.particle_score.warmup_iters}")
     for i, stage in enumerate(cfg.stages):
         if stage.steps <= 0:
             raise ConfigError(f"stages[{i}].steps: expected a positive number, got {stage.steps}")

@@ -70,3 +70,10 @@ def t_range(
     if schedule == "bnf":
         return bnf_range(iteration, total, bnf_intervals, t_min, t_max, T)
     raise ValueError(f"unknown time schedule {schedule!r}; expected uniform, linear, t5 or bnf")
+
+
+def warmup_factor(iteration: int, warmup: int) -> float:
+    """Linear learning-rate warm-up: (i + 1) / (warmup + 1) until it reaches 1 (0 disables it)."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, (iteration + 1) / (warmup + 1))

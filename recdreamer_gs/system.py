@@ -260,6 +260,9 @@ class TextTo3DSystem(L.LightningModule):
         loss_lora = torch.zeros((), device=self.device)
         if self.lora_optimizer is not None:
             loss_lora = self.particle_score.lora_loss(z.detach(), c2w, generator=self.noise_generator)
+            ps = self.cfg.distill.particle_score
+            for group in self.lora_optimizer.param_groups:
+                group["lr"] = ps.lr * schedule.warmup_factor(self.iteration, ps.warmup_iters)
             self.lora_optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss_lora)
             if self.trainer.world_size > 1:  # one shared ε_φ: average its gradients over ranks

@@ -40,3 +40,10 @@ def test_bnf_block_boundaries(n):
 def test_dispatch_rejects_unknown():
     with pytest.raises(ValueError, match="unknown time schedule"):
         schedule.t_range("cosine", 0, 10, 0.02, 0.98)  # type: ignore[arg-type]
+
+
+def test_lora_warmup_factor():
+    assert schedule.warmup_factor(0, 500) == 1 / 501
+    assert schedule.warmup_factor(249, 500) == 250 / 501
+    assert schedule.warmup_factor(500, 500) == 1.0 and schedule.warmup_factor(9999, 500) == 1.0
+    assert schedule.warmup_factor(0, 0) == 1.0
