@@ -383,7 +383,7 @@ def eval_cmd(
         if templates is not None or prior == "synthetic":
             pose = _pose_setup(cfg, dev, p, templates)
             with torch.no_grad():
-                probs = pose.classifier(rgb * 2 - 1, torch.ones(n, 3, device=dev))
+                probs = (pose.metric or pose.classifier)(rgb * 2 - 1, torch.ones(n, 3, device=dev))
             result["pEnt"] = round(pose_entropy(probs.float().cpu()), 4)
             result["pose_histogram"] = dict(zip(pose.class_names, [round(v, 4) for v in probs.mean(0).tolist()]))
         if clip_model is not None:

@@ -115,3 +115,16 @@ def test_cuda_requested_without_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert_clean_error(invoke(["run", "a cat", "--device", "cuda", "--out", str(tmp_path)]), "no CUDA device")
+
+
+def test_eval_matches_run_metrics(finished_run):
+    """`eval --prior synthetic` scores a PLY with the same pose posterior that `run` used for metrics.json."""
+    result = invoke(["eval", str(finished_run / "model.ply"), "--prior", "synthetic", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output[result.output.index("{"):])
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert printed["pEnt"] == pytest.approx(metrics["pEnt"], abs=1e-3)
+
+
+def test_eval_needs_something_to_evaluate(finished_run):
+    assert_clean_error(invoke(["eval", str(finished_run / "model.ply")]), "nothing to evaluate")
