@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 app = typer.Typer(
@@ -31,7 +32,7 @@ class UserError(Exception):
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -99,7 +100,7 @@ def run(
     except _known_errors() as err:
         fail(str(err))
     except Interrupted as err:
-        err_console.print(f"[yellow]{err}[/]", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]{escape(str(err))}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(code=130)
     except KeyboardInterrupt:
         err_console.print("interrupted before training started; nothing was written")
@@ -162,6 +163,9 @@ def _run(prompt, preset, config, out, steps, seed, resolution, prior, device, in
         flags.setdefault("gaussians", {})["init_from"] = str(init_from)
     _model_flags(flags, extra)
     cfg = load_config(preset, config, overrides + [flags])
+    if cfg.stages and steps is not None:
+        raise UserError(f"--steps does not apply to the {len(cfg.stages)}-stage preset {preset!r}: each stage sets "
+                        "its own iterations (stages[i].steps in a --config file)")
 
     from recdreamer_gs.distributed import is_secondary_rank
 

@@ -66,3 +66,29 @@ def test_bad_stage_values():
         tiny(["stages=[{steps: 0}]"])
     with pytest.raises(ConfigError, match="unknown config key stages"):
         tiny(["stages=[{stepz: 3}]"])
+
+
+def test_steps_flag_is_refused_for_staged_presets(tmp_path):
+    from typer.testing import CliRunner
+
+    from recdreamer_gs.cli import app
+
+    result = CliRunner().invoke(app, ["run", "a cat", "--preset", "paper", "--steps", "10", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "stages[i].steps" in " ".join(result.output.split())
+    assert not list(tmp_path.iterdir())
+
+
+def test_paper_preset_from_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from recdreamer_gs.cli import app
+
+    stages = ("stages=[{name: a, steps: 2, method: usd}, {name: b, steps: 2, method: sds, guidance_scale: 100}, "
+              "{name: c, steps: 2, method: usd, params: colour}]")
+    result = CliRunner().invoke(app, ["run", "a cat", "--preset", "paper", "--prior", "synthetic", "--device", "cpu",
+                                      "--out", str(tmp_path), "--set", stages, "--set", "gaussians.num_init=100",
+                                      "--set", "prior.synthetic.resolution=32", "--set", "train.progress_bar=false",
+                                      "--set", "output.turntable_frames=0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = list(tmp_path.iterdir())
+    assert (run_dir / "model.ply").is_file() and (run_dir / "preview" / "c_final.png").is_file()
