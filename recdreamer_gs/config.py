@@ -348,6 +348,23 @@ def to_dict(cfg: Any) -> dict:
     return convert(dataclasses.asdict(cfg))
 
 
+def for_prior(cfg: RunConfig, prior_name: str) -> RunConfig:
+    """The run config with the chosen prior's own settings in place of the general ones.
+
+    The synthetic prior renders at its own resolution, its pixel-space gradients need their own
+    densification threshold and rectifier cap, and by default it conditions on the camera's view
+    (see SyntheticPriorConfig). Other priors use the config as it is.
+    """
+    if prior_name != "synthetic":
+        return cfg
+    s = cfg.prior.synthetic
+    replace = dataclasses.replace
+    rectifier = replace(cfg.distill.rectifier, norm_coef=s.rectifier_norm_coef)
+    distill = replace(cfg.distill, rectifier=rectifier, view_prompts=cfg.distill.view_prompts or s.view_conditioned)
+    return replace(cfg, camera=replace(cfg.camera, resolution=s.resolution), distill=distill,
+                   densify=replace(cfg.densify, grow_grad2d=s.densify_grow_grad2d))
+
+
 def _check_range(path: str, lo_hi: tuple[float, float], lo: float, hi: float) -> None:
     a, b = lo_hi
     if not (lo <= a <= b <= hi):

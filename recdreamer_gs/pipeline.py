@@ -239,8 +239,6 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
 
     Returns the system of the last stage. ``resume`` is a checkpoint of this run folder to continue from.
     """
-    from recdreamer_gs.config import StageConfig
-
     torch.manual_seed(cfg.train.seed)
     stages = cfg.stages or [None]
     stage_cfgs = [cfg if st is None else stage_config(cfg, st) for st in stages]
@@ -258,10 +256,11 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
     first = int(resume.get("stage", 0)) if resume is not None else 0
     particles, system = None, None
     for k in range(first, len(stages)):
-        stage = stages[k] or StageConfig(name="", steps=cfg.train.steps)
+        stage = stages[k]  # None for a single-stage run
         system = _fit_stage(
             cfg, stage_cfgs[k], out_dir, choice, device, pose, particle_score, particles, k,
-            colour_only=stage.params == "colour", prefix=f"{stage.name}_" if len(stages) > 1 else "",
+            colour_only=stage is not None and stage.params == "colour",
+            prefix=f"{stage.name}_" if len(stages) > 1 else "",
             resume=resume if k == first else None, extra_callbacks=extra_callbacks, clip=clip,
         )
         particles = list(system.particles)

@@ -6,7 +6,6 @@ Manual optimisation: one ``training_step`` is one iteration of DESIGN section 4,
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Optional, Protocol
 
 import lightning as L
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 
 from recdreamer_gs import schedule
 from recdreamer_gs.cameras import Cameras, orbit, preview_orbit
-from recdreamer_gs.config import RunConfig
+from recdreamer_gs.config import RunConfig, for_prior
 from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
 from recdreamer_gs.distributed import average_gradients
@@ -55,6 +54,7 @@ class TextTo3DSystem(L.LightningModule):
         stage: int = 0,
     ):
         super().__init__()
+        cfg = for_prior(cfg, prior.name)  # e.g. the synthetic prior's resolution and gradient scales
         self.cfg = cfg
         self.automatic_optimization = False
         n = cfg.train.particles
@@ -76,17 +76,10 @@ class TextTo3DSystem(L.LightningModule):
         self.pose_stats = PoseStatistics(len(class_names), rect.n_intervals, rect.n_ema, prior.num_train_timesteps) \
             if class_names else None
         self.pose_control_index = class_names.index(rect.pose_control) if rect.pose_control else None
-        self.rect_norm_coef = cfg.prior.synthetic.rectifier_norm_coef if prior.name == "synthetic" else rect.norm_coef
-        dcfg = cfg.densify
-        if prior.name == "synthetic":
-            dcfg = dataclasses.replace(dcfg, grow_grad2d=cfg.prior.synthetic.densify_grow_grad2d)
         # BNF with n_i = 2 for one particle and 10 for several unless the config says otherwise (DESIGN 7).
         self.bnf_intervals = cfg.distill.bnf_intervals or (2 if n == 1 else 10)
-        self.densifiers = [Densifier(dcfg, scene_scale=cfg.gaussians.init_radius, total_iterations=cfg.train.steps,
+        self.densifiers = [Densifier(cfg.densify, scene_scale=cfg.gaussians.init_radius, total_iterations=cfg.train.steps,
                                      n_intervals=self.bnf_intervals) for _ in range(n)]
-        # View-dependent conditioning: the config's view prompts, or the synthetic prior's own switch.
-        self.view_conditioned = cfg.distill.view_prompts or (
-            prior.name == "synthetic" and cfg.prior.synthetic.view_conditioned)
         self.iteration = 0  # the system's own counter: one per training_step
         self.noise_generator: Optional[torch.Generator] = None  # ε, ε', LoRA draws (per rank)
         self.t_generator: Optional[torch.Generator] = None  # t (the same on every rank)
@@ -185,11 +178,12 @@ class TextTo3DSystem(L.LightningModule):
         # 1. Cameras and random solid backgrounds; render x0 = g(θ, c) for every particle (same cameras).
         cameras = cameras_from_batch(batch, self.render_resolution).to(self.device)
         P, B = len(self.particles), len(cameras)
-        outs = [self.render(cameras, batch["background"].to(self.device), particle=i) for i in range(P)]
+        view_background = batch["background"].to(self.device)
+        outs = [self.render(cameras, view_background, particle=i) for i in range(P)]
         for g, opts, densifier, out in zip(self.particles, self.gaussian_optimizers, self.densifiers, outs):
             densifier.pre_backward(g.params, opts, self.iteration, out.meta)
         # The particles' views form one batch of P·B samples (particle-major) from here on.
-        background = batch["background"].to(self.device).repeat(P, 1)
+        background = view_background.repeat(P, 1)
         c2w = cameras.c2w.repeat(P, 1, 1)
 
         # 2. Encode into the prior's diffusion space (with gradient).
@@ -203,7 +197,7 @@ class TextTo3DSystem(L.LightningModule):
         x_t = distill.add_noise(z if (rectify and shared_noise) else z.detach(), eps, alpha, sigma)
 
         # 4. Pretrained score with CFG; one UNet pass, kept differentiable only when step 6 needs it.
-        azimuth = cameras.azimuth.repeat(P) if self.view_conditioned else None
+        azimuth = cameras.azimuth.repeat(P) if d.view_prompts else None
         with torch.set_grad_enabled(rectify and shared_noise):
             eps_hat = self.prior.eps(x_t, t, d.guidance_scale, background, azimuth=azimuth)
 
@@ -233,7 +227,7 @@ class TextTo3DSystem(L.LightningModule):
                     (grad_rect,) = torch.autograd.grad(-rectifier_objective(log_r_value, alpha, sigma), z)
             # 7. Clamp: gain, then at most norm_coef·‖g_vsd‖ (whole-tensor norms, DESIGN 4 step 7).
             grad_rect = d.rectifier.weight * distill.clamp_to_norm(
-                grad_rect, grad_distill, d.rectifier.gain, self.rect_norm_coef)
+                grad_rect, grad_distill, d.rectifier.gain, d.rectifier.norm_coef)
         grad = distill.nan_to_zero(grad_distill + grad_rect)
 
         # 8. Reparameterised loss 0.5‖z − (z − g).detach()‖² / B (gradient g / B); step the Gaussians,
@@ -300,8 +294,6 @@ class TextTo3DSystem(L.LightningModule):
 
     @property
     def render_resolution(self) -> int:
-        if getattr(self.prior, "name", "") == "synthetic":
-            return self.cfg.prior.synthetic.resolution
         return self.cfg.camera.resolution
 
     def render(self, cameras: Cameras, background: Float[Tensor, "B 3"], particle: int = 0) -> RenderOut:
@@ -330,37 +322,28 @@ class TextTo3DSystem(L.LightningModule):
         return torch.cat([self.render(cameras, background, particle=i).rgb for i in which])
 
     @torch.no_grad()
-    def pose_probabilities(self, n_views: int = 10, particle: int = 0) -> Optional[Float[Tensor, "V C"]]:
-        """Classifier probabilities of renders at n uniform azimuths (for pEnt), white background."""
-        if self.metric_classifier is None:
-            return None
+    def metric_views(self, particle: int = 0, n_views: int = 10) -> Float[Tensor, "V 3 H W"]:
+        """Renders at n uniform azimuths on a white background, the views pEnt, cEnt and CLIP score use."""
         c = self.cfg.camera
         cams = orbit(n_views, c.preview_elevation, 0.5 * sum(c.radius_range), 0.5 * sum(c.fovy_range),
                      self.render_resolution).to(self.device)
-        background = torch.ones(n_views, 3, device=self.device)
-        rgb = self.render(cams, background, particle=particle).rgb
-        return self.metric_classifier(rgb * 2.0 - 1.0, background)
+        return self.render(cams, torch.ones(n_views, 3, device=self.device), particle=particle).rgb
 
     @torch.no_grad()
-    def clip_metrics(self, n_views: int = 10) -> dict[str, float]:
-        """cEnt (CLIP's front/side/back entropy over n azimuths) and the CLIP score, first particle."""
-        c = self.cfg.camera
-        cams = orbit(n_views, c.preview_elevation, 0.5 * sum(c.radius_range), 0.5 * sum(c.fovy_range),
-                     self.render_resolution).to(self.device)
-        rgb = self.render(cams, torch.ones(n_views, 3, device=self.device)).rgb
-        return {"cEnt": round(self.clip_scorer.view_entropy(rgb, self.cfg.prompt), 4),
-                "clip_score": round(self.clip_scorer.clip_score(rgb, self.cfg.prompt), 4)}
-
     def final_metrics(self) -> dict[str, Any]:
-        """pEnt per particle (entropy of the mean pose probabilities over 10 azimuths, normalised)."""
+        """pEnt per particle (entropy of the mean pose probabilities over 10 azimuths, normalised), and
+        cEnt + CLIP score of the first particle when a CLIP scorer is set."""
         from recdreamer_gs.metrics import pose_entropy
 
+        views = [self.metric_views(particle=i) for i in range(len(self.particles))]
         out: dict[str, Any] = {"pEnt": None}
         if self.clip_scorer is not None:
-            out.update(self.clip_metrics())
+            out["cEnt"] = round(self.clip_scorer.view_entropy(views[0], self.cfg.prompt), 4)
+            out["clip_score"] = round(self.clip_scorer.clip_score(views[0], self.cfg.prompt), 4)
         if self.metric_classifier is None:
             return out
-        probs = [self.pose_probabilities(particle=i).float().cpu() for i in range(len(self.particles))]
+        white = torch.ones(views[0].shape[0], 3, device=self.device)
+        probs = [self.metric_classifier(rgb * 2.0 - 1.0, white).float().cpu() for rgb in views]
         pents = [round(pose_entropy(p), 4) + 0.0 for p in probs]  # + 0.0: no "-0.0"
         mean = torch.stack(probs).mean(dim=(0, 1))
         out.update({

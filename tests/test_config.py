@@ -58,3 +58,18 @@ def test_override_syntax():
     assert parse_override("a.b=3") == {"a": {"b": 3}}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("nonsense")
+
+
+def test_for_prior_applies_the_synthetic_priors_settings():
+    from recdreamer_gs.config import for_prior
+
+    cfg = load_config("preview")
+    assert for_prior(cfg, "stabilityai/stable-diffusion-2-1-base") is cfg
+    s = cfg.prior.synthetic
+    eff = for_prior(cfg, "synthetic")
+    assert eff.camera.resolution == s.resolution and eff.densify.grow_grad2d == s.densify_grow_grad2d
+    assert eff.distill.rectifier.norm_coef == s.rectifier_norm_coef
+    assert eff.distill.view_prompts == s.view_conditioned
+    off = load_config("preview", overrides=[parse_override("prior.synthetic.view_conditioned=false")])
+    assert not for_prior(off, "synthetic").distill.view_prompts
+    assert cfg.camera.resolution == 256  # the run's own config is left as it was
