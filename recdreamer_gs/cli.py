@@ -253,7 +253,9 @@ def templates_cmd(
             raise UserError(f"--per-view: expected 1 or more, got {per_view}")
         cfg, dev, p = _setup(prompt.strip(), prior, device, {"model": model, "pose_model": pose_model})
         if p.name == "synthetic":
-            images = p.templates(torch_ones(len(p.class_names), dev), 1)[0]
+            import torch
+
+            images = p.templates(torch.ones(1, 3, device=dev), 1)[0]  # canonical views on white
             templates = {name: [images[i]] for i, name in enumerate(p.class_names)}
         else:
             templates = generate_templates(sd_sample_fn(p), cfg.prompt, per_view)
@@ -263,12 +265,6 @@ def templates_cmd(
         fail(str(err))
     except OSError as err:
         fail(f"cannot write templates to {out}: {err.strerror or err}")
-
-
-def torch_ones(n: int, device) -> "object":
-    import torch
-
-    return torch.ones(n, 3, device=device)
 
 
 def _pose_setup(cfg, dev, p, templates: Optional[Path]):
