@@ -15,6 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from recdreamer_gs.config import CameraConfig
+from recdreamer_gs.rng import uniform
 
 
 @dataclass
@@ -69,17 +70,12 @@ def look_at(
     return c2w
 
 
-def _uniform(lo_hi: tuple[float, float], n: int, generator: torch.Generator) -> Tensor:
-    lo, hi = lo_hi
-    return lo + (hi - lo) * torch.rand(n, generator=generator)
-
-
 def sample_cameras(cfg: CameraConfig, n: int, generator: torch.Generator) -> Cameras:
     """Random cameras: azimuth, elevation, radius and fovy uniform in the config's ranges."""
-    azimuth = _uniform(cfg.azimuth_range, n, generator)
-    elevation = _uniform(cfg.elevation_range, n, generator)
-    radius = _uniform(cfg.radius_range, n, generator)
-    fovy = torch.deg2rad(_uniform(cfg.fovy_range, n, generator))
+    azimuth = uniform(*cfg.azimuth_range, n, generator)
+    elevation = uniform(*cfg.elevation_range, n, generator)
+    radius = uniform(*cfg.radius_range, n, generator)
+    fovy = torch.deg2rad(uniform(*cfg.fovy_range, n, generator))
     return Cameras(look_at(azimuth, elevation, radius), fovy, cfg.resolution, cfg.resolution, azimuth, elevation)
 
 

@@ -114,6 +114,52 @@ class ParticleScoreConfig:
     separate_model: Optional[str] = None  # repo id / folder of the second UNet, e.g. stabilityai/stable-diffusion-2-1
 
 
+POSE_CLASSES_MIN, POSE_CLASSES_MAX = 3, 6  # pose classes a classifier may have
+
+
+@dataclass
+class PoseClassifierConfig:
+    """Pose classifier settings (paper appendix B.1.4; defaults follow the authors' release)."""
+
+    classes: tuple[str, ...] = ("front", "back", "left", "right")  # pose classes in output order; 3 to 6
+    feature_model: str = "facebook/dinov2-with-registers-small"  # DINOv2 repo id or local folder (CLI: --pose-model PATH)
+    input_size: int = 560  # images are resized to this square before DINOv2: 40x40 patches of 14 px
+    grid_size: int = 16  # patch features are area-resized to grid_size x grid_size (release: infersize 16)
+    template_size: int = 256  # templates are resized to this square for storage and feature extraction
+    tau_pat: float = 0.01  # softmax temperature of the soft patch matching (Eq. 16)
+    tau_pose: float = 0.01  # softmax temperature over classes (Eq. 17): 0.01 in the release, 0.05 in the paper text
+    mask_threshold: float = 0.5  # foreground where sigmoid(standardised PC1 score) > threshold
+    n_augment: int = 200  # augmented copies per template whose features are averaged (release: 200)
+    augment_batch: int = 16  # copies per DINOv2 batch while building (bounds memory, not results)
+    brightness: float = 0.2  # colour jitter: brightness factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.2  # colour jitter: contrast factor drawn from [1 - c, 1 + c]
+    saturation: float = 0.2  # colour jitter: saturation factor drawn from [1 - s, 1 + s]
+    hue: float = 0.1  # colour jitter: hue shift drawn from [-h, h] turns (rotation in YIQ chroma)
+    noise_std: float = 0.05  # Gaussian pixel noise std on [0, 1] images (release: 0.2 on normalised ones)
+    noise_p: float = 0.5  # probability that a copy gets pixel noise
+    grayscale_p: float = 0.2  # probability that a copy is turned grayscale
+    affine_translate: float = 0.1  # [CLS] copies: shift up to this fraction of the image size
+    affine_scale: tuple[float, float] = (0.9, 1.1)  # [CLS] copies: zoom factor range
+    affine_shear_deg: float = 5.0  # [CLS] copies: shear up to this many degrees
+
+    def validate(self) -> None:
+        n = len(self.classes)
+        if not POSE_CLASSES_MIN <= n <= POSE_CLASSES_MAX:
+            raise ConfigError(
+                f"classes: expected {POSE_CLASSES_MIN} to {POSE_CLASSES_MAX} pose classes, got {n}: {list(self.classes)}"
+            )
+        if len(set(self.classes)) != n:
+            raise ConfigError(f"classes: expected unique names, got {list(self.classes)}")
+        if self.n_augment < 1:
+            raise ConfigError(f"n_augment: expected >= 1, got {self.n_augment}")
+        if self.augment_batch < 1:
+            raise ConfigError(f"augment_batch: expected >= 1, got {self.augment_batch}")
+        if self.tau_pat <= 0 or self.tau_pose <= 0:
+            raise ConfigError(f"tau_pat, tau_pose: expected > 0, got {self.tau_pat}, {self.tau_pose}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"mask_threshold: expected in (0, 1), got {self.mask_threshold}")
+
+
 @dataclass
 class RectifierConfig:
     """USD's rectifier (DESIGN 4 steps 6-7, 9; section 6)."""

@@ -1,40 +1,14 @@
-"""Training-free pose classifier p(c | x) from DINOv2 features and template images (paper appendix B.1).
+"""The training-free pose classifier p(c | x): a template bank of DINOv2 features and the classifier
+that compares an image with it (paper appendix B.1; docs/pose-classifier.md).
 
-For an input image x and templates x^i (one or more per pose class):
-
-- texture similarity    s_tex^i = (cos(f_cls, f_cls^i) + 1) / 2                     (Eq. 15, mapped to [0, 1])
-- orientation similarity s_ori^i = 1 - mean_u sum_u' w_uu' |m_u - m^i_u'|,
-  w_uu' = softmax_u'(-||f_u - f^i_u'|| / tau_pat)  over foreground patches             (Eq. 16)
-- p(c | x) = softmax_c( normalise_c(s_tex * s_ori) / tau_pose )                       (Eq. 17)
-
-with patch features min-max normalised per image, binary foreground masks b from the first PCA
-component of the template patch features, and horizontal coordinate maps m that run from -0.5 at the
-leftmost to +0.5 at the rightmost foreground column. Masks and coordinate maps are constants (no
-gradient); the probabilities are differentiable in the input images through DINOv2.
-
-Deviations from the paper / release, on purpose:
-
-- PCA sign: the paper decides which sign of the first component is foreground with Stable Diffusion
-  cross-attention maps of the templates. We choose the sign so that the image border is background
-  (templates are objects on a plain background), which needs no diffusion model and no patched
-  attention hooks (official-facts 10.5).
-- Template masks use the same standardised score and threshold as inputs (the release thresholds raw
-  scores for templates, official-facts 10.4).
-- Augmentations run on [0, 1] images before ImageNet normalisation (the release jitters normalised
-  tensors and so clamps them, official-facts 10.3). Patch features are averaged over photometric
-  copies only (a geometric augmentation would move patches and blur the coordinate maps); [CLS]
-  features are averaged over copies that are also randomly affine-warped. Copy 0 is the clean image.
-- Several templates of one class: each is matched on its own and the class score is the mean of its
-  templates' s_tex * s_ori (the release uses one template per class).
-
-Class "left" means the camera sees the object's left side: with the object's front facing +z, that
-is a camera at azimuth +90° (on +x). Only the set of classes matters for USD (f is uniform).
+The similarity maths (eq. 15-17) are pure functions in :mod:`recdreamer_gs.pose.matching`, the
+template augmentations in :mod:`recdreamer_gs.pose.augment`. Class "left" means the camera sees the
+object's left side (docs/frames.md). Only the set of classes matters for USD (f is uniform).
 """
 
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -42,223 +16,25 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from recdreamer_gs.pose.features import DEFAULT_FEATURE_MODEL, DinoFeatures
+from recdreamer_gs.config import POSE_CLASSES_MAX, POSE_CLASSES_MIN, PoseClassifierConfig
+from recdreamer_gs.pose.augment import photometric_augment, random_affine
+from recdreamer_gs.pose.features import DinoFeatures
+from recdreamer_gs.pose.matching import (
+    coordinate_map,
+    foreground_mask,
+    minmax_normalise,
+    orientation_similarity,
+    pca_scores,
+    pose_probabilities,
+    texture_similarity,
+)
+from recdreamer_gs.pose.templates import resize_templates
 
 FILE_FORMAT = "recdreamer-gs-pose-classifier"
 FILE_VERSION = 1
-MIN_CLASSES, MAX_CLASSES = 3, 6
-
-
-@dataclass
-class PoseClassifierConfig:
-    """Pose classifier settings (paper appendix B.1.4; defaults follow the authors' release)."""
-
-    classes: tuple[str, ...] = ("front", "back", "left", "right")  # pose classes in output order; 3 to 6
-    feature_model: str = DEFAULT_FEATURE_MODEL  # DINOv2 repo id or local folder (CLI: --pose-model PATH)
-    input_size: int = 560  # images are resized to this square before DINOv2: 40x40 patches of 14 px
-    grid_size: int = 16  # patch features are area-resized to grid_size x grid_size (release: infersize 16)
-    template_size: int = 256  # templates are resized to this square for storage and feature extraction
-    tau_pat: float = 0.01  # softmax temperature of the soft patch matching (Eq. 16)
-    tau_pose: float = 0.01  # softmax temperature over classes (Eq. 17): 0.01 in the release, 0.05 in the paper text
-    mask_threshold: float = 0.5  # foreground where sigmoid(standardised PC1 score) > threshold
-    n_augment: int = 200  # augmented copies per template whose features are averaged (release: 200)
-    augment_batch: int = 16  # copies per DINOv2 batch while building (bounds memory, not results)
-    brightness: float = 0.2  # colour jitter: brightness factor drawn from [1 - b, 1 + b]
-    contrast: float = 0.2  # colour jitter: contrast factor drawn from [1 - c, 1 + c]
-    saturation: float = 0.2  # colour jitter: saturation factor drawn from [1 - s, 1 + s]
-    hue: float = 0.1  # colour jitter: hue shift drawn from [-h, h] turns (rotation in YIQ chroma)
-    noise_std: float = 0.05  # Gaussian pixel noise std on [0, 1] images (release: 0.2 on normalised ones)
-    noise_p: float = 0.5  # probability that a copy gets pixel noise
-    grayscale_p: float = 0.2  # probability that a copy is turned grayscale
-    affine_translate: float = 0.1  # [CLS] copies: shift up to this fraction of the image size
-    affine_scale: tuple[float, float] = (0.9, 1.1)  # [CLS] copies: zoom factor range
-    affine_shear_deg: float = 5.0  # [CLS] copies: shear up to this many degrees
-
-    def validate(self) -> None:
-        n = len(self.classes)
-        if not MIN_CLASSES <= n <= MAX_CLASSES:
-            raise ValueError(
-                f"classes: expected {MIN_CLASSES} to {MAX_CLASSES} pose classes, got {n}: {list(self.classes)}"
-            )
-        if len(set(self.classes)) != n:
-            raise ValueError(f"classes: expected unique names, got {list(self.classes)}")
-        if self.n_augment < 1:
-            raise ValueError(f"n_augment: expected >= 1, got {self.n_augment}")
-        if self.augment_batch < 1:
-            raise ValueError(f"augment_batch: expected >= 1, got {self.augment_batch}")
-        if self.tau_pat <= 0 or self.tau_pose <= 0:
-            raise ValueError(f"tau_pat, tau_pose: expected > 0, got {self.tau_pat}, {self.tau_pose}")
-        if not 0.0 < self.mask_threshold < 1.0:
-            raise ValueError(f"mask_threshold: expected in (0, 1), got {self.mask_threshold}")
-
-
-# --------------------------------------------------------------------------------------------
-# Augmentations (plain torch; images in [0, 1], one random draw per image)
-# --------------------------------------------------------------------------------------------
-
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_LUMA = torch.tensor([0.299, 0.587, 0.114])
-
-
-def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=generator)
-
-
-def _gray(x: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B 1 H W"]:
-    return torch.einsum("bchw,c->bhw", x, _LUMA.to(x)).unsqueeze(1)
-
-
-def color_jitter(
-    x: Float[Tensor, "B 3 H W"], brightness: float, contrast: float, saturation: float, hue: float,
-    generator: torch.Generator,
-) -> Float[Tensor, "B 3 H W"]:
-    """Brightness, contrast, saturation and hue jitter (fixed order), clamped to [0, 1] after each."""
-    b = x.shape[0]
-    col = lambda t: t.to(x).view(b, 1, 1, 1)  # noqa: E731
-    x = (x * col(_uniform(b, 1 - brightness, 1 + brightness, generator))).clamp(0, 1)
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = (mean + (x - mean) * col(_uniform(b, 1 - contrast, 1 + contrast, generator))).clamp(0, 1)
-    g = _gray(x)
-    x = (g + (x - g) * col(_uniform(b, 1 - saturation, 1 + saturation, generator))).clamp(0, 1)
-    # Hue: rotate the chroma plane (I, Q) of YIQ; a full turn is 2*pi.
-    angle = 2 * math.pi * _uniform(b, -hue, hue, generator)
-    cos, sin = angle.cos(), angle.sin()
-    rot = torch.zeros(b, 3, 3)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    m = torch.linalg.inv(_RGB_TO_YIQ) @ rot @ _RGB_TO_YIQ  # [b, 3, 3]
-    return torch.einsum("bij,bjhw->bihw", m.to(x), x).clamp(0, 1)
-
-
-def random_noise(
-    x: Float[Tensor, "B 3 H W"], std: float, p: float, generator: torch.Generator
-) -> Float[Tensor, "B 3 H W"]:
-    """Add N(0, std²) pixel noise to each image with probability p."""
-    b = x.shape[0]
-    on = (torch.rand(b, generator=generator) < p).to(x).view(b, 1, 1, 1)
-    noise = torch.randn(x.shape, generator=generator).to(x)
-    return (x + on * std * noise).clamp(0, 1)
-
-
-def random_grayscale(x: Float[Tensor, "B 3 H W"], p: float, generator: torch.Generator) -> Float[Tensor, "B 3 H W"]:
-    """Replace each image by its luma (3 equal channels) with probability p."""
-    b = x.shape[0]
-    on = (torch.rand(b, generator=generator) < p).to(x).view(b, 1, 1, 1)
-    return on * _gray(x).expand_as(x) + (1 - on) * x
-
-
-def random_affine(
-    x: Float[Tensor, "B 3 H W"], translate: float, scale: tuple[float, float], shear_deg: float,
-    generator: torch.Generator,
-) -> Float[Tensor, "B 3 H W"]:
-    """Random shift, zoom and horizontal shear; the border colour extends into uncovered areas."""
-    b = x.shape[0]
-    s = _uniform(b, scale[0], scale[1], generator)
-    shear = torch.tan(torch.deg2rad(_uniform(b, -shear_deg, shear_deg, generator)))
-    t = _uniform(2 * b, -2 * translate, 2 * translate, generator).view(b, 2)  # grid coords span [-1, 1]
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 1] = 1 / s, shear / s, 1 / s  # sampling matrix = inverse zoom
-    theta[:, :, 2] = t
-    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def photometric_augment(
-    x: Float[Tensor, "B 3 H W"], cfg: PoseClassifierConfig, generator: torch.Generator
-) -> Float[Tensor, "B 3 H W"]:
-    """Colour jitter, pixel noise and random grayscale: appearance changes that keep patches in place."""
-    x = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator)
-    x = random_noise(x, cfg.noise_std, cfg.noise_p, generator)
-    return random_grayscale(x, cfg.grayscale_p, generator)
-
-
-# --------------------------------------------------------------------------------------------
-# Pure maths of the classifier
-# --------------------------------------------------------------------------------------------
-
-
-def pca_scores(
-    patches: Float[Tensor, "B P D"], mean: Float[Tensor, "D"], component: Float[Tensor, "D"], std: Float[Tensor, ""]
-) -> Float[Tensor, "B P"]:
-    """Standardised projection on the first principal component: ((f - mean) . v) / std."""
-    return ((patches - mean) @ component) / std
-
-
-def foreground_mask(scores: Float[Tensor, "B P"], threshold: float = 0.5) -> Bool[Tensor, "B P"]:
-    """sigmoid(score) > threshold; an image with no foreground patch falls back to all patches."""
-    mask = torch.sigmoid(scores) > threshold
-    empty = ~mask.any(dim=-1, keepdim=True)
-    return mask | empty
-
-
-def coordinate_map(mask: Bool[Tensor, "B H W"]) -> Float[Tensor, "B H W"]:
-    """Column coordinate from -0.5 (leftmost foreground column) to +0.5 (rightmost), 0 off the box.
-
-    Constant along rows; an object one column wide gets 0.
-    """
-    b, _, w = mask.shape
-    cols = torch.arange(w, device=mask.device, dtype=torch.float32).expand(b, w)
-    has = mask.any(dim=1)  # [B, W]: columns holding foreground
-    left = torch.where(has, cols, torch.full_like(cols, float(w))).amin(dim=1, keepdim=True)
-    right = torch.where(has, cols, torch.full_like(cols, -1.0)).amax(dim=1, keepdim=True)
-    width = (right - left).clamp_min(1.0)
-    m = torch.where(right > left, (cols - left) / width - 0.5, torch.zeros_like(cols))
-    inside = (cols >= left) & (cols <= right)
-    m = torch.where(inside, m, torch.zeros_like(m))
-    return m.unsqueeze(1).expand_as(mask).contiguous()
-
-
-def minmax_normalise(patches: Float[Tensor, "B P D"], eps: float = 1e-6) -> Float[Tensor, "B P D"]:
-    """Per-image min-max normalisation of patch features to [0, 1] (appendix B.1)."""
-    lo = patches.amin(dim=(1, 2), keepdim=True)
-    hi = patches.amax(dim=(1, 2), keepdim=True)
-    return (patches - lo) / (hi - lo + eps)
-
-
-def texture_similarity(cls: Float[Tensor, "B D"], template_cls: Float[Tensor, "T D"]) -> Float[Tensor, "B T"]:
-    """s_tex = (cos(f_cls, f_cls^i) + 1) / 2 (Eq. 15 mapped to [0, 1], as the release does)."""
-    return (F.cosine_similarity(cls[:, None, :], template_cls[None, :, :], dim=-1) + 1) * 0.5
-
-
-def orientation_similarity(
-    patches: Float[Tensor, "B P D"], mask: Bool[Tensor, "B P"], coords: Float[Tensor, "B P"],
-    template_patches: Float[Tensor, "T P D"], template_mask: Bool[Tensor, "T P"], template_coords: Float[Tensor, "T P"],
-    tau_pat: float,
-) -> Float[Tensor, "B T"]:
-    """s_ori^i = 1 - mean_u sum_u' softmax_u'(-||f_u - f^i_u'|| / tau_pat) |m_u - m^i_u'| (Eq. 16).
-
-    u runs over the input's foreground patches, u' over template i's. Features are expected
-    min-max normalised already.
-    """
-    # Exact pairwise distances (no |a|²+|b|²-2ab expansion: its rounding, divided by tau_pat = 0.01,
-    # would swamp near matches); zero distances have a zero gradient.
-    dist = torch.cdist(patches[:, None], template_patches[None], compute_mode="donot_use_mm_for_euclid_dist")
-    logits = (-dist / tau_pat).masked_fill(~template_mask[None, :, None, :], float("-inf"))
-    w = torch.softmax(logits, dim=-1)  # [B, T, P, P']
-    gap = (coords[:, None, :, None] - template_coords[None, :, None, :]).abs()
-    per_patch = (w * gap).sum(dim=-1)  # [B, T, P]
-    fg = mask[:, None, :].to(per_patch)
-    d = (per_patch * fg).sum(dim=-1) / fg.sum(dim=-1).clamp_min(1.0)
-    return 1.0 - d
-
-
-def pose_probabilities(
-    similarity: Float[Tensor, "B T"], template_class: Int[Tensor, "T"], num_classes: int, tau_pose: float
-) -> Float[Tensor, "B C"]:
-    """Mean similarity per class, normalised to sum 1 over classes, then softmax(s / tau_pose) (Eq. 17)."""
-    onehot = F.one_hot(template_class, num_classes).to(similarity)  # [T, C]
-    per_class = similarity @ (onehot / onehot.sum(dim=0, keepdim=True))
-    per_class = per_class / per_class.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    return torch.softmax(per_class / tau_pose, dim=-1)
-
-
-# --------------------------------------------------------------------------------------------
-# Template statistics
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -330,8 +106,8 @@ def build_template_bank(
     component = evecs[:, -1].float()
     std = evals[-1].clamp_min(1e-12).sqrt().float()
     mu = mu.float()
-    # Sign: templates show an object on a plain background, so the image border is background.
-    # (The paper decides with SD cross-attention; this needs no diffusion model.)
+    # Sign: templates show an object on a plain background, so the image border is background
+    # (the paper decides with SD cross-attention; docs/pose-classifier.md).
     z = pca_scores(patches.view(t, g * g, d), mu, component, std).view(t, g, g)
     ring = _border(g, z.device)
     if z[:, ring].mean() > z[:, ~ring].mean():
@@ -351,9 +127,10 @@ def build_template_bank(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# The classifier
-# --------------------------------------------------------------------------------------------
+# TemplateBank field -> buffer name on the classifier.
+_BUFFERS = {"images": "images", "template_class": "template_class", "cls": "template_cls",
+            "patches": "template_patches", "mask": "template_mask", "coords": "template_coords",
+            "pca_mean": "pca_mean", "pca_component": "pca_component", "pca_std": "pca_std"}
 
 
 @dataclass
@@ -391,16 +168,11 @@ class PoseClassifier(nn.Module):
             raise ValueError(
                 f"every class needs a template: classes {list(self.classes)}, templates cover {sorted(present)}"
             )
-        device = features.device
-        self.register_buffer("images", bank.images.cpu())  # uint8, only saved, never used on the device
-        self.register_buffer("template_class", bank.template_class.long().to(device))
-        self.register_buffer("template_cls", bank.cls.float().to(device))
-        self.register_buffer("template_patches", bank.patches.float().to(device))
-        self.register_buffer("template_mask", bank.mask.bool().to(device))
-        self.register_buffer("template_coords", bank.coords.float().to(device))
-        self.register_buffer("pca_mean", bank.pca_mean.float().to(device))
-        self.register_buffer("pca_component", bank.pca_component.float().to(device))
-        self.register_buffer("pca_std", bank.pca_std.float().to(device))
+        # The template statistics are buffers (moved by .to(), saved by save()); the uint8 images stay on the
+        # CPU, kept only for provenance and rebuilding.
+        for name, buffer in _BUFFERS.items():
+            value = getattr(bank, name)
+            self.register_buffer(buffer, value.cpu() if name == "images" else value.to(features.device))
 
     @property
     def num_classes(self) -> int:
@@ -408,11 +180,7 @@ class PoseClassifier(nn.Module):
 
     @property
     def bank(self) -> TemplateBank:
-        return TemplateBank(
-            images=self.images, template_class=self.template_class, cls=self.template_cls,
-            patches=self.template_patches, mask=self.template_mask, coords=self.template_coords,
-            pca_mean=self.pca_mean, pca_component=self.pca_component, pca_std=self.pca_std,
-        )
+        return TemplateBank(**{name: getattr(self, buffer) for name, buffer in _BUFFERS.items()})
 
     @classmethod
     def from_templates(
@@ -429,34 +197,27 @@ class PoseClassifier(nn.Module):
                 a class without images, or images that are not [3, H, W].
         """
         cfg = cfg or PoseClassifierConfig()
-        n = len(templates)
-        if not MIN_CLASSES <= n <= MAX_CLASSES:
-            raise ValueError(
-                f"templates: expected {MIN_CLASSES} to {MAX_CLASSES} pose classes, got {n}: {list(templates)}"
-            )
-        if set(templates) != set(cfg.classes) or len(cfg.classes) != n:
+        if not POSE_CLASSES_MIN <= len(templates) <= POSE_CLASSES_MAX:
+            raise ValueError(f"templates: expected {POSE_CLASSES_MIN} to {POSE_CLASSES_MAX} pose classes, "
+                             f"got {len(templates)}: {list(templates)}")
+        if set(templates) != set(cfg.classes) or len(cfg.classes) != len(templates):
             raise ValueError(
                 f"templates have classes {list(templates)} but the config expects {list(cfg.classes)} "
                 "(set PoseClassifierConfig.classes to the template classes)"
             )
         cfg.validate()
-        images, labels = [], []
-        for ci, name in enumerate(cfg.classes):
-            imgs = templates[name]
-            if len(imgs) == 0:
+        for name in cfg.classes:
+            if len(templates[name]) == 0:
                 raise ValueError(f"templates[{name!r}]: expected at least one image, got none")
-            for j, img in enumerate(imgs):
+            for j, img in enumerate(templates[name]):
                 if img.ndim != 3 or img.shape[0] != 3:
                     raise ValueError(
                         f"templates[{name!r}][{j}]: expected a [3, H, W] image in [-1, 1], got {tuple(img.shape)}"
                     )
-                x = img.detach().float().cpu()[None]
-                if x.shape[-2:] != (cfg.template_size, cfg.template_size):
-                    x = F.interpolate(
-                        x, size=(cfg.template_size,) * 2, mode="bilinear", align_corners=False, antialias=True
-                    )
-                images.append(x[0].clamp(-1, 1))
-                labels.append(ci)
+        resized = resize_templates({k: [x.detach().float().cpu() for x in v] for k, v in templates.items()},
+                                   cfg.template_size)
+        images = [x.clamp(-1, 1) for name in cfg.classes for x in resized[name]]
+        labels = [ci for ci, name in enumerate(cfg.classes) for _ in resized[name]]
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         # Round to the stored uint8 images first, so that a rebuild from a saved file sees the same pixels.
@@ -493,26 +254,17 @@ class PoseClassifier(nn.Module):
 
     # -- persistence ------------------------------------------------------------------------
 
-    def to_dict(self) -> dict:
-        bank = self.bank
-        return {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "config": asdict(self.cfg),
-            "classes": list(self.classes),
-            "feature_model": self.features.name,
-            "feature_dim": self.features.dim,
-            "bank": {f.name: getattr(bank, f.name).detach().cpu() for f in fields(TemplateBank)},
-        }
-
     def save(self, path: str | Path) -> Path:
         """Write config, classes, templates and statistics to ONE file (torch.save, atomic rename)."""
         from recdreamer_gs.export import atomic_write_bytes
 
+        data = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": asdict(self.cfg),
+                "feature_model": self.features.name, "feature_dim": self.features.dim,
+                "bank": {f.name: getattr(self.bank, f.name).detach().cpu() for f in fields(TemplateBank)}}
+        buf = io.BytesIO()
+        torch.save(data, buf)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(self.to_dict(), buf)
         atomic_write_bytes(path, buf.getvalue())
         return path
 
@@ -532,23 +284,15 @@ class PoseClassifier(nn.Module):
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"{path}: expected a pose classifier file written by PoseClassifier.save, "
                              f"could not read it ({type(err).__name__}: {err})") from err
-        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
-            raise ValueError(f"{path}: expected a pose classifier file (format {FILE_FORMAT!r}), got something else")
-        if data.get("version") != FILE_VERSION:
-            raise ValueError(f"{path}: expected file version {FILE_VERSION}, got {data.get('version')}")
+        if not isinstance(data, dict) or (data.get("format"), data.get("version")) != (FILE_FORMAT, FILE_VERSION):
+            raise ValueError(f"{path}: expected a pose classifier file ({FILE_FORMAT!r}, version {FILE_VERSION})")
         if data["feature_dim"] != features.dim:
-            raise ValueError(
-                f"{path} was built with {data['feature_model']!r} ({data['feature_dim']}-dim features); "
-                f"the given feature model {features.name!r} has {features.dim}-dim features"
-            )
+            raise ValueError(f"{path} was built with {data['feature_model']!r} ({data['feature_dim']}-dim "
+                             f"features); the feature model {features.name!r} has {features.dim}-dim features")
         if data["feature_model"] != features.name:
-            warnings.warn(
-                f"{path} was built with feature model {data['feature_model']!r}, now using {features.name!r}",
-                stacklevel=2,
-            )
-        raw = dict(data["config"])
+            warnings.warn(f"{path} was built with feature model {data['feature_model']!r}, now using "
+                          f"{features.name!r}", stacklevel=2)
         known = {f.name for f in fields(PoseClassifierConfig)}
-        cfg = PoseClassifierConfig(**{k: v for k, v in raw.items() if k in known})
+        cfg = PoseClassifierConfig(**{k: v for k, v in data["config"].items() if k in known})
         cfg = replace(cfg, classes=tuple(cfg.classes), affine_scale=tuple(cfg.affine_scale))
-        bank = TemplateBank(**data["bank"])
-        return cls(features, cfg, bank)
+        return cls(features, cfg, TemplateBank(**data["bank"]))

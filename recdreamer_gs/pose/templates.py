@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from recdreamer_gs.pose.classifier import MAX_CLASSES, MIN_CLASSES
+from recdreamer_gs.config import POSE_CLASSES_MAX, POSE_CLASSES_MIN
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CANONICAL_ORDER = ("front", "back", "left", "right")  # these come first, in this order, when present
@@ -87,9 +87,9 @@ def load_template_folder(folder: str | Path, size: int = 256) -> dict[str, list[
             f"template folder not found: {folder} (expected a folder with one sub-folder per pose class)"
         )
     classes = [p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if not MIN_CLASSES <= len(classes) <= MAX_CLASSES:
+    if not POSE_CLASSES_MIN <= len(classes) <= POSE_CLASSES_MAX:
         raise TemplateError(
-            f"{folder}: expected {MIN_CLASSES} to {MAX_CLASSES} class folders (e.g. front, back, left, right), "
+            f"{folder}: expected {POSE_CLASSES_MIN} to {POSE_CLASSES_MAX} class folders (e.g. front, back, left, right), "
             f"got {len(classes)}: {sorted(classes)}"
         )
     out: dict[str, list[Tensor]] = {}
