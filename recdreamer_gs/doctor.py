@@ -118,37 +118,38 @@ def _toolchain() -> str:
 def report(cfg: "RunConfig", console: "Console") -> None:
     """Print the bug-report block: versions, GPU, toolchain, caches, and which models of ``cfg`` are local."""
     import torch
-    from rich.table import Table
 
     from recdreamer_gs import __version__, hub
     from recdreamer_gs.render import gsplat_backend as gs
 
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_row("recdreamer-gs", f"{__version__} (python {sys.version.split()[0]}, {sys.platform})")
-    table.add_row("torch", torch_summary())
+    rows: list[tuple[str, str]] = []
+    rows.append(("recdreamer-gs", f"{__version__} (python {sys.version.split()[0]}, {sys.platform})"))
+    rows.append(("torch", torch_summary().removeprefix("torch ")))
     if torch.version.cuda:
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-        table.add_row("CUDA runtime", f"{torch.version.cuda}" + (f", cuDNN {cudnn}" if cudnn else ""))
+        rows.append(("CUDA runtime", f"{torch.version.cuda}" + (f", cuDNN {cudnn}" if cudnn else "")))
     if gs.prebuilt():
         built = "prebuilt wheel (gsplat.csrc)"
     elif gs.extension_built():
         built = f"built, cached in {gs.extension_dir()}"
     else:
         built = f"not built yet (the first CUDA run builds it into {gs.extension_dir()})"
-    table.add_row("gsplat", f"{version('gsplat')}; CUDA extension: {built}")
+    rows.append(("gsplat", f"{version('gsplat')}; CUDA extension: {built}"))
     for package in PACKAGES[2:]:
-        table.add_row(package, version(package))
+        rows.append((package, version(package)))
     gpus = nvidia_gpus()
-    table.add_row("NVIDIA GPUs", ", ".join(gpus) if gpus else "none found (no driver, or no NVIDIA GPU)")
-    table.add_row("build tools", _toolchain())
+    rows.append(("NVIDIA GPUs", ", ".join(gpus) if gpus else "none found (no driver, or no NVIDIA GPU)"))
+    rows.append(("build tools", _toolchain()))
     offline = " (HF_HUB_OFFLINE is set)" if hub.hub_offline() else ""
-    table.add_row("HF cache", _folder_line(hub.cache_dir()) + offline)
-    table.add_row("torch extensions", _folder_line(gs.extensions_root()))
+    rows.append(("HF cache", _folder_line(hub.cache_dir()) + offline))
+    rows.append(("torch extensions", _folder_line(gs.extensions_root())))
     for spec in hub.config_models(cfg, cuda=True):
         st = hub.status(spec)
         state = f"local ({hub.human_size(st.size)})" if st.complete else st.where()
-        table.add_row(spec.kind.title, f"{spec.source}: {state}")
-    console.print(table)
+        rows.append((spec.kind.title, f"{spec.source}: {state}"))
+    width = max(len(k) for k, _ in rows) + 2
+    for key, value in rows:  # plain lines, so that a bug report pastes them unwrapped
+        console.print(f"{key:<{width}}{value}", highlight=False, soft_wrap=True)
     hint = cuda_mismatch()
     if hint:
         console.print(f"note: {hint}", highlight=False, soft_wrap=True)
@@ -157,29 +158,27 @@ def report(cfg: "RunConfig", console: "Console") -> None:
 def models_report(cfg: "RunConfig", cuda: bool, download: bool, console: "Console") -> None:
     """The ``models`` command: every model a run of ``cfg`` loads, where it comes from, whether it is
     complete here and its size; with ``download`` the missing ones are fetched (after checking all)."""
-    from rich.table import Table
-
     from recdreamer_gs import hub
 
     specs = hub.config_models(cfg, cuda)
     if not specs:
         console.print("This configuration loads no model weights (the synthetic prior needs none).")
         return
-    table = Table("model", "source", "here", "size")
     missing = 0
     for spec in specs:
         st = hub.status(spec)
         if st.complete:
-            table.add_row(spec.kind.title, spec.source, f"complete: {st.where()}", hub.human_size(st.size))
-            continue
-        missing += 1
-        try:
-            todo = hub.plan(spec)
-            size = f"{todo.describe()} to download" if todo else "?"
-        except hub.ModelUnavailable as err:
-            size = f"cannot be had: {err.cause}"
-        table.add_row(spec.kind.title, spec.source, st.where(), size)
-    console.print(table)
+            here, size = f"complete: {st.where()}", hub.human_size(st.size)
+        else:
+            missing += 1
+            here = st.where()
+            try:
+                todo = hub.plan(spec)
+                size = f"{todo.describe()} to download" if todo else "?"
+            except hub.ModelUnavailable as err:
+                size = f"cannot be had: {err.cause}"
+        for line in (f"{spec.kind.title}: {spec.source}", f"  here: {here}", f"  size: {size}"):
+            console.print(line, highlight=False, soft_wrap=True)
     if download and missing:
         hub.prepare(specs, console)
         console.print(f"All {len(specs)} models are complete in {hub.cache_dir()}. Machines without network can "

@@ -134,6 +134,36 @@ def make_sd(out: Path) -> Path:
     return out
 
 
+def write_hub_snapshot(cache: Path, repo_id: str, source: Path, only=None, commit: str = "1" * 40) -> Path:
+    """Lay the files of ``source`` out as huggingface_hub's cache does after a download (no network):
+    ``models--owner--name/blobs/<sha256>``, ``snapshots/<commit>/<path>`` links to the blobs, ``refs/main``.
+
+    ``only``: the repo-relative paths to write (what a filtered download fetches); default all files.
+    """
+    import hashlib
+    import os
+
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in Path(source).rglob("*") if p.is_file())
+    for path in files:
+        rel = path.relative_to(source).as_posix()
+        if only is not None and rel not in only:
+            continue
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
 def make_all(root: Path) -> dict[str, Path]:
     root = Path(root)
     paths = {"dinov2": root / "dinov2", "clip": root / "clip", "sd": root / "sd"}

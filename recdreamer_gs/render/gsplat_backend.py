@@ -115,9 +115,17 @@ def extension_built() -> bool:
 
 def find_nvcc() -> Optional[Path]:
     """The CUDA compiler torch's extension builder would use (CUDA_HOME, PATH or /usr/local/cuda)."""
+    import logging
+
     from torch.utils.cpp_extension import _find_cuda_home  # gsplat's backend uses the same lookup
 
-    home = _find_cuda_home()
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)  # it warns when no CUDA runtime is installed, which is the case we report
+    try:
+        home = _find_cuda_home()
+    finally:
+        log.setLevel(level)
     nvcc = Path(home) / "bin" / "nvcc" if home else None
     if nvcc is not None and nvcc.is_file():
         return nvcc
@@ -169,6 +177,8 @@ def cause_of(log_text: str) -> str:
         return "architecture mismatch: this CUDA toolkit or build does not support this GPU"
     if "is less than the minimum required version" in text or "is greater than the maximum required" in text:
         return "the C++ compiler's version is not supported by this CUDA toolkit"
+    if "killed" in text.split():
+        return "the compiler was killed (out of memory? run again with MAX_JOBS=2)"
     for line in log_text.splitlines():
         if " error" in line.lower() or line.lower().startswith("error"):
             return f"the compiler failed ({line.strip()[:200]})"
