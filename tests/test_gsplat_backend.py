@@ -138,3 +138,11 @@ def test_torch_backend_on_cuda_skips_the_check(monkeypatch):
     monkeypatch.setattr(gs, "ensure_cuda_extension", lambda *a: pytest.fail("not needed for the torch backend"))
     assert ensure_backend("torch", torch.device("cuda")) == "torch"
     assert ensure_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_extension_builds_and_runs_on_this_gpu():
+    """On a GPU machine: the real check builds gsplat's extension if needed, loads it and renders."""
+    gs.ensure_cuda_extension(quiet())
+    assert gs.extension_built()
