@@ -6,6 +6,7 @@
 #              the CUDA build (with several GB of NVIDIA libraries); CI's pip setup resolves it to a CPU wheel.
 #   CPU=1      take TORCH from PyTorch's CPU-only wheel index instead (much smaller; no GPU use), for machines
 #              without an NVIDIA GPU: e.g. `make CPU=1 test`. To switch builds later: rm -rf .venv first.
+#   TORCH_INDEX=...  any other pip index option for torch, e.g. a CUDA version's index (README, GPU set-up).
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -26,8 +27,8 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@echo "installing $(TORCH) $(if $(TORCH_INDEX),from PyTorch's CPU-only index,from the package index (Linux x86-64: \
-	the CUDA build; CPU=1 for the CPU-only one))"
+	@echo "installing $(TORCH) $(if $(TORCH_INDEX),with $(TORCH_INDEX),from the package index (PyPI's Linux x86-64 \
+	wheel is the CUDA build; CPU=1 picks the CPU-only one))"
 	$(PY) -m pip install -q "$(TORCH)" $(TORCH_INDEX)
 	@$(PY) -m recdreamer_gs.doctor --short
 	$(PY) -m pip install -q -e ".[dev]"

@@ -156,11 +156,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "models": {k: v for k, v in models.items() if k not in ("sd", "dinov2")},
         "runs": runs,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, run in runs.items():  # one summary line per run; the JSON has everything
+        peak = f", peak GPU {run['peak_gpu_memory_gib']:.1f} GiB" if run["peak_gpu_memory_gib"] is not None else ""
+        print(f"{name}: wall {run['wall_s']:.1f} s = load {run['load_s']:.1f} + templates {run['templates_s']:.1f} "
+              f"+ train {run['train_s']:.1f} ({run['ms_per_iteration']:.0f} ms/it) + export {run['export_s']:.1f} "
+              f"+ other {run['other_s']:.1f}{peak}")
     return result
 
 

@@ -279,7 +279,8 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
 
 def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device, pose: PoseSetup,
                particle_score, particles, stage: int, colour_only: bool, prefix: str,
-               resume: Optional[dict], extra_callbacks: Optional[list], clip=None, timings: Optional[dict] = None):
+               resume: Optional[dict], extra_callbacks: Optional[list], clip=None,
+               timings: Optional[dict] = None):
     """One Lightning fit: the system of one stage (its config ``cfg``) with its callbacks."""
     import signal
 
