@@ -1,11 +1,18 @@
-# Two commands do all the set-up on a fresh clone:
+# Two commands do all the set-up on a fresh clone (README, "Set-up"):
 #   make run PROMPT="a kangaroo wearing boxing gloves"   # installs into .venv, then runs the main job
 #   make test                                            # installs into .venv, then runs the tests
-# TORCH picks the torch build: the default is the CPU wheel; on a GPU machine use e.g. TORCH="torch>=2.4".
+# Which torch is installed first (and then printed, with the GPU it sees):
+#   TORCH=REQ  the torch requirement, default torch==2.13.0 from the package index: on Linux x86-64 PyPI gives
+#              the CUDA build (with several GB of NVIDIA libraries); CI's pip setup resolves it to a CPU wheel.
+#   CPU=1      take TORCH from PyTorch's CPU-only wheel index instead (much smaller; no GPU use), for machines
+#              without an NVIDIA GPU: e.g. `make CPU=1 test`. To switch builds later: rm -rf .venv first.
+#   TORCH_INDEX=...  any other pip index option for torch, e.g. a CUDA version's index (README, GPU set-up).
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+CPU    ?=
+TORCH_INDEX := $(if $(filter 1 yes true,$(CPU)),--index-url https://download.pytorch.org/whl/cpu)
 PROMPT ?= a kangaroo wearing boxing gloves
 ARGS   ?=
 
@@ -20,7 +27,10 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	@echo "installing $(TORCH) $(if $(TORCH_INDEX),with $(TORCH_INDEX),from the package index (PyPI's Linux x86-64 \
+	wheel is the CUDA build; CPU=1 picks the CPU-only one))"
+	$(PY) -m pip install -q "$(TORCH)" $(TORCH_INDEX)
+	@$(PY) -m recdreamer_gs.doctor --short
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 

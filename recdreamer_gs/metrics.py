@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -29,14 +28,6 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 CLIP_VIEW_SUFFIXES = (", from front view", ", from side view", ", from back view")  # cEnt classes (appendix C.1.2)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (shared by HF CLIP checkpoints)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_WAY_ON = (
-    "Pass --clip-model PATH to a local folder holding a transformers CLIP model "
-    "(config.json, model weights and tokenizer files, e.g. saved from openai/clip-vit-base-patch32)."
-)
-
-
-class ClipUnavailable(RuntimeError):
-    """The CLIP model cannot be loaded; the message names the model, the cause and the way on."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,28 +172,25 @@ class ClipScorer:
         """Load CLIPModel + CLIPTokenizer (Hub id or local folder).
 
         Raises:
-            ClipUnavailable: the folder is missing, the model is not cached while offline, or it does not load.
+            ModelUnavailable: the folder is missing or incomplete, the model cannot be downloaded, or it does
+                not load.
         """
         from transformers import CLIPModel, CLIPTokenizer
 
-        from recdreamer_gs.pose.features import resolve_source
-        from recdreamer_gs.priors.stable_diffusion import _describe, hub_cache_dir
+        from recdreamer_gs import hub
 
-        try:
-            source, local_only = resolve_source(model)
-        except LookupError as err:
-            raise ClipUnavailable(f"CLIP model {model!r} cannot be loaded: {err}. {_WAY_ON}") from None
+        spec = hub.ModelSpec(hub.CLIP, model)
+        where = hub.ensure(spec)
         mean, std = CLIP_MEAN, CLIP_STD
-        pre = Path(source) / "preprocessor_config.json"
-        if local_only and pre.is_file():  # a fine-tuned CLIP may normalise differently
+        pre = where.folder / "preprocessor_config.json"
+        if pre.is_file():  # a fine-tuned CLIP may normalise differently
             conf = json.loads(pre.read_text())
             mean, std = conf.get("image_mean", mean), conf.get("image_std", std)
         try:
-            kw = dict(local_files_only=local_only, cache_dir=hub_cache_dir())
-            net = CLIPModel.from_pretrained(source, **kw)
-            tokenizer = CLIPTokenizer.from_pretrained(source, **kw)
+            net = CLIPModel.from_pretrained(where.folder, variant=where.variant(), local_files_only=True)
+            tokenizer = CLIPTokenizer.from_pretrained(where.folder, local_files_only=True)
         except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
-            raise ClipUnavailable(f"CLIP model {model!r} cannot be loaded: {_describe(err)}. {_WAY_ON}") from err
+            raise hub.load_error(spec, err) from err
         return cls(net.to(device=device, dtype=dtype), tokenizer, model, mean, std)
 
     def clip_score(self, images: Float[Tensor, "B 3 H W"], prompt: str) -> float:

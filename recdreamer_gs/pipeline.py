@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from recdreamer_gs.config import RunConfig
-from recdreamer_gs.priors.base import Prior, PriorUnavailable
+from recdreamer_gs.priors.base import Prior
 
 
 class RunError(RuntimeError):
@@ -23,6 +23,7 @@ class RunError(RuntimeError):
 class PriorChoice:
     prior: Prior
     notice: Optional[str]  # shown to the user when auto fell back to the synthetic prior
+    load_s: float = 0.0  # seconds spent loading the prior (downloads excluded)
 
 
 @dataclass
@@ -45,46 +46,52 @@ def resolve_device(device: str) -> torch.device:
 def synthetic_notice(reason: str) -> str:
     return (
         f"Using the offline synthetic prior because {reason}. It distils a built-in reference object, "
-        "not your prompt. For real text-to-3D run on a CUDA GPU with Stable Diffusion weights "
-        "(--prior sd, with --model PATH to a local diffusers folder or a populated Hugging Face cache)."
+        "not your prompt. For real text-to-3D run on a CUDA GPU with Stable Diffusion weights (downloaded on "
+        "first use; `recdreamer-gs models --download` fetches them ahead, or --model PATH to a local folder)."
     )
 
 
 def build_prior(cfg: RunConfig, device: torch.device) -> PriorChoice:
-    """The prior the config asks for; ``auto`` picks SD when CUDA and the weights are available."""
+    """The prior the config asks for; ``auto`` picks SD on a CUDA device when its weights can be had.
+
+    Before SD loads, every model of the run (SD, DINOv2, CLIP, a separate ε_φ UNet) is made local: all
+    are checked first and then the missing ones downloaded, so a model that cannot be had stops the run
+    with one :class:`recdreamer_gs.hub.ModelUnavailable` before gigabytes are fetched or loaded.
+    """
+    from recdreamer_gs import hub
     from recdreamer_gs.priors.synthetic import SyntheticPrior
 
-    kind = cfg.prior.kind
-    notice = None
+    kind, notice = cfg.prior.kind, None
     if kind == "auto":
-        if device.type != "cuda":
-            kind, notice = "synthetic", synthetic_notice("no CUDA device is in use")
-        else:
-            ok, why = _sd_available(cfg.prior.sd.model)
-            kind = "sd" if ok else "synthetic"
-            notice = None if ok else synthetic_notice(why)
+        kind, notice = _auto_prior(cfg, device)
     if kind == "synthetic":
         return PriorChoice(SyntheticPrior(cfg.prior.synthetic, device), notice)
-    return PriorChoice(_load_sd(cfg, device), notice)
+    hub.prepare(hub.config_models(cfg, cuda=device.type == "cuda"))
+    from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
 
-
-def _sd_available(model: str) -> tuple[bool, str]:
-    try:
-        from recdreamer_gs.priors.stable_diffusion import sd_available
-    except ImportError:  # pragma: no cover - the SD module ships with the package
-        return False, "the Stable Diffusion prior is not available in this build"
-    return sd_available(model)
-
-
-def _load_sd(cfg: RunConfig, device: torch.device) -> Prior:
-    try:
-        from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
-    except ImportError:
-        raise PriorUnavailable(
-            "the Stable Diffusion prior is not available yet in this version; use --prior synthetic"
-        ) from None
+    start = time.perf_counter()
     sd = cfg.prior.sd
-    return StableDiffusionPrior.load(sd.model, cfg.prompt, sd.aux_prompt, device, sd.dtype, sd.latent_resolution)
+    prior = StableDiffusionPrior.load(sd.model, cfg.prompt, sd.aux_prompt, device, sd.dtype, sd.latent_resolution)
+    return PriorChoice(prior, notice, time.perf_counter() - start)
+
+
+def _auto_prior(cfg: RunConfig, device: torch.device) -> tuple[str, Optional[str]]:
+    """``auto``: SD on CUDA when its weights are local or can be downloaded now; else synthetic and why."""
+    from recdreamer_gs import hub
+
+    if device.type != "cuda":
+        from recdreamer_gs.doctor import cuda_mismatch
+
+        asked = cfg.train.device == "cpu"
+        hint = None if asked else cuda_mismatch()
+        reason = "--device cpu was asked for" if asked else "no CUDA device is in use"
+        return "synthetic", synthetic_notice(reason + (f" ({hint})" if hint else ""))
+    sd = hub.config_models(cfg, cuda=True)[0]
+    try:
+        hub.plan(sd)
+    except hub.ModelUnavailable as err:
+        return "synthetic", synthetic_notice(f"the Stable Diffusion weights {sd.source!r} cannot be had: {err.cause}")
+    return "sd", None
 
 
 def build_particle_score(cfg: RunConfig, prior: Prior):
@@ -120,10 +127,12 @@ def load_templates(cfg: RunConfig, prior: Prior) -> dict:
     return generate_templates(sd_sample_fn(prior), cfg.prompt, rect.templates_per_view)
 
 
-def build_pose(cfg: RunConfig, prior: Prior, device: torch.device, need: bool) -> PoseSetup:
+def build_pose(cfg: RunConfig, prior: Prior, device: torch.device, need: bool,
+               timings: Optional[dict] = None) -> PoseSetup:
     """The pose classifier: the synthetic prior's template matcher, or DINOv2 + templates for SD.
 
-    For SD it is built only when ``need`` (USD, or a template folder was given for metrics).
+    For SD it is built only when ``need`` (USD, or a template folder was given for metrics). The seconds
+    spent on the templates (generating them, embedding them) go to ``timings["templates_s"]``.
     """
     rect = cfg.distill.rectifier
     if prior.name == "synthetic":
@@ -136,16 +145,16 @@ def build_pose(cfg: RunConfig, prior: Prior, device: torch.device, need: bool) -
         return PoseSetup(None, ())
     else:
         from recdreamer_gs.pose.classifier import PoseClassifier, PoseClassifierConfig
-        from recdreamer_gs.pose.features import DinoFeatures, FeatureModelUnavailable
+        from recdreamer_gs.pose.features import DinoFeatures
 
-        try:
-            features = DinoFeatures.load(rect.pose_model, device=device)
-        except FeatureModelUnavailable as err:
-            raise RunError(str(err)) from None
+        features = DinoFeatures.load(rect.pose_model, device=device)
+        start = time.perf_counter()
         templates = load_templates(cfg, prior)
         pcfg = PoseClassifierConfig(classes=tuple(templates), feature_model=rect.pose_model,
                                     tau_pose=rect.tau_pose, n_augment=rect.template_augment)
         classifier = PoseClassifier.from_templates(features, templates, pcfg).to(device)
+        if timings is not None:
+            timings["templates_s"] = time.perf_counter() - start
         setup = PoseSetup(lambda images, background=None: classifier(images), tuple(templates), templates)
         setup.module = classifier  # type: ignore[attr-defined]
     if rect.pose_control and rect.pose_control not in setup.class_names:
@@ -225,12 +234,9 @@ def build_clip(cfg: RunConfig, device: torch.device):
     """The CLIP scorer for cEnt and the CLIP score when ``output.clip_model`` is set (else None)."""
     if not cfg.output.clip_model:
         return None
-    from recdreamer_gs.metrics import ClipScorer, ClipUnavailable
+    from recdreamer_gs.metrics import ClipScorer
 
-    try:
-        return ClipScorer.load(cfg.output.clip_model, device=device)
-    except ClipUnavailable as err:
-        raise RunError(str(err)) from None
+    return ClipScorer.load(cfg.output.clip_model, device=device)
 
 
 def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device,
@@ -243,7 +249,10 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
     stages = cfg.stages or [None]
     stage_cfgs = [cfg if st is None else stage_config(cfg, st) for st in stages]
     methods = {c.distill.method for c in stage_cfgs}
-    pose = build_pose(cfg, choice.prior, device, need="usd" in methods)
+    # Phases of the run for metrics.json; the stages add train_s and export_s (callbacks.ExportAndMetrics).
+    timings = {"load_s": choice.load_s, "templates_s": 0.0}
+    start = time.perf_counter()
+    pose = build_pose(cfg, choice.prior, device, need="usd" in methods, timings=timings)
     if pose.templates is not None:
         from recdreamer_gs.pose.templates import write_template_folder
 
@@ -253,6 +262,7 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
     particle_score = build_particle_score(score_cfg, choice.prior)
     if clip is None:
         clip = build_clip(cfg, device)
+    timings["load_s"] += time.perf_counter() - start - timings["templates_s"]
     first = int(resume.get("stage", 0)) if resume is not None else 0
     particles, system = None, None
     for k in range(first, len(stages)):
@@ -261,7 +271,7 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
             cfg, stage_cfgs[k], out_dir, choice, device, pose, particle_score, particles, k,
             colour_only=stage is not None and stage.params == "colour",
             prefix=f"{stage.name}_" if len(stages) > 1 else "",
-            resume=resume if k == first else None, extra_callbacks=extra_callbacks, clip=clip,
+            resume=resume if k == first else None, extra_callbacks=extra_callbacks, clip=clip, timings=timings,
         )
         particles = list(system.particles)
     return system
@@ -269,7 +279,8 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
 
 def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device, pose: PoseSetup,
                particle_score, particles, stage: int, colour_only: bool, prefix: str,
-               resume: Optional[dict], extra_callbacks: Optional[list], clip=None):
+               resume: Optional[dict], extra_callbacks: Optional[list], clip=None,
+               timings: Optional[dict] = None):
     """One Lightning fit: the system of one stage (its config ``cfg``) with its callbacks."""
     import signal
 
@@ -297,7 +308,7 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     callbacks: list = [
         PreviewImages(out_dir, cfg.train.preview_every, prefix),
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
-        ExportAndMetrics(cfg, out_dir),
+        ExportAndMetrics(cfg, out_dir, timings=timings),
         *(extra_callbacks or []),
     ]
     if stage == 0:

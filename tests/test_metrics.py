@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from recdreamer_gs.hub import ModelUnavailable
 from recdreamer_gs.metrics import (
     CLIP_VIEW_SUFFIXES,
     ClipScorer,
-    ClipUnavailable,
     clip_preprocess,
     clip_score,
     clip_view_entropy,
@@ -94,10 +94,10 @@ def test_clip_preprocess():
 
 
 def test_missing_clip_is_a_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(ClipUnavailable) as info:
+    with pytest.raises(ModelUnavailable) as info:
         ClipScorer.load(str(tmp_path / "no-clip"))
     assert "no-clip" in str(info.value) and "--clip-model PATH" in str(info.value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ClipUnavailable, match="openai/clip-vit-base-patch32.*offline"):
+    with pytest.raises(ModelUnavailable, match="openai/clip-vit-base-patch32.*offline"):
         ClipScorer.load()

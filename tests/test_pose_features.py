@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from recdreamer_gs.pose.features import IMAGENET_MEAN, IMAGENET_STD, DinoFeatures, FeatureModelUnavailable, preprocess
+from recdreamer_gs.hub import ModelUnavailable
+from recdreamer_gs.pose.features import IMAGENET_MEAN, IMAGENET_STD, DinoFeatures, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +71,21 @@ def test_bad_input_and_size(feats):
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(FeatureModelUnavailable) as info:
+    with pytest.raises(ModelUnavailable) as info:
         DinoFeatures.load(str(missing))
     msg = str(info.value)
     assert str(missing) in msg and "--pose-model PATH" in msg
 
 
 def test_folder_without_config_is_a_clear_error(tmp_path):
-    with pytest.raises(FeatureModelUnavailable, match="config.json"):
+    with pytest.raises(ModelUnavailable, match="config.json"):
         DinoFeatures.load(str(tmp_path))
 
 
 def test_uncached_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(FeatureModelUnavailable) as info:
+    with pytest.raises(ModelUnavailable) as info:
         DinoFeatures.load("facebook/dinov2-with-registers-small")
     assert "facebook/dinov2-with-registers-small" in str(info.value) and "--pose-model" in str(info.value)
 

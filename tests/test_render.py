@@ -402,6 +402,40 @@ def parity_report(seeds: tuple[int, ...] = (0, 1), n: int = 400, device: str = "
     return report
 
 
+def _torch_backend_outputs(device: torch.device, default_device: str | None = None) -> list[torch.Tensor]:
+    """rgb, alpha, depth, meta tensors and gradients of a small torch-backend render on ``device``, rendered
+    (forward and backward) with PyTorch's default device set to ``default_device``."""
+    g = make_gaussians([[0.0, 0.0, 0.0], [0.2, 0.1, -0.3]], [0.3, 0.2], [0.9, 0.6], [[0.9, 0.2, 0.1], [0.1, 0.8, 0.2]])
+    g = g.to(device)
+    cams = make_cameras([0.0, 90.0], [10.0, 0.0], 3.0, 16).to(device)
+    background = torch.rand(2, 3).to(device)
+    with torch.device(default_device or device):
+        out = render(g, cams, background, backend="torch")
+        out.rgb.sum().backward()
+    meta = [v for v in out.meta.values() if isinstance(v, torch.Tensor)]
+    return [out.rgb, out.alpha, out.depth, *meta, *[p.grad for p in g.parameters()]]
+
+
+def test_torch_backend_follows_the_input_device():
+    """The compositor makes its tensors on its inputs' device (it is the fallback renderer on GPUs too): with
+    PyTorch's default device set to 'meta', a tensor the forward made without ``device=`` would break the
+    render. (Autograd runs backward outside that setting; the CUDA test below covers the backward.)"""
+    tensors = _torch_backend_outputs(torch.device("cpu"), default_device="meta")
+    assert all(t is not None and t.device.type == "cpu" for t in tensors)
+    assert torch.isfinite(tensors[0]).all() and tensors[1].max() > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_backend_on_cuda():
+    """``render.backend=torch`` on a GPU: outputs and gradients stay on CUDA and match the CPU render."""
+    on_gpu = _torch_backend_outputs(torch.device("cuda"))
+    on_cpu = _torch_backend_outputs(torch.device("cpu"))
+    assert all(t is not None and t.device.type == "cuda" for t in on_gpu)
+    for a, b in zip(on_gpu[:3], on_cpu[:3]):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gsplat_torch_parity():

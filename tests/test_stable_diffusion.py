@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from recdreamer_gs.priors.base import PriorUnavailable
-from recdreamer_gs.priors.stable_diffusion import (
-    StableDiffusionPrior, missing_parts, resolve_dtype, sd_available,
-)
+from recdreamer_gs import hub
+from recdreamer_gs.hub import ModelUnavailable
+from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior, resolve_dtype
 from recdreamer_gs.usd.distill import alpha_sigma
 
 PROMPT, AUX = "a kangaroo wearing boxing gloves", ", from side view, from back view"
@@ -47,6 +46,10 @@ def fake_hub_cache(hf_home: Path, repo_id: str, source: Path) -> Path:
     return repo / "snapshots" / commit
 
 
+def sd_status(model) -> hub.Status:
+    return hub.status(hub.ModelSpec(hub.SD_PIPELINE, str(model)))
+
+
 # ---- loading ---------------------------------------------------------------------------------
 
 
@@ -66,18 +69,17 @@ def test_load_local_folder(prior):
         assert not any(p.requires_grad for p in module.parameters())
     assert prior.cond_embedding.shape == prior.uncond_embedding.shape == (1, 77, 32)
     assert not torch.allclose(prior.cond_embedding, prior.uncond_embedding)
-    assert sd_available(str(prior.name)) == (True, f"local folder {prior.name}")
+    assert sd_status(prior.name).complete
 
 
 def test_missing_folder(tmp_path):
     model = str(tmp_path / "no-such-sd")
-    with pytest.raises(PriorUnavailable) as info:
+    with pytest.raises(ModelUnavailable) as info:
         load(model)
     message = str(info.value)
-    assert model in message and "not found" in message
+    assert model in message and "not found" in message and "\n" not in message
     assert "--model PATH" in message and "--prior synthetic" in message
-    ok, why = sd_available(model)
-    assert not ok and "no folder" in why
+    assert not sd_status(model).complete and "no folder" in sd_status(model).where()
 
 
 def test_incomplete_folder(tiny_models, tmp_path):
@@ -85,13 +87,12 @@ def test_incomplete_folder(tiny_models, tmp_path):
     shutil.copytree(tiny_models["sd"], folder)
     shutil.rmtree(folder / "unet")
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    assert missing_parts(folder) == ["subfolder unet/", "weights in vae/ (*.safetensors or *.bin)"]
-    with pytest.raises(PriorUnavailable) as info:
+    assert sd_status(folder).missing == ["unet/", "weights in vae/ (*.safetensors or *.bin)"]
+    with pytest.raises(ModelUnavailable) as info:
         load(folder)
     message = str(info.value)
     assert str(folder) in message and "incomplete" in message and "unet/" in message
     assert "--model PATH" in message and "--prior synthetic" in message
-    assert not sd_available(str(folder))[0]
 
 
 def test_unknown_repo_offline(monkeypatch, tmp_path):
@@ -99,13 +100,11 @@ def test_unknown_repo_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     model = "nobody-here/no-such-diffusion-model"
-    with pytest.raises(PriorUnavailable) as info:
+    with pytest.raises(ModelUnavailable) as info:
         load(model)
     message = str(info.value)
     assert model in message and "offline" in message and "not in the Hugging Face cache" in message
-    assert "--model PATH" in message and "--prior synthetic" in message
-    ok, why = sd_available(model)
-    assert not ok and "offline" in why
+    assert "--model PATH" in message and "--prior synthetic" in message and "models --download" in message
 
 
 def test_repo_from_hub_cache_offline(tiny_models, monkeypatch, tmp_path):
@@ -114,15 +113,59 @@ def test_repo_from_hub_cache_offline(tiny_models, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     fake_hub_cache(tmp_path / "hf", "tiny/sd", tiny_models["sd"])
-    ok, why = sd_available("tiny/sd")
-    assert ok and "Hugging Face cache" in why
+    assert sd_status("tiny/sd").complete and "Hugging Face cache" in sd_status("tiny/sd").where()
     prior = load("tiny/sd")
     assert prior.name == "tiny/sd" and prior.cond_embedding.shape == (1, 77, 32)
 
     snapshot = fake_hub_cache(tmp_path / "hf", "tiny/partial", tiny_models["sd"])
     shutil.rmtree(snapshot / "unet")
-    with pytest.raises(PriorUnavailable, match=r"'tiny/partial'.*incomplete download.*unet/"):
+    with pytest.raises(ModelUnavailable, match=r"'tiny/partial'.*offline.*incomplete download.*unet/"):
         load("tiny/partial")
+
+
+def test_fp16_variant_files_load_with_their_variant(tiny_models, tmp_path):
+    """A folder holding only the fp16 variant weights (what a half-precision download fetches) loads them."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = tmp_path / "sd16"
+    shutil.copytree(tiny_models["sd"], folder)
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        model = cls.from_pretrained(folder / sub, torch_dtype=torch.float16)
+        for f in (folder / sub).glob("*.safetensors"):
+            f.unlink()
+        model.save_pretrained(folder / sub, variant="fp16")
+    st = hub.status(hub.ModelSpec(hub.SD_PIPELINE, str(folder), half=True))
+    assert st.complete and st.variants == {"text_encoder": "fp16", "unet": "fp16", "vae": "fp16"}
+    prior = load(folder)  # on CPU: fp32 from the fp16 files
+    assert prior.dtype == torch.float32
+    reference = load(tiny_models["sd"])
+    for a, b in zip(prior.unet.parameters(), reference.unet.parameters()):
+        torch.testing.assert_close(a, b.half().float())
+
+
+def test_template_sampler_uses_the_pipeline_scheduler_config(tiny_models, tmp_path):
+    """DDIM for templates comes from the pipeline's scheduler config: its betas and its final ᾱ."""
+    import json
+
+    prior = load(tiny_models["sd"])
+    ddim = prior.ddim_scheduler(10)
+    torch.testing.assert_close(ddim.alphas_cumprod.float(), prior.alphas_cumprod.cpu())
+    assert float(ddim.final_alpha_cumprod) == pytest.approx(float(prior.alphas_cumprod[0]))  # set_alpha_to_one false
+    assert int(ddim.timesteps[-1]) == 1  # steps_offset 1, as in SD's config
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_models["sd"], folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.update(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, set_alpha_to_one=True, steps_offset=0)
+    path.write_text(json.dumps(config))
+    other = load(folder)
+    ddim = other.ddim_scheduler(10)
+    assert not torch.allclose(other.alphas_cumprod, prior.alphas_cumprod)
+    torch.testing.assert_close(ddim.alphas_cumprod.float(), other.alphas_cumprod.cpu())
+    assert float(ddim.final_alpha_cumprod) == 1.0 and int(ddim.timesteps[-1]) == 0
+    images = other.sample("front", 1, steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 3, 64, 64) and images.abs().max() <= 1
 
 
 def test_resolve_dtype():

