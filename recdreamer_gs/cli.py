@@ -467,7 +467,8 @@ def export_cmd(
     target: Path = typer.Argument(..., help="Output: .ply or .splat (Gaussians), .glb or .obj (mesh), "
                                   ".ply with --mesh (mesh)."),
     frame_in: str = typer.Option("viewer", "--from-frame", help="Frame of the input: viewer | y-up."),
-    frame_out: str = typer.Option("viewer", "--to-frame", help="Frame of the output: viewer | y-up."),
+    frame_out: str = typer.Option("viewer", "--to-frame", help="Frame of the output (Gaussians or mesh): viewer "
+                                  "(as model.ply) | y-up (the internal frame; glTF viewers assume +y up)."),
     mesh: bool = typer.Option(False, "--mesh", help="Write a triangle mesh (implied by .glb and .obj)."),
     faces: int = typer.Option(0, "--faces", help="Mesh: decimate to at most N triangles (0: keep all)."),
     resolution: int = typer.Option(0, help="Mesh: render size and voxels across the object "
@@ -483,7 +484,11 @@ def export_cmd(
             if value not in ("viewer", "y-up"):
                 raise UserError(f"{name}: expected viewer or y-up, got {value!r}")
         suffix = target.suffix.lower()
-        if suffix in (".glb", ".obj") or (mesh and suffix == ".ply"):
+        is_mesh = suffix in (".glb", ".obj") or (mesh and suffix == ".ply")
+        if not is_mesh and (mesh or faces or resolution):
+            raise UserError(f"output {target}: a mesh (--mesh, --faces, --resolution) needs a .glb or .obj file "
+                            f"name, or .ply with --mesh; got {suffix or 'no suffix'}")
+        if is_mesh:
             from recdreamer_gs.mesh import export_mesh
             from recdreamer_gs.pipeline import resolve_device
 
@@ -491,10 +496,6 @@ def export_cmd(
             err_console.print(f"wrote {target} ({result.vertices} vertices, {result.faces} triangles from "
                               f"{result.views} views in {result.seconds:.1f} s)", highlight=False)
             return
-        if (mesh or faces or resolution) and suffix == ".ply":
-            raise UserError("--faces and --resolution apply to meshes: add --mesh to write a mesh .ply")
-        if mesh:
-            raise UserError(f"output {target}: a mesh needs a .glb, .obj or .ply file name, got {suffix or 'no suffix'}")
         params = read_ply(ply, frame=frame_in)
         if suffix == ".ply":
             n = write_ply(target, params, frame=frame_out)

@@ -241,6 +241,9 @@ def glb_bytes(mesh) -> bytes:
     from trimesh.exchange.gltf import export_glb
 
     colours = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else np.full((len(mesh.vertices), 3), 0.7)
+    if not mesh.has_vertex_normals():
+        mesh.compute_vertex_normals()
+    normals = np.asarray(mesh.vertex_normals)
     rgba = np.concatenate([np.round(np.clip(colours, 0, 1) * 255), np.full((len(colours), 1), 255)], axis=1)
     tm = trimesh.Trimesh(vertices=np.asarray(mesh.vertices), faces=np.asarray(mesh.triangles),
                          vertex_normals=np.asarray(mesh.vertex_normals), vertex_colors=rgba.astype(np.uint8),
@@ -317,16 +320,21 @@ def export_mesh(ply: str | Path, target: str | Path, frame_in: PlyFrame = "viewe
 def render_mesh(mesh, cameras: Cameras, background: float = 1.0) -> Float[Tensor, "B 3 H W"]:
     """Shaded views of a coloured mesh by ray casting (open3d, headless) from our cameras.
 
-    Vertex colours are interpolated over each triangle and lit by a light at the camera, so the
-    picture shows both the colours and the shape. Pixels that miss the mesh get ``background``.
+    Vertex colours and normals are interpolated over each triangle (as viewers do with the written
+    normals) and lit by a light at the camera, so the picture shows both the colours and the shape.
+    Pixels that miss the mesh get ``background``.
     """
     import open3d as o3d
     import open3d.core as o3c
 
-    scene = o3d.t.geometry.RaycastingScene()
-    scene.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(mesh))
     triangles = np.asarray(mesh.triangles)
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3c.Tensor(np.asarray(mesh.vertices, dtype=np.float32)),
+                        o3c.Tensor(triangles.astype(np.uint32)))
     colours = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else np.full((len(mesh.vertices), 3), 0.7)
+    if not mesh.has_vertex_normals():
+        mesh.compute_vertex_normals()
+    normals = np.asarray(mesh.vertex_normals)
     H, W = cameras.height, cameras.width
     j, i = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
     images = []
@@ -340,11 +348,16 @@ def render_mesh(mesh, cameras: Cameras, background: float = 1.0) -> Float[Tensor
         hit = scene.cast_rays(o3c.Tensor(rays))
         prim = hit["primitive_ids"].numpy().astype(np.int64)
         uv = hit["primitive_uvs"].numpy()
-        normal = hit["primitive_normals"].numpy()
         valid = np.isfinite(hit["t_hit"].numpy())
         tri = triangles[np.where(valid, prim, 0)]
         u, v = uv[..., :1], uv[..., 1:]
-        colour = (1 - u - v) * colours[tri[..., 0]] + u * colours[tri[..., 1]] + v * colours[tri[..., 2]]
+
+        def interpolate(values: np.ndarray) -> np.ndarray:
+            return (1 - u - v) * values[tri[..., 0]] + u * values[tri[..., 1]] + v * values[tri[..., 2]]
+
+        colour = interpolate(colours)
+        normal = interpolate(normals)
+        normal /= np.linalg.norm(normal, axis=-1, keepdims=True).clip(1e-8)
         shade = 0.35 + 0.65 * np.abs((normal * dirs).sum(-1, keepdims=True))
         image = np.where(valid[..., None], np.clip(colour * shade, 0, 1), background)
         images.append(torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1))

@@ -208,10 +208,10 @@ def test_export_bad_input(ball_ply, tmp_path):
     one_line_error(invoke(["export", str(empty), str(tmp_path / "m.glb")]), "holds no Gaussians")
 
     one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.stl")]), "expected a .ply, .splat, .glb or .obj")
-    one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.stl"), "--mesh"]), "a mesh needs")
-    one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.ply"), "--faces", "100"]), "add --mesh")
+    one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.stl"), "--mesh"]), "needs a .glb or .obj file name")
+    one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.ply"), "--faces", "100"]), "or .ply with --mesh")
     one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "no" / "such" / "m.glb")]), "does not exist")
-    one_line_error(invoke(["export", str(ball_ply), str(tmp_path), "--mesh"]), "a mesh needs")
+    one_line_error(invoke(["export", str(ball_ply), str(tmp_path), "--mesh"]), "needs a .glb or .obj file name")
     (tmp_path / "dir.glb").mkdir()
     one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "dir.glb")]), "it is a folder")
     one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.glb"), "--faces", "-1"]), "--faces")
