@@ -3,8 +3,9 @@
 The way 2DGS-style pipelines extract meshes: render colour, depth and alpha with our own renderer
 from rings of cameras around the object, cut the background out by alpha, fuse the views into a
 truncated signed distance volume (open3d's sparse voxel-block grid; voxel size from the object's
-extent), run marching cubes, keep the largest connected piece and optionally decimate it. The mesh is
-written in the same frame as the splat PLY (viewer frame by default, see ``export.py``).
+extent), run marching cubes, keep the largest connected piece and optionally decimate it, then colour
+the vertices from the renders that see them. The mesh is written in the same frame as the splat PLY
+(viewer frame by default, see ``export.py``).
 
 Depth: the renderer returns the alpha-normalised expected z-depth along the camera axis (not the
 distance along the ray), which is what open3d's integration expects. It averages the Gaussians'
@@ -54,7 +55,10 @@ class MeshOptions:
     resolution: int = 0  # render size in pixels; 0: 256 on CUDA, 128 on CPU (the CPU renderer is slow)
     fovy: float = 40.0  # vertical field of view of the cameras, degrees
     voxels: int = 0  # voxels across the object's diameter (voxel size = 2 radius / voxels); 0: the resolution
-    trunc_voxels: float = 4.0  # truncation of the signed distance, in voxels
+    # Truncation of the signed distance, in voxels. Thicker bands average more depth noise but inflate
+    # the surface (silhouette rays mark voxels beside the object as behind it): 8 voxels put a ball's
+    # surface 4 voxels out, 4 voxels about 2.
+    trunc_voxels: float = 4.0
     alpha_threshold: float = 0.5  # pixels with less accumulated opacity are background (no depth)
     min_weight: float = 3.0  # keep surface only where at least this many views saw it
     opacity_threshold: float = 0.05  # Gaussians below this opacity do not count for the extent
@@ -161,10 +165,10 @@ def fuse_tsdf(rgb: Tensor, depth: Tensor, alpha: Tensor, cameras: Cameras, voxel
         depth_image = o3d.t.geometry.Image(o3c.Tensor(d.numpy().astype(np.float32)[..., None]))
         colour_image = o3d.t.geometry.Image(o3c.Tensor(np.ascontiguousarray(rgb[i].numpy(), dtype=np.float32)))
         blocks = grid.compute_unique_block_coordinates(depth_image, intrinsic, extrinsic, 1.0, far,
-                                                        opts.trunc_voxels)
+                                                        float(opts.trunc_voxels))
         grid.integrate(blocks, depth_image, colour_image, intrinsic, intrinsic, extrinsic, 1.0, far,
-                       opts.trunc_voxels)
-    return grid.extract_triangle_mesh(weight_threshold=opts.min_weight).to_legacy()
+                       float(opts.trunc_voxels))
+    return grid.extract_triangle_mesh(weight_threshold=float(opts.min_weight)).to_legacy()
 
 
 def clean_mesh(mesh, faces: int = 0):
@@ -202,7 +206,58 @@ def extract_mesh(gaussians, opts: Optional[MeshOptions] = None) -> MeshResult:
     mesh = clean_mesh(fuse_tsdf(rgb, depth, alpha, cameras, voxel_size, opts), opts.faces)
     if len(mesh.triangles) == 0:
         raise MeshError("no surface was found in the fused views (the Gaussians may be too sparse or faint)")
+    colour_vertices(mesh, rgb, alpha, cameras, opts.alpha_threshold, voxel_size)
     return MeshResult(mesh, len(cameras), voxel_size, time.perf_counter() - start)
+
+
+def _raycasting_scene(mesh):
+    import open3d as o3d
+    import open3d.core as o3c
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3c.Tensor(np.asarray(mesh.vertices, dtype=np.float32)),
+                        o3c.Tensor(np.asarray(mesh.triangles).astype(np.uint32)))
+    return scene
+
+
+def colour_vertices(mesh, rgb: Tensor, alpha: Tensor, cameras: Cameras, alpha_threshold: float,
+                    voxel_size: float) -> None:
+    """Vertex colours from the renders, in place: each vertex averages the pixels it projects to in the
+    views that see it (a ray cast against the mesh itself), weighted by cos² of the viewing angle.
+
+    The TSDF's own colours are averaged over its truncation band and blur small details (eyes, stripes);
+    these keep what the splat shows. Vertices no view sees keep the TSDF colour.
+    """
+    import open3d as o3d
+    import open3d.core as o3c
+
+    scene = _raycasting_scene(mesh)
+    points, normals = np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals)
+    total, weight = np.zeros_like(points), np.zeros(len(points))
+    H, W = cameras.height, cameras.width
+    focal = cameras.focal().double().numpy()
+    for k in range(len(cameras)):
+        c2w = cameras.c2w[k].double().numpy()
+        offset = points - c2w[:3, 3]
+        distance = np.linalg.norm(offset, axis=1)
+        direction = offset / distance[:, None].clip(1e-12)
+        local = offset @ c2w[:3, :3]  # OpenGL camera coordinates: x right, y up, looking down -z
+        z = -local[:, 2]
+        # Pixel j covers [j, j + 1): its centre is at j + 0.5, as in the renderer.
+        col = np.floor(focal[k] * local[:, 0] / np.maximum(z, 1e-9) + W / 2).astype(np.int64)
+        row = np.floor(-focal[k] * local[:, 1] / np.maximum(z, 1e-9) + H / 2).astype(np.int64)
+        inside = (z > 0) & (col >= 0) & (col < W) & (row >= 0) & (row < H)
+        col, row = col.clip(0, W - 1), row.clip(0, H - 1)
+        rays = np.concatenate([np.broadcast_to(c2w[:3, 3], offset.shape), direction], axis=1).astype(np.float32)
+        first_hit = scene.cast_rays(o3c.Tensor(rays))["t_hit"].numpy()
+        visible = inside & (first_hit >= distance - 0.5 * voxel_size) & (alpha[k].numpy()[row, col] >= alpha_threshold)
+        w = np.where(visible, (normals * direction).sum(axis=1) ** 2, 0.0)
+        total += w[:, None] * rgb[k].numpy()[row, col]
+        weight += w
+    seen = weight > 1e-6
+    colours = np.asarray(mesh.vertex_colors).copy()
+    colours[seen] = total[seen] / weight[seen, None]
+    mesh.vertex_colors = o3d.utility.Vector3dVector(np.clip(colours, 0.0, 1.0))
 
 
 # -- frames and files ------------------------------------------------------------------------
@@ -324,13 +379,10 @@ def render_mesh(mesh, cameras: Cameras, background: float = 1.0) -> Float[Tensor
     normals) and lit by a light at the camera, so the picture shows both the colours and the shape.
     Pixels that miss the mesh get ``background``.
     """
-    import open3d as o3d
     import open3d.core as o3c
 
     triangles = np.asarray(mesh.triangles)
-    scene = o3d.t.geometry.RaycastingScene()
-    scene.add_triangles(o3c.Tensor(np.asarray(mesh.vertices, dtype=np.float32)),
-                        o3c.Tensor(triangles.astype(np.uint32)))
+    scene = _raycasting_scene(mesh)
     colours = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else np.full((len(mesh.vertices), 3), 0.7)
     if not mesh.has_vertex_normals():
         mesh.compute_vertex_normals()

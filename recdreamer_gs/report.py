@@ -109,18 +109,23 @@ def _keys(logs: list[StageLog], prefix: str) -> list[str]:
 
 
 def _plot(ax, logs: list[StageLog], keys: list[str], title: str, log_y: bool = False) -> None:
-    drawn = False
+    """Lines of ``keys``; a term that is zero throughout (e.g. the LoRA loss with the kernel ε_φ) is
+    named in the title instead of drawn, so that the others can share a log scale."""
+    drawn, zero, values = False, [], [np.zeros(0)]
     for key in keys:
         x, y = _series(logs, key)
-        if len(x):
-            ax.plot(x, y, lw=1.0, label=key.split("/")[-1] if "/" in key else key)
+        name = key.split("/")[-1]
+        if len(x) and np.all(np.nan_to_num(y) == 0):
+            zero.append(name)
+        elif len(x):
+            ax.plot(x, y, lw=1.0, label=name)
+            values.append(y[np.isfinite(y)])
             drawn = True
-    values = np.concatenate([np.zeros(0)] + [_series(logs, k)[1] for k in keys])
-    if drawn and log_y and (values[np.isfinite(values)] > 0).all():
+    if drawn and log_y and (np.concatenate(values) > 0).all():
         ax.set_yscale("log")
-    if drawn and len(keys) > 1:
+    if drawn and len(keys) - len(zero) > 1:
         ax.legend(fontsize=7, loc="best")
-    _finish(ax, logs, title, drawn)
+    _finish(ax, logs, title + (f" ({', '.join(zero)}: 0)" if zero else ""), drawn)
 
 
 def _finish(ax, logs: list[StageLog], title: str, drawn: bool) -> None:
@@ -183,13 +188,16 @@ def draw_report(run_dir: str | Path):
     _plot(top[3], logs, ["gaussians/count"], "Gaussians")
 
     colours = cm.viridis(np.linspace(0.0, 0.9, max(len(v) for v in ema.values()))) if ema else []
+    # One y scale for every class panel, with room above the highest line (at least up to 0.5).
+    highest = max([float(np.nanmax(_series(logs, k)[1], initial=0.0)) for v in ema.values() for _, k in v] or [0.0])
+    top = min(1.0, max(0.5, 1.15 * highest))
     for i, (name, items) in enumerate(ema.items()):
         ax = fig.add_subplot(grid[1, i])
         for (interval, key), colour in zip(items, colours):
             x, y = _series(logs, key)
             ax.plot(x, y, lw=0.9, color=colour, label=interval)
         ax.axhline(1.0 / len(ema), color="k", ls="--", lw=0.8)  # the uniform target of the rectifier
-        ax.set_ylim(0.0, 1.0)
+        ax.set_ylim(0.0, top)
         if i == 0:
             ax.legend(fontsize=6, loc="upper right", ncol=2, title="interval (low t → high t)",
                       title_fontsize=6)

@@ -144,6 +144,27 @@ def test_mesh_view_matches_the_splat_render(ball):
     assert image[:, 2, 38, 24].min() > 0.3 and image[:, 0, 38, 24].max() < 0.2
 
 
+def test_vertex_colours_come_from_the_views_that_see_them(ball):
+    import copy
+
+    from recdreamer_gs.mesh import colour_vertices, mesh_cameras, object_bounds, render_rgbd
+
+    gaussians, result = ball
+    centre, radius = object_bounds({k: v.detach() for k, v in gaussians.params.items()})
+    cams = mesh_cameras(centre, radius, FAST, 32)
+    rgb, _, alpha = render_rgbd(gaussians, cams)
+    mesh = copy.deepcopy(result.mesh)
+    mesh.vertex_colors = o3d.utility.Vector3dVector(np.full((result.vertices, 3), 0.5))
+    colour_vertices(mesh, rgb, alpha, cams, 0.5, result.voxel_size)
+    v, c = np.asarray(mesh.vertices), np.asarray(mesh.vertex_colors)
+    assert np.allclose(c, np.asarray(result.mesh.vertex_colors))  # what extract_mesh does
+    top, bottom = v[:, 1] > 0.1, v[:, 1] < -0.1
+    assert (c[top, 0] > 0.9).mean() > 0.98 and (c[bottom, 2] > 0.9).mean() > 0.98
+    # Nothing sees a vertex from views where alpha is below the threshold: it keeps its colour.
+    colour_vertices(mesh, rgb, torch.zeros_like(alpha), cams, 0.5, result.voxel_size)
+    assert np.allclose(np.asarray(mesh.vertex_colors), c)
+
+
 def test_decimation_to_a_face_budget():
     params = ball_params()
     result = extract_mesh(Gaussians(params, GaussiansConfig()), dataclasses.replace(FAST, faces=500))

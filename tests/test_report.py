@@ -126,3 +126,14 @@ def test_report_command(tmp_path):
     assert result.exit_code == 2 and "not a run folder" in " ".join(result.output.split())
     assert "Traceback" not in result.output
 
+
+
+def test_a_term_that_is_zero_throughout_is_named_not_drawn(tmp_path):
+    rows = fake_rows(50)
+    for row in rows:
+        row["loss/lora"] = 0.0  # the kernel ε_φ of the synthetic prior has no LoRA
+    write_csv(tmp_path / "run" / "logs" / "metrics.csv", rows)
+    fig = draw_report(tmp_path / "run")
+    losses = next(ax for ax in fig.axes if ax.get_title().startswith("losses"))
+    assert losses.get_title() == "losses (lora: 0)" and losses.get_yscale() == "log"
+    assert [line.get_label() for line in losses.get_lines()] == ["usd"]
