@@ -276,7 +276,8 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from recdreamer_gs.callbacks import Checkpointer, ConfigSnapshot, ExportAndMetrics, PreviewImages, make_loggers
+    from recdreamer_gs.callbacks import (Checkpointer, ConfigSnapshot, ExportAndMetrics, PoseEMALog, PreviewImages,
+                                         make_loggers)
     from recdreamer_gs.data import CameraDataModule
     from recdreamer_gs.distributed import make_strategy
     from recdreamer_gs.system import TextTo3DSystem
@@ -297,6 +298,7 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
         PreviewImages(out_dir, cfg.train.preview_every, prefix),
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
         ExportAndMetrics(cfg, out_dir),
+        PoseEMALog(max(cfg.train.log_every, 1)),
         *(extra_callbacks or []),
     ]
     if stage == 0:

@@ -36,7 +36,8 @@ class StageLog:
 
 
 def read_csv(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a Lightning CSV log as float arrays (NaN for empty cells)."""
+    """Columns of a Lightning CSV log as float arrays (NaN for empty cells); rows of the same step (Lightning's
+    and the pose-EMA callback's) are merged into one."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -49,7 +50,13 @@ def read_csv(path: Path) -> dict[str, np.ndarray]:
         except ValueError:
             return math.nan
 
-    return {k: np.array([number(row.get(k)) for row in rows]) for k in keys}
+    merged: dict[object, dict[str, float]] = {}
+    for i, row in enumerate(rows):
+        values = {k: number(row.get(k)) for k in keys}
+        step = values.get("step", math.nan)
+        target = merged.setdefault(step if math.isfinite(step) else ("row", i), {k: math.nan for k in keys})
+        target.update({k: v for k, v in values.items() if math.isfinite(v)})
+    return {k: np.array([m[k] for m in merged.values()]) for k in keys}
 
 
 def stage_order(run_dir: Path) -> list[str]:

@@ -279,7 +279,6 @@ class TextTo3DSystem(L.LightningModule):
             logs["rect/log_r"] = log_r_value.detach().mean()
             for i, name in enumerate(self.class_names):
                 logs[f"pose/{name}"] = probs[:, i].detach().mean()
-            logs.update(self.pose_stats.log_dict(self.class_names))  # the rectifier's p̄_t per interval
         self.log_dict(logs, on_step=True, batch_size=z.shape[0])
         self.iteration += 1
 

@@ -137,3 +137,12 @@ def test_a_term_that_is_zero_throughout_is_named_not_drawn(tmp_path):
     losses = next(ax for ax in fig.axes if ax.get_title().startswith("losses"))
     assert losses.get_title() == "losses (lora: 0)" and losses.get_yscale() == "log"
     assert [line.get_label() for line in losses.get_lines()] == ["usd"]
+
+
+def test_rows_of_one_step_are_merged(tmp_path):
+    # Lightning's row and the pose-EMA callback's row of the same step, as CSVLogger writes them.
+    rows = [{"step": 9, "t": 500.0}, {"step": 9, "pose_ema/t500-599/front": 0.3}, {"step": 19, "t": 400.0}]
+    write_csv(tmp_path / "run" / "logs" / "metrics.csv", rows)
+    (log,) = read_logs(tmp_path / "run")
+    assert log.iteration.tolist() == [10.0, 20.0] and log.columns["t"].tolist() == [500.0, 400.0]
+    assert log.columns["pose_ema/t500-599/front"][0] == 0.3 and np.isnan(log.columns["pose_ema/t500-599/front"][1])
