@@ -1,4 +1,4 @@
-"""Non-essential logic of a run: previews, config snapshot, final export and metrics."""
+"""Non-essential logic of a run: previews, config snapshot, loggers, final export, mesh, report and metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -17,7 +18,7 @@ import yaml
 from PIL import Image
 
 from recdreamer_gs.config import RunConfig, to_dict
-from recdreamer_gs.export import atomic_write_bytes, write_ply, write_splat
+from recdreamer_gs.export import atomic_path, atomic_write_bytes, write_ply, write_splat
 
 
 def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> Image.Image:
@@ -52,9 +53,64 @@ def save_gif(frames: torch.Tensor, path: Path, fps: int = 12, upscale: int = 1) 
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def save_mp4(frames: torch.Tensor, path: Path, fps: int = 12, upscale: int = 1) -> None:
+    """[N,3,H,W] in [0,1] -> H.264 MP4 (yuv420p, written atomically) with the ffmpeg that imageio-ffmpeg ships."""
+    import imageio_ffmpeg
+
+    images = [np.asarray(image_grid(frames[i:i + 1], 1)) for i in range(frames.shape[0])]
+    if upscale > 1:
+        images = [im.repeat(upscale, axis=0).repeat(upscale, axis=1) for im in images]
+    h, w = images[0].shape[:2]
+    # yuv420p halves the chroma planes: both sides must be even, so repeat the last row/column if odd.
+    images = [np.pad(im, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") for im in images]
+    with atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(str(tmp), (w + w % 2, h + h % 2), fps=fps, codec="libx264",
+                                             pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
+                                             output_params=["-movflags", "+faststart"])
+        writer.send(None)  # start the ffmpeg process
+        for im in images:
+            writer.send(np.ascontiguousarray(im))
+        writer.close()
+
+
 def preview_upscale(resolution: int) -> int:
     """Small renders are enlarged in the PNGs so they can be looked at."""
     return max(1, 256 // resolution)
+
+
+def make_loggers(cfg: RunConfig, out_dir: Path, version: str) -> list:
+    """CSV logs in ``logs/<stage>/metrics.csv`` (what ``report`` reads), plus TensorBoard events in
+    ``tensorboard/<stage>/`` with ``output.logger=tensorboard``."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list = [CSVLogger(save_dir=str(out_dir), name="logs", version=version)]
+    if cfg.output.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version=version,
+                                         default_hp_metric=False))
+    return loggers
+
+
+class PoseEMALog(L.Callback):
+    """The rectifier's pose EMA p̄_t of every time interval and class (``pose_ema/t<lo>-<hi>/<class>``),
+    every ``every`` iterations of a USD run, straight to the loggers at the step Lightning logs too.
+
+    Not through ``LightningModule.log``: its bookkeeping costs about half a millisecond per key on every
+    iteration (measured), and these are 40 keys with the default 10 intervals and 4 classes.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stats = getattr(pl_module, "pose_stats", None)
+        if stats is None or pl_module.cfg.distill.method != "usd" or self.every <= 0:
+            return
+        if pl_module.iteration % self.every == 0:
+            values = {k: float(v) for k, v in stats.log_dict(pl_module.class_names).items()}
+            for logger in trainer.loggers:  # Lightning's step for this batch: iteration - 1
+                logger.log_metrics(values, step=pl_module.iteration - 1)
 
 
 class ConfigSnapshot(L.Callback):
@@ -107,6 +163,29 @@ def write_particles(pl_module: Any, out_dir: Path, cfg: RunConfig) -> int:
     return rows
 
 
+def write_meshes(pl_module: Any, out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
+    """``mesh.<ext>`` (or ``mesh_<i>.<ext>`` per particle) in the PLY's frame; sizes and time for metrics.json."""
+    from recdreamer_gs.mesh import MeshError, MeshOptions, extract_mesh, write_mesh
+
+    ext = cfg.output.mesh
+    names = ["mesh"] if cfg.train.particles == 1 else [f"mesh_{i}" for i in pl_module.particle_ids]
+    info: dict[str, Any] = {}
+    for name, gaussians in zip(names, pl_module.particles):
+        # Twice the training resolution (within 32..256 px): finer than what the model was fitted at.
+        resolution = min(256, max(32, 2 * pl_module.render_resolution))
+        try:
+            result = extract_mesh(gaussians, MeshOptions(faces=cfg.output.mesh_faces, resolution=resolution))
+        except MeshError as err:  # e.g. a run stopped while still a cloud: the model and metrics still count
+            print(f"warning: no {name}.{ext}: {err}", file=sys.stderr)
+            info[name] = {"file": None, "error": str(err)}
+            continue
+        write_mesh(out_dir / f"{name}.{ext}", result.mesh, frame=cfg.output.ply_frame)
+        info[name] = {"file": f"{name}.{ext}", "vertices": result.vertices, "faces": result.faces,
+                      "views": result.views, "voxel_size": round(result.voxel_size, 6),
+                      "seconds": round(result.seconds, 2)}
+    return info
+
+
 class Checkpointer(L.Callback):
     """``checkpoints/last.ckpt`` every ``every`` iterations, at the end, and when Ctrl-C stops the run
     (then also ``model.ply``), so that ``run --resume`` can continue. Written atomically."""
@@ -138,7 +217,8 @@ class Checkpointer(L.Callback):
 
 
 class ExportAndMetrics(L.Callback):
-    """At the end: ``model.ply`` (+ ``model.splat``), a turntable GIF and ``metrics.json``."""
+    """At the end: ``model.ply`` (+ ``model.splat``), the turntable GIF and MP4, the mesh if asked for,
+    ``metrics.json`` and ``report.png``."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, extra_metrics: Optional[dict[str, Any]] = None,
                  timings: Optional[dict[str, float]] = None):
@@ -162,6 +242,8 @@ class ExportAndMetrics(L.Callback):
         if self.cfg.output.turntable_frames > 0:
             frames = pl_module.render_preview(self.cfg.output.turntable_frames, particle=0)
             save_gif(frames, self.out_dir / "turntable.gif", upscale=preview_upscale(frames.shape[-1]))
+            save_mp4(frames, self.out_dir / "turntable.mp4", upscale=preview_upscale(frames.shape[-1]))
+        meshes = write_meshes(pl_module, self.out_dir, self.cfg) if self.cfg.output.mesh != "none" else {}
         for key, value in (("train_s", seconds), ("export_s", time.perf_counter() - export_start)):
             self.timings[key] = self.timings.get(key, 0.0) + value
         iterations = pl_module.iteration - self.start_iteration
@@ -183,4 +265,10 @@ class ExportAndMetrics(L.Callback):
             metrics["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(pl_module.device) / 2**30, 3)
         metrics.update(self.extra)
         metrics.update(getattr(pl_module, "final_metrics", lambda: {})())
+        metrics.update(meshes)
         atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+        from recdreamer_gs.report import write_report
+
+        for logger in trainer.loggers:
+            logger.save()  # the CSV is otherwise flushed only after on_train_end
+        write_report(self.out_dir)

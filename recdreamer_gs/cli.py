@@ -1,4 +1,4 @@
-"""Command line: ``recdreamer-gs run | templates | classify | eval | render | export | models | doctor``.
+"""Command line: ``recdreamer-gs run | templates | classify | eval | render | export | report | models | doctor``.
 
 Every known failure (bad input, missing files, no GPU, no weights) ends with one line on stderr
 saying what was wrong and what to do, and exit code 2.
@@ -50,10 +50,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from recdreamer_gs.export import PlyError
     from recdreamer_gs.gaussians import InitError
     from recdreamer_gs.hub import ModelUnavailable
+    from recdreamer_gs.mesh import MeshError
     from recdreamer_gs.pipeline import RunError
     from recdreamer_gs.render.gsplat_backend import GsplatUnavailable
+    from recdreamer_gs.report import ReportError
 
-    return (ConfigError, GsplatUnavailable, InitError, ModelUnavailable, PlyError, RunError, UserError)
+    return (ConfigError, GsplatUnavailable, InitError, MeshError, ModelUnavailable, PlyError, ReportError, RunError,
+            UserError)
 
 
 @app.command()
@@ -409,7 +412,8 @@ def eval_cmd(
 @app.command("render")
 def render_cmd(
     ply: Path = typer.Argument(..., help="A 3DGS .ply written by recdreamer-gs (or any standard 3DGS PLY)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for orbit.png and orbit.gif (default: next to the PLY)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for orbit.png, orbit.gif (and orbit.mp4) "
+                                       "(default: next to the PLY)."),
     views: int = typer.Option(8, help="Views in the PNG grid."),
     frames: int = typer.Option(36, help="Frames in the GIF (0: no GIF)."),
     resolution: int = typer.Option(128, help="Render size in pixels."),
@@ -418,23 +422,22 @@ def render_cmd(
     fovy: float = typer.Option(40.0, help="Vertical field of view in degrees."),
     frame: str = typer.Option("viewer", help="Frame the PLY was written in: viewer | y-up."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    video: bool = typer.Option(False, "--video", help="Also write the GIF's frames as orbit.mp4 (H.264)."),
 ) -> None:
-    """Render orbit views of a PLY to a PNG grid and a GIF."""
+    """Render orbit views of a PLY to a PNG grid and a GIF (and an MP4 with --video)."""
     _quiet_libraries()
     try:
-        _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame, device)
+        _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame, device, video)
     except _known_errors() as err:
         fail(str(err))
 
 
-def _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame, device) -> None:
+def _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame, device, video) -> None:
     import torch
 
-    from recdreamer_gs.callbacks import image_grid, preview_upscale, save_gif, save_png
+    from recdreamer_gs.callbacks import image_grid, preview_upscale, save_gif, save_mp4, save_png
     from recdreamer_gs.cameras import orbit
-    from recdreamer_gs.config import GaussiansConfig
-    from recdreamer_gs.export import read_ply
-    from recdreamer_gs.gaussians import Gaussians
+    from recdreamer_gs.mesh import load_gaussians
     from recdreamer_gs.pipeline import resolve_device
     from recdreamer_gs.render import ensure_backend, render
 
@@ -442,14 +445,14 @@ def _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame,
         raise UserError("expected --views >= 1, --frames >= 0, --resolution >= 8, --radius > 0, 1 <= --fovy < 170")
     if frame not in ("viewer", "y-up"):
         raise UserError(f"--frame: expected viewer or y-up, got {frame!r}")
+    if video and frames < 2:
+        raise UserError(f"--video needs --frames 2 or more, got {frames}")
     dev = resolve_device(device)
     ensure_backend("auto", dev)
-    params = read_ply(ply, frame=frame)
-    k = params["shN"].shape[1]
-    degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(k, 0)
-    gaussians = Gaussians(params, GaussiansConfig(sh_degree=degree)).to(dev)
+    gaussians = load_gaussians(ply, frame, dev)
     out_dir = out or ply.parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "orbit.png"]
     with torch.no_grad():
         cams = orbit(views, elevation, radius, fovy, resolution).to(dev)
         rgb = render(gaussians, cams, torch.ones(views, 3, device=dev)).rgb
@@ -458,18 +461,28 @@ def _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame,
             cams = orbit(frames, elevation, radius, fovy, resolution).to(dev)
             rgb = render(gaussians, cams, torch.ones(frames, 3, device=dev)).rgb
             save_gif(rgb, out_dir / "orbit.gif", upscale=preview_upscale(resolution))
-    err_console.print(f"wrote {out_dir / 'orbit.png'}" + (f" and {out_dir / 'orbit.gif'}" if frames else ""),
-                      highlight=False)
+            written.append(out_dir / "orbit.gif")
+            if video:
+                save_mp4(rgb, out_dir / "orbit.mp4", upscale=preview_upscale(resolution))
+                written.append(out_dir / "orbit.mp4")
+    err_console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
 
 @app.command("export")
 def export_cmd(
     ply: Path = typer.Argument(..., help="Input 3DGS .ply."),
-    target: Path = typer.Argument(..., help="Output file: .ply or .splat."),
+    target: Path = typer.Argument(..., help="Output: .ply or .splat (Gaussians), .glb or .obj (mesh), "
+                                  ".ply with --mesh (mesh)."),
     frame_in: str = typer.Option("viewer", "--from-frame", help="Frame of the input: viewer | y-up."),
-    frame_out: str = typer.Option("viewer", "--to-frame", help="Frame of the output: viewer | y-up."),
+    frame_out: str = typer.Option("viewer", "--to-frame", help="Frame of the output (Gaussians or mesh): viewer "
+                                  "(as model.ply) | y-up (the internal frame; glTF viewers assume +y up)."),
+    mesh: bool = typer.Option(False, "--mesh", help="Write a triangle mesh (implied by .glb and .obj)."),
+    faces: int = typer.Option(0, "--faces", help="Mesh: decimate to at most N triangles (0: keep all)."),
+    resolution: int = typer.Option(0, help="Mesh: render size and voxels across the object "
+                                   "(0: 256 on CUDA, 128 on CPU)."),
+    device: str = typer.Option("auto", help="Mesh: device for the renders (auto | cpu | cuda)."),
 ) -> None:
-    """Convert a PLY to .splat, or between the viewer and y-up frames."""
+    """Convert a PLY to .splat or between frames, or extract a coloured triangle mesh (.glb/.obj/.ply)."""
     _quiet_libraries()
     try:
         from recdreamer_gs.export import read_ply, write_ply, write_splat
@@ -477,14 +490,27 @@ def export_cmd(
         for name, value in (("--from-frame", frame_in), ("--to-frame", frame_out)):
             if value not in ("viewer", "y-up"):
                 raise UserError(f"{name}: expected viewer or y-up, got {value!r}")
-        params = read_ply(ply, frame=frame_in)
         suffix = target.suffix.lower()
+        is_mesh = suffix in (".glb", ".obj") or (mesh and suffix == ".ply")
+        if not is_mesh and (mesh or faces or resolution):
+            raise UserError(f"output {target}: a mesh (--mesh, --faces, --resolution) needs a .glb or .obj file "
+                            f"name, or .ply with --mesh; got {suffix or 'no suffix'}")
+        if is_mesh:
+            from recdreamer_gs.mesh import export_mesh
+            from recdreamer_gs.pipeline import resolve_device
+
+            result = export_mesh(ply, target, frame_in, frame_out, faces, resolution, resolve_device(device))
+            err_console.print(f"wrote {target} ({result.vertices} vertices, {result.faces} triangles from "
+                              f"{result.views} views in {result.seconds:.1f} s)", highlight=False)
+            return
+        params = read_ply(ply, frame=frame_in)
         if suffix == ".ply":
             n = write_ply(target, params, frame=frame_out)
         elif suffix == ".splat":
             n = write_splat(target, params, frame=frame_out)
         else:
-            raise UserError(f"output {target}: expected a .ply or .splat file name, got {suffix or 'no suffix'}")
+            raise UserError(f"output {target}: expected a .ply, .splat, .glb or .obj file name, "
+                            f"got {suffix or 'no suffix'}")
         err_console.print(f"wrote {target} ({n} Gaussians)", highlight=False)
     except _known_errors() as err:
         fail(str(err))
@@ -542,6 +568,22 @@ def doctor_cmd(
         typer.echo(doctor.torch_summary() + (f"\nnote: {hint}" if hint else ""))
         return
     doctor.report(load_config("preview"), Console(soft_wrap=True))
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder (finished or not)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Image to write (default: RUN_DIR/report.png)."),
+) -> None:
+    """Plot a run's training curves (losses, gradient norms, t, Gaussians, pose EMA) to report.png."""
+    try:
+        from recdreamer_gs.report import write_report
+
+        err_console.print(f"wrote {write_report(run_dir, out)}", highlight=False)
+    except _known_errors() as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"cannot write the report: {err.strerror or err}")
 
 
 def main() -> None:

@@ -214,8 +214,11 @@ class OutputConfig:
     root: str = "outputs"  # parent folder of the run folders
     ply_frame: Literal["viewer", "y-up"] = "viewer"  # viewer: COLMAP-style y-down frame (DESIGN 3)
     write_splat: bool = False  # also write model.splat (antimatter15 format)
-    turntable_frames: int = 24  # frames of the final turntable GIF (0: none)
+    turntable_frames: int = 24  # frames of the final turntable.gif and turntable.mp4 (0: none)
     clip_model: Optional[str] = None  # CLIP repo id or folder: adds cEnt and the CLIP score to metrics.json
+    mesh: Literal["none", "glb", "obj", "ply"] = "none"  # also write mesh.<ext>: TSDF-fused mesh, vertex colours
+    mesh_faces: int = 0  # decimate that mesh to at most this many triangles (0: keep all)
+    logger: Literal["csv", "tensorboard"] = "csv"  # tensorboard: TensorBoard event files too (optional extra)
 
 
 @dataclass
@@ -411,6 +414,13 @@ def for_prior(cfg: RunConfig, prior_name: str) -> RunConfig:
                    densify=replace(cfg.densify, grow_grad2d=s.densify_grow_grad2d))
 
 
+def tensorboard_installed() -> bool:
+    """Lightning's TensorBoardLogger writes with tensorboard or, failing that, tensorboardX."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
 def _check_range(path: str, lo_hi: tuple[float, float], lo: float, hi: float) -> None:
     a, b = lo_hi
     if not (lo <= a <= b <= hi):
@@ -438,7 +448,8 @@ def validate(cfg: RunConfig) -> None:
     for key, value in {"train.preview_every": cfg.train.preview_every,
                        "train.log_every": cfg.train.log_every,
                        "train.checkpoint_every": cfg.train.checkpoint_every,
-                       "output.turntable_frames": cfg.output.turntable_frames}.items():
+                       "output.turntable_frames": cfg.output.turntable_frames,
+                       "output.mesh_faces": cfg.output.mesh_faces}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected 0 or more, got {value}")
     if cfg.distill.particle_score.warmup_iters < 0:
@@ -475,6 +486,9 @@ def validate(cfg: RunConfig) -> None:
     _check_range("camera.fovy_range", cfg.camera.fovy_range, 1.0, 170.0)
     _check_range("camera.radius_range", cfg.camera.radius_range, 1e-3, 1e6)
     _check_range("camera.azimuth_range", cfg.camera.azimuth_range, -360.0, 360.0)
+    if cfg.output.logger == "tensorboard" and not tensorboard_installed():
+        raise ConfigError("output.logger=tensorboard needs the tensorboard package: pip install "
+                          "'recdreamer-gs[tensorboard]' (or pip install tensorboard), or use output.logger=csv")
     try:
         validate_densify(cfg.densify)
     except ValueError as err:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Iterator, Literal, Mapping, Optional
@@ -40,8 +41,10 @@ _PLY_DTYPE = np.dtype([(name, "<f4") for name in PLY_PROPERTIES])  # 62 x float3
 _REQUIRED = ("x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
              "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
 
-# Unit quaternion (w, x, y, z) of the 180° rotation about x that maps y-up to the viewer frame.
+# Unit quaternion (w, x, y, z) of the 180° rotation about x that maps y-up to the viewer frame,
+# and what it does to the axes: (x, y, z) -> (x, -y, -z).
 _Q_X180 = (0.0, 1.0, 0.0, 0.0)
+X180_AXES = (1.0, -1.0, -1.0)
 
 
 class PlyError(ValueError):
@@ -52,26 +55,34 @@ class PlyError(ValueError):
 
 
 @contextlib.contextmanager
-def _atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
-    """Binary file object on a temp file next to ``path``; renamed onto ``path`` on success.
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path with ``path``'s name (for writers that pick the format from it or print the name),
+    in a fresh hidden folder next to ``path``; on success it is renamed onto ``path``.
 
-    The temp file lives in the same folder so that ``os.replace`` is an atomic rename on the same
-    file system; on any error it is removed and an existing ``path`` is left untouched.
+    Same folder, same file system: ``os.replace`` is an atomic rename. On any error the temp file
+    is removed and an existing ``path`` is left untouched.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 honours the umask (mkstemp would leave the final file 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    folder = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    folder.mkdir()
+    tmp = folder / path.name
     try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # whatever a failed writer left there
+
+
+@contextlib.contextmanager
+def _atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
+    """Binary file object on a temp file next to ``path``; renamed onto ``path`` on success."""
+    with atomic_path(path) as tmp:
+        # os.open with 0o666 honours the umask (mkstemp would leave the final file 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -134,7 +145,7 @@ def rotate_x180(params: Mapping[str, Tensor], inverse: bool = False) -> dict[str
         q_rot = q_rot * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=q.dtype, device=q.device)
     shN = params["shN"]
     out = dict(params)
-    out["means"] = means * torch.tensor([1.0, -1.0, -1.0], dtype=means.dtype, device=means.device)
+    out["means"] = means * torch.tensor(X180_AXES, dtype=means.dtype, device=means.device)
     out["quats"] = quat_multiply(q_rot.expand_as(q), q)
     # A colour field f(d) = Σ c_k Y_k(d) seen in the rotated frame is f(R d') = Σ c_k s_k Y_k(d').
     out["shN"] = shN * sh_x180_signs(shN.shape[1]).to(shN).reshape(1, -1, 1)

@@ -286,9 +286,9 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
 
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar
-    from lightning.pytorch.loggers import CSVLogger
 
-    from recdreamer_gs.callbacks import Checkpointer, ConfigSnapshot, ExportAndMetrics, PreviewImages
+    from recdreamer_gs.callbacks import (Checkpointer, ConfigSnapshot, ExportAndMetrics, PoseEMALog, PreviewImages,
+                                         make_loggers)
     from recdreamer_gs.data import CameraDataModule
     from recdreamer_gs.distributed import make_strategy
     from recdreamer_gs.system import TextTo3DSystem
@@ -309,6 +309,7 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
         PreviewImages(out_dir, cfg.train.preview_every, prefix),
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
         ExportAndMetrics(cfg, out_dir, timings=timings),
+        PoseEMALog(max(cfg.train.log_every, 1)),
         *(extra_callbacks or []),
     ]
     if stage == 0:
@@ -322,7 +323,7 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
         use_distributed_sampler=False,  # every rank runs every iteration on its own cameras
         max_epochs=1,
         callbacks=callbacks,
-        logger=CSVLogger(save_dir=str(out_dir), name="logs", version=prefix.rstrip("_")),
+        logger=make_loggers(cfg, out_dir, prefix.rstrip("_")),
         log_every_n_steps=max(cfg.train.log_every, 1),
         enable_checkpointing=False,
         enable_progress_bar=cfg.train.progress_bar,

@@ -27,7 +27,8 @@ def assert_clean_error(result, fragment):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    result = invoke(["run", "a kangaroo wearing boxing gloves", "--steps", "3", "--out", str(out), *FAST])
+    result = invoke(["run", "a kangaroo wearing boxing gloves", "--steps", "3", "--out", str(out), *FAST,
+                     "--set", "train.log_every=1"])
     assert result.exit_code == 0, result.output
     (run_dir,) = list(out.iterdir())
     return run_dir
@@ -35,16 +36,23 @@ def finished_run(tmp_path_factory) -> Path:
 
 def test_run_writes_outputs(finished_run):
     assert finished_run.name.startswith("a-kangaroo-wearing-boxing-gloves-")
-    for name in ("model.ply", "config.yaml", "metrics.json", "turntable.gif", "preview/final.png",
-                 "preview/iter_000002.png"):
+    for name in ("model.ply", "config.yaml", "metrics.json", "turntable.gif", "turntable.mp4", "report.png",
+                 "preview/final.png", "preview/iter_000002.png"):
         assert (finished_run / name).is_file(), name
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["prior"] == "synthetic" and metrics["iterations"] == 3 and metrics["gaussians"] == 200
     timings = metrics["timings"]
     assert set(timings) == {"load_s", "templates_s", "train_s", "export_s"} and timings["train_s"] > 0
     assert timings["export_s"] > 0 and "peak_gpu_memory_gib" not in metrics  # GPU memory on CUDA only
+    assert "mesh" not in metrics and not list(finished_run.glob("mesh*"))  # output.mesh is none by default
+    mp4 = (finished_run / "turntable.mp4").read_bytes()
+    assert mp4[4:8] == b"ftyp" and b"avc1" in mp4  # an MP4 with an H.264 track
+    from recdreamer_gs.report import read_logs
+
+    (log,) = read_logs(finished_run)  # logged every iteration, with the rectifier's pose EMA
+    assert log.iteration.tolist() == [1.0, 2.0, 3.0] and "pose_ema/t900-999/front" in log.columns
     assert (finished_run / "model.ply").stat().st_size > 200 * 248
-    assert not list(finished_run.rglob("*.tmp"))
+    assert not list(finished_run.rglob("*.tmp*"))
 
 
 def test_render_and_export_commands(finished_run, tmp_path):
@@ -53,6 +61,17 @@ def test_render_and_export_commands(finished_run, tmp_path):
                      "--resolution", "32", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "orbit.png").is_file() and (tmp_path / "orbit.gif").is_file()
+    assert not (tmp_path / "orbit.mp4").exists()
+    result = invoke(["render", str(ply), "--out", str(tmp_path), "--views", "1", "--frames", "3",
+                     "--resolution", "33", "--device", "cpu", "--video"])  # odd size: padded to even for yuv420p
+    assert result.exit_code == 0, result.output
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "orbit.mp4"))
+    meta = next(reader)
+    frames = list(reader)
+    assert len(frames) == 3 and meta["size"] == (232, 232) and "h264" in meta["codec"]  # 33 x 7 = 231: padded to even
+    assert_clean_error(invoke(["render", str(ply), "--frames", "0", "--video"]), "--video needs --frames 2")
     result = invoke(["export", str(ply), str(tmp_path / "m.splat")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m.splat").stat().st_size == 200 * 32

@@ -36,6 +36,9 @@ def test_yaml_round_trip(tmp_path):
         ("gaussians.init_opacity=0.01", "gsplat culls"),
         ("distill.t_min=0.99", "t_min < t_max"),
         ("camera=5", "expected a mapping"),
+        ("output.mesh=fbx", "output.mesh: expected one of"),
+        ("output.mesh_faces=-1", "output.mesh_faces: expected 0 or more"),
+        ("output.logger=wandb", "output.logger: expected one of"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -73,3 +76,14 @@ def test_for_prior_applies_the_synthetic_priors_settings():
     off = load_config("preview", overrides=[parse_override("prior.synthetic.view_conditioned=false")])
     assert not for_prior(off, "synthetic").distill.view_prompts
     assert cfg.camera.resolution == 256  # the run's own config is left as it was
+
+
+def test_tensorboard_logger_needs_tensorboard(monkeypatch):
+    import importlib.util
+
+    assert load_config("preview", overrides=[parse_override("output.logger=tensorboard")]).output.logger == "tensorboard"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'recdreamer-gs\[tensorboard\]'"):
+        load_config("preview", overrides=[parse_override("output.logger=tensorboard")])

@@ -88,7 +88,14 @@ def test_paper_preset_from_the_cli(tmp_path):
     result = CliRunner().invoke(app, ["run", "a cat", "--preset", "paper", "--prior", "synthetic", "--device", "cpu",
                                       "--out", str(tmp_path), "--set", stages, "--set", "gaussians.num_init=100",
                                       "--set", "prior.synthetic.resolution=32", "--set", "train.progress_bar=false",
-                                      "--set", "output.turntable_frames=0"], catch_exceptions=False)
+                                      "--set", "output.turntable_frames=0", "--set", "train.log_every=1"],
+                             catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (run_dir,) = list(tmp_path.iterdir())
     assert (run_dir / "model.ply").is_file() and (run_dir / "preview" / "c_final.png").is_file()
+    from recdreamer_gs.report import read_logs
+
+    logs = read_logs(run_dir)  # logs/a, logs/b, logs/c on one iteration axis; report.png drawn from them
+    assert [s.name for s in logs] == ["a", "b", "c"]
+    assert [s.iteration.tolist() for s in logs] == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert (run_dir / "report.png").is_file()

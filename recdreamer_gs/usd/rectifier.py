@@ -74,6 +74,17 @@ class PoseStatistics:
         self.marginal[k] = self.rate * mean + (1.0 - self.rate) * self.marginal[k]
         self.counts[k] += 1
 
+    def log_dict(self, class_names: tuple[str, ...]) -> dict[str, Tensor]:
+        """The EMA of every interval and class, keyed ``pose_ema/t<lo>-<hi>/<class>`` (t range of the interval)."""
+        marginal = self.marginal.detach().clone()  # a snapshot: the next update writes in place
+        width = self.T // self.n_intervals
+        out = {}
+        for k in range(self.n_intervals):
+            hi = self.T - 1 if k == self.n_intervals - 1 else (k + 1) * width - 1
+            for c, name in enumerate(class_names):
+                out[f"pose_ema/t{k * width:03d}-{hi:03d}/{name}"] = marginal[k, c]
+        return out
+
     def state_dict(self) -> dict[str, Tensor]:
         return {"marginal": self.marginal.clone(), "counts": self.counts.clone()}
 

@@ -1,0 +1,414 @@
+"""Triangle mesh with vertex colours from a set of Gaussians: RGB-D renders on an orbit, TSDF fusion.
+
+The way 2DGS-style pipelines extract meshes: render colour, depth and alpha with our own renderer
+from rings of cameras around the object, cut the background out by alpha, fuse the views into a
+truncated signed distance volume (open3d's sparse voxel-block grid; voxel size from the object's
+extent), run marching cubes, keep the largest connected piece and optionally decimate it, then colour
+the vertices from the renders that see them. The mesh is written in the same frame as the splat PLY
+(viewer frame by default, see ``export.py``).
+
+Depth: the renderer returns the alpha-normalised expected z-depth along the camera axis (not the
+distance along the ray), which is what open3d's integration expects. It averages the Gaussians'
+centre depths, so the surface lies up to about one Gaussian standard deviation inside the splat's
+silhouette (negligible for a trained model's small Gaussians). Cameras: ours are OpenGL-style
+camera-to-world; open3d takes OpenCV world-to-camera extrinsics, the same ``viewmats`` gsplat gets.
+Pixel centres: ours (and gsplat's) sit at +0.5, open3d's at integer coordinates, hence the half-pixel
+shift of the principal point.
+
+open3d's legacy ``ScalableTSDFVolume`` is not used: in open3d 0.20 its block allocation reads float
+depth images in millimetres (it back-projects them with a fixed depth scale of 1000), so it touches
+no block near the surface and returns an empty mesh for depth in metres. ``VoxelBlockGrid`` is the
+same sparse hashed-block design on open3d's maintained tensor API.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from recdreamer_gs.cameras import Cameras, look_at
+from recdreamer_gs.export import X180_AXES, PlyFrame, atomic_path, atomic_write_bytes, read_ply
+
+MeshFormat = Literal["glb", "obj", "ply"]
+MESH_SUFFIXES = (".glb", ".obj", ".ply")
+
+
+class MeshError(ValueError):
+    """No mesh can be made from the input (no Gaussians, nothing opaque, nothing rendered)."""
+
+
+@dataclass
+class MeshOptions:
+    """How a mesh is extracted; the defaults suit a normal single object and need no tuning."""
+
+    elevations: tuple[float, ...] = (-50.0, -20.0, 10.0, 40.0, 70.0)  # degrees of the camera rings
+    views_per_ring: int = 12  # azimuths per ring (5 rings x 12 + 2 poles = 62 views)
+    poles: bool = True  # one more view straight from above and one from below
+    resolution: int = 0  # render size in pixels; 0: 256 on CUDA, 128 on CPU (the CPU renderer is slow)
+    fovy: float = 40.0  # vertical field of view of the cameras, degrees
+    voxels: int = 0  # voxels across the object's diameter (voxel size = 2 radius / voxels); 0: the resolution
+    # Truncation of the signed distance, in voxels. Thicker bands average more depth noise but inflate
+    # the surface (silhouette rays mark voxels beside the object as behind it): 8 voxels put a ball's
+    # surface 4 voxels out, 4 voxels about 2.
+    trunc_voxels: float = 4.0
+    alpha_threshold: float = 0.5  # pixels with less accumulated opacity are background (no depth)
+    min_weight: float = 3.0  # keep surface only where at least this many views saw it
+    opacity_threshold: float = 0.05  # Gaussians below this opacity do not count for the extent
+    faces: int = 0  # decimate to at most this many triangles (quadric error); 0: keep all
+    batch: int = 16  # views rendered at once
+
+
+@dataclass
+class MeshResult:
+    mesh: "object"  # open3d.geometry.TriangleMesh in the internal y-up frame
+    views: int
+    voxel_size: float
+    seconds: float
+
+    @property
+    def vertices(self) -> int:
+        return len(self.mesh.vertices)
+
+    @property
+    def faces(self) -> int:
+        return len(self.mesh.triangles)
+
+
+# -- cameras ---------------------------------------------------------------------------------
+
+
+def object_bounds(params: dict[str, Tensor], opacity_threshold: float = 0.05) -> tuple[Tensor, float]:
+    """Centre and radius of the visible object: the box between the 1st and 99th percentile of the
+    opaque Gaussians' centres per axis, and the 99.5th percentile of their distance from its centre
+    plus two standard deviations of their extent (so single stray Gaussians do not inflate it)."""
+    means = params["means"].detach().float().cpu()
+    if means.shape[0] == 0:
+        raise MeshError("the PLY holds no Gaussians")
+    opaque = torch.sigmoid(params["opacities"].detach().float().cpu()) >= opacity_threshold
+    if not bool(opaque.any()):
+        raise MeshError(f"no Gaussian has opacity {opacity_threshold} or more: there is no surface to mesh")
+    means = means[opaque]
+    sigma = torch.exp(params["scales"].detach().float().cpu()[opaque]).amax(dim=-1)
+    lo, hi = torch.quantile(means, 0.01, dim=0), torch.quantile(means, 0.99, dim=0)
+    centre = 0.5 * (lo + hi)
+    reach = (means - centre).norm(dim=-1) + 2.0 * sigma
+    radius = float(torch.quantile(reach, 0.995)) if reach.numel() > 1 else float(reach[0])
+    return centre, max(radius, 1e-6)
+
+
+def mesh_cameras(centre: Tensor, radius: float, opts: MeshOptions, resolution: int) -> Cameras:
+    """Rings of cameras around ``centre`` (plus the poles) that each see the whole sphere of ``radius``."""
+    rings = [(e, a) for e in opts.elevations
+             for a in np.arange(opts.views_per_ring) * (360.0 / opts.views_per_ring)]
+    if opts.poles:
+        rings += [(89.0, 0.0), (-89.0, 0.0)]  # 89°: look_at needs an up vector off the view axis
+    elevation = torch.tensor([e for e, _ in rings], dtype=torch.float32)
+    azimuth = torch.tensor([a for _, a in rings], dtype=torch.float32)
+    fovy = math.radians(opts.fovy)
+    distance = 1.1 * radius / math.sin(0.5 * fovy)
+    c2w = look_at(azimuth, elevation, torch.full_like(azimuth, distance))
+    c2w[:, :3, 3] += centre.float()
+    return Cameras(c2w, torch.full_like(azimuth, fovy), resolution, resolution, azimuth, elevation)
+
+
+# -- extraction ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def render_rgbd(gaussians, cameras: Cameras, batch: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    """Colour (un-premultiplied), z-depth and alpha of every view, [V,H,W,3], [V,H,W], [V,H,W] on CPU."""
+    from recdreamer_gs.render import render
+
+    device = gaussians.means.device
+    rgb, depth, alpha = [], [], []
+    for i in range(0, len(cameras), batch):
+        cams = cameras[i:i + batch]
+        out = render(gaussians, cams, torch.zeros(len(cams), 3, device=device))  # black: rgb = Σ w c
+        a = out.alpha[:, 0]
+        rgb.append((out.rgb.permute(0, 2, 3, 1) / a[..., None].clamp_min(1e-6)).clamp(0, 1).cpu())
+        depth.append(out.depth[:, 0].cpu())
+        alpha.append(a.cpu())
+    return torch.cat(rgb), torch.cat(depth), torch.cat(alpha)
+
+
+def fuse_tsdf(rgb: Tensor, depth: Tensor, alpha: Tensor, cameras: Cameras, voxel_size: float,
+              opts: MeshOptions):
+    """Fuse RGB-D views into a TSDF (open3d VoxelBlockGrid) and run marching cubes; an open3d mesh."""
+    import open3d as o3d
+    import open3d.core as o3c
+
+    from recdreamer_gs.render import camera_matrices
+
+    viewmats, Ks = camera_matrices(cameras)
+    cpu = o3c.Device("CPU:0")
+    grid = o3d.t.geometry.VoxelBlockGrid(
+        attr_names=("tsdf", "weight", "color"), attr_dtypes=(o3c.float32, o3c.float32, o3c.float32),
+        attr_channels=((1), (1), (3)), voxel_size=voxel_size, block_resolution=16, block_count=4096, device=cpu)
+    far = float((cameras.c2w[:, :3, 3].norm(dim=-1)).max()) * 4.0 + 1.0
+    for i in range(len(cameras)):
+        d = torch.where(alpha[i] >= opts.alpha_threshold, depth[i], torch.zeros_like(depth[i]))
+        if not bool((d > 0).any()):
+            continue
+        K = Ks[i].double().numpy().copy()
+        K[0, 2] -= 0.5  # pixel centres: ours at +0.5, open3d's at integers
+        K[1, 2] -= 0.5
+        intrinsic = o3c.Tensor(K)
+        extrinsic = o3c.Tensor(viewmats[i].double().numpy())
+        depth_image = o3d.t.geometry.Image(o3c.Tensor(d.numpy().astype(np.float32)[..., None]))
+        colour_image = o3d.t.geometry.Image(o3c.Tensor(np.ascontiguousarray(rgb[i].numpy(), dtype=np.float32)))
+        blocks = grid.compute_unique_block_coordinates(depth_image, intrinsic, extrinsic, 1.0, far,
+                                                        float(opts.trunc_voxels))
+        grid.integrate(blocks, depth_image, colour_image, intrinsic, intrinsic, extrinsic, 1.0, far,
+                       float(opts.trunc_voxels))
+    return grid.extract_triangle_mesh(weight_threshold=float(opts.min_weight)).to_legacy()
+
+
+def clean_mesh(mesh, faces: int = 0):
+    """Largest connected component, no unused or duplicated vertices, optionally decimated; normals."""
+    mesh.remove_duplicated_vertices()
+    mesh.remove_degenerate_triangles()
+    if len(mesh.triangles) == 0:
+        return mesh
+    clusters, sizes, _ = mesh.cluster_connected_triangles()
+    clusters, sizes = np.asarray(clusters), np.asarray(sizes)
+    mesh.remove_triangles_by_mask(clusters != int(sizes.argmax()))
+    mesh.remove_unreferenced_vertices()
+    if 0 < faces < len(mesh.triangles):
+        mesh = mesh.simplify_quadric_decimation(target_number_of_triangles=int(faces))
+        mesh.remove_unreferenced_vertices()
+    mesh.compute_vertex_normals()
+    mesh.vertex_colors = type(mesh.vertex_colors)(np.clip(np.asarray(mesh.vertex_colors), 0.0, 1.0))
+    return mesh
+
+
+def extract_mesh(gaussians, opts: Optional[MeshOptions] = None) -> MeshResult:
+    """The coloured triangle mesh of ``gaussians`` (a ``Gaussians`` on any device), internal y-up frame."""
+    opts = opts or MeshOptions()
+    start = time.perf_counter()
+    params = {k: v.detach() for k, v in gaussians.params.items()}
+    centre, radius = object_bounds(params, opts.opacity_threshold)
+    device = gaussians.means.device
+    resolution = opts.resolution or (256 if device.type == "cuda" else 128)
+    cameras = mesh_cameras(centre, radius, opts, resolution)
+    rgb, depth, alpha = render_rgbd(gaussians, cameras.to(device), opts.batch)
+    if not bool((alpha >= opts.alpha_threshold).any()):
+        raise MeshError(f"the renders are empty (no pixel reaches opacity {opts.alpha_threshold}); "
+                        "nothing to mesh")
+    voxel_size = 2.0 * radius / (opts.voxels or resolution)  # about one pixel of the renders per voxel
+    mesh = clean_mesh(fuse_tsdf(rgb, depth, alpha, cameras, voxel_size, opts), opts.faces)
+    if len(mesh.triangles) == 0:
+        raise MeshError("no surface was found in the fused views (the Gaussians may be too sparse or faint)")
+    colour_vertices(mesh, rgb, alpha, cameras, opts.alpha_threshold, voxel_size)
+    return MeshResult(mesh, len(cameras), voxel_size, time.perf_counter() - start)
+
+
+def _raycasting_scene(mesh):
+    import open3d as o3d
+    import open3d.core as o3c
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3c.Tensor(np.asarray(mesh.vertices, dtype=np.float32)),
+                        o3c.Tensor(np.asarray(mesh.triangles).astype(np.uint32)))
+    return scene
+
+
+def colour_vertices(mesh, rgb: Tensor, alpha: Tensor, cameras: Cameras, alpha_threshold: float,
+                    voxel_size: float) -> None:
+    """Vertex colours from the renders, in place: each vertex averages the pixels it projects to in the
+    views that see it (a ray cast against the mesh itself), weighted by cos² of the viewing angle.
+
+    The TSDF's own colours are averaged over its truncation band and blur small details (eyes, stripes);
+    these keep what the splat shows. Vertices no view sees keep the TSDF colour.
+    """
+    import open3d as o3d
+    import open3d.core as o3c
+
+    scene = _raycasting_scene(mesh)
+    points, normals = np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals)
+    total, weight = np.zeros_like(points), np.zeros(len(points))
+    H, W = cameras.height, cameras.width
+    focal = cameras.focal().double().numpy()
+    for k in range(len(cameras)):
+        c2w = cameras.c2w[k].double().numpy()
+        offset = points - c2w[:3, 3]
+        distance = np.linalg.norm(offset, axis=1)
+        direction = offset / distance[:, None].clip(1e-12)
+        local = offset @ c2w[:3, :3]  # OpenGL camera coordinates: x right, y up, looking down -z
+        z = -local[:, 2]
+        # Pixel j covers [j, j + 1): its centre is at j + 0.5, as in the renderer.
+        col = np.floor(focal[k] * local[:, 0] / np.maximum(z, 1e-9) + W / 2).astype(np.int64)
+        row = np.floor(-focal[k] * local[:, 1] / np.maximum(z, 1e-9) + H / 2).astype(np.int64)
+        inside = (z > 0) & (col >= 0) & (col < W) & (row >= 0) & (row < H)
+        col, row = col.clip(0, W - 1), row.clip(0, H - 1)
+        rays = np.concatenate([np.broadcast_to(c2w[:3, 3], offset.shape), direction], axis=1).astype(np.float32)
+        first_hit = scene.cast_rays(o3c.Tensor(rays))["t_hit"].numpy()
+        visible = inside & (first_hit >= distance - 0.5 * voxel_size) & (alpha[k].numpy()[row, col] >= alpha_threshold)
+        w = np.where(visible, (normals * direction).sum(axis=1) ** 2, 0.0)
+        total += w[:, None] * rgb[k].numpy()[row, col]
+        weight += w
+    seen = weight > 1e-6
+    colours = np.asarray(mesh.vertex_colors).copy()
+    colours[seen] = total[seen] / weight[seen, None]
+    mesh.vertex_colors = o3d.utility.Vector3dVector(np.clip(colours, 0.0, 1.0))
+
+
+# -- frames and files ------------------------------------------------------------------------
+
+
+def to_frame(mesh, frame: PlyFrame):
+    """A copy of ``mesh`` (internal y-up) in the file's frame: ``viewer`` rotates 180° about x."""
+    import copy
+
+    out = copy.deepcopy(mesh)
+    if frame == "viewer":
+        out.rotate(np.diag(X180_AXES), center=np.zeros(3))  # a rotation: winding and normals stay valid
+    elif frame != "y-up":
+        raise ValueError(f"frame must be 'viewer' or 'y-up', got {frame!r}")
+    return out
+
+
+def _matte_material(tree: dict) -> None:
+    """glTF's default material is fully metallic (dark under most lights): give the primitives a matte
+    white one, which the vertex colours (COLOR_0) multiply."""
+    tree.setdefault("materials", []).append(
+        {"name": "vertex colours", "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0],
+                                                            "metallicFactor": 0.0, "roughnessFactor": 1.0}})
+    for mesh in tree.get("meshes", []):
+        for primitive in mesh["primitives"]:
+            primitive["material"] = len(tree["materials"]) - 1
+
+
+def glb_bytes(mesh) -> bytes:
+    """A binary glTF 2.0 of an open3d mesh (positions, unit normals, RGBA8 vertex colours, uint32 indices).
+
+    trimesh writes it: open3d's own GLB writer puts the buffer in a data URI inside the container and
+    declares a wrong index maximum, which strict importers and the Khronos validator reject.
+    """
+    import trimesh
+    from trimesh.exchange.gltf import export_glb
+
+    colours = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else np.full((len(mesh.vertices), 3), 0.7)
+    if not mesh.has_vertex_normals():
+        mesh.compute_vertex_normals()
+    rgba = np.concatenate([np.round(np.clip(colours, 0, 1) * 255), np.full((len(colours), 1), 255)], axis=1)
+    tm = trimesh.Trimesh(vertices=np.asarray(mesh.vertices), faces=np.asarray(mesh.triangles),
+                         vertex_normals=np.asarray(mesh.vertex_normals), vertex_colors=rgba.astype(np.uint8),
+                         process=False)
+    return export_glb(tm, include_normals=True, tree_postprocessor=_matte_material)
+
+
+def write_mesh(path: str | Path, mesh, frame: PlyFrame = "viewer") -> None:
+    """Write ``.glb``, ``.obj`` or binary ``.ply`` with vertex colours and normals, atomically."""
+    import open3d as o3d
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in MESH_SUFFIXES:
+        raise MeshError(f"{path}: expected a mesh file name ending in {', '.join(MESH_SUFFIXES)}, "
+                        f"got {suffix or 'no suffix'}")
+    out = to_frame(mesh, frame)
+    if suffix == ".glb":
+        atomic_write_bytes(path, glb_bytes(out))
+        return
+    with atomic_path(path) as tmp, o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
+        # OBJ: "v x y z r g b" lines (the common vertex-colour extension), no material file.
+        ok = o3d.io.write_triangle_mesh(str(tmp), out, write_ascii=False, compressed=False,
+                                        write_vertex_normals=True, write_vertex_colors=True,
+                                        write_triangle_uvs=False, print_progress=False)
+        if not ok or not tmp.is_file():
+            raise OSError(f"open3d could not write {path.name}")
+
+
+def load_gaussians(ply: str | Path, frame: PlyFrame = "viewer", device: str | torch.device = "cpu"):
+    """A ``Gaussians`` from a 3DGS PLY, with the SH degree the file holds."""
+    from recdreamer_gs.config import GaussiansConfig
+    from recdreamer_gs.gaussians import Gaussians
+
+    params = read_ply(ply, frame=frame)
+    degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(params["shN"].shape[1], 0)
+    return Gaussians(params, GaussiansConfig(sh_degree=degree)).to(device)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the (slow) extraction when the target cannot be written."""
+    import os
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise MeshError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise MeshError(f"cannot write {path}: no permission to write in {folder}")
+    if path.is_dir():
+        raise MeshError(f"cannot write {path}: it is a folder")
+
+
+def export_mesh(ply: str | Path, target: str | Path, frame_in: PlyFrame = "viewer", frame_out: PlyFrame = "viewer",
+                faces: int = 0, resolution: int = 0, device: str | torch.device = "cpu") -> MeshResult:
+    """``recdreamer-gs export model.ply mesh.glb``: read the splat PLY, extract, write ``target``."""
+    target = Path(target)
+    if target.suffix.lower() not in MESH_SUFFIXES:
+        raise MeshError(f"{target}: expected a mesh file name ending in {', '.join(MESH_SUFFIXES)}, "
+                        f"got {target.suffix or 'no suffix'}")
+    if faces < 0:
+        raise MeshError(f"--faces: expected 0 (keep all) or a positive number of triangles, got {faces}")
+    if resolution != 0 and not 16 <= resolution <= 2048:
+        raise MeshError(f"--resolution: expected 0 (automatic) or 16..2048 pixels, got {resolution}")
+    check_writable(target)
+    gaussians = load_gaussians(ply, frame_in, device)
+    result = extract_mesh(gaussians, MeshOptions(faces=faces, resolution=resolution))
+    write_mesh(target, result.mesh, frame_out)
+    return result
+
+
+# -- looking at a mesh -----------------------------------------------------------------------
+
+
+def render_mesh(mesh, cameras: Cameras, background: float = 1.0) -> Float[Tensor, "B 3 H W"]:
+    """Shaded views of a coloured mesh by ray casting (open3d, headless) from our cameras.
+
+    Vertex colours and normals are interpolated over each triangle (as viewers do with the written
+    normals) and lit by a light at the camera, so the picture shows both the colours and the shape.
+    Pixels that miss the mesh get ``background``.
+    """
+    import open3d.core as o3c
+
+    triangles = np.asarray(mesh.triangles)
+    scene = _raycasting_scene(mesh)
+    colours = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else np.full((len(mesh.vertices), 3), 0.7)
+    if not mesh.has_vertex_normals():
+        mesh.compute_vertex_normals()
+    H, W = cameras.height, cameras.width
+    j, i = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    images = []
+    for k in range(len(cameras)):
+        c2w = cameras.c2w[k].double().numpy()
+        f = float(cameras.focal()[k])
+        # OpenGL camera: x right, y up, looking down -z; pixel centres at +0.5.
+        dirs = np.stack([(j - W / 2) / f, -(i - H / 2) / f, -np.ones_like(i)], axis=-1) @ c2w[:3, :3].T
+        dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
+        rays = np.concatenate([np.broadcast_to(c2w[:3, 3], dirs.shape), dirs], axis=-1).astype(np.float32)
+        hit = scene.cast_rays(o3c.Tensor(rays))
+        prim = hit["primitive_ids"].numpy().astype(np.int64)
+        uv = hit["primitive_uvs"].numpy()
+        valid = np.isfinite(hit["t_hit"].numpy())
+        tri = triangles[np.where(valid, prim, 0)]
+        u, v = uv[..., :1], uv[..., 1:]
+
+        def interpolate(values: np.ndarray) -> np.ndarray:
+            return (1 - u - v) * values[tri[..., 0]] + u * values[tri[..., 1]] + v * values[tri[..., 2]]
+
+        colour = interpolate(colours)
+        normal = interpolate(normals)
+        normal /= np.linalg.norm(normal, axis=-1, keepdims=True).clip(1e-8)
+        shade = 0.35 + 0.65 * np.abs((normal * dirs).sum(-1, keepdims=True))
+        image = np.where(valid[..., None], np.clip(colour * shade, 0, 1), background)
+        images.append(torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1))
+    return torch.stack(images)
