@@ -385,6 +385,7 @@ def render_mesh(mesh, cameras: Cameras, background: float = 1.0) -> Float[Tensor
     colours = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else np.full((len(mesh.vertices), 3), 0.7)
     if not mesh.has_vertex_normals():
         mesh.compute_vertex_normals()
+    normals = np.asarray(mesh.vertex_normals)
     H, W = cameras.height, cameras.width
     j, i = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
     images = []
