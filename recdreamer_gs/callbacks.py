@@ -151,7 +151,8 @@ class ExportAndMetrics(L.Callback):
         self.start_iteration = pl_module.iteration
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        seconds = time.perf_counter() - self.start_time
+        # Time spent paused from the live viewer (viewer.TrainingViewer) is not training time.
+        seconds = time.perf_counter() - self.start_time - getattr(pl_module, "paused_seconds", 0.0)
         rows = write_particles(pl_module, self.out_dir, self.cfg)  # every rank writes its own particles
         if not trainer.is_global_zero:
             return
