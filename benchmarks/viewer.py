@@ -2,10 +2,12 @@
 and the time one push of N Gaussians takes on the training thread.
 
     python benchmarks/viewer.py --out benchmarks/results/viewer_cpu.json [--repeats 2] [--steps N] [--page]
+                                [--threads 1] [--parts cli,push,in_process]
 
 The runs are the CLI's own (subprocesses, the default preset unless --steps), alternating with and without
 the viewer so that a busy machine slows both alike; ms/iteration comes from each run's metrics.json.
 ``--page`` adds runs with a page connected that reads everything the server sends (what a browser costs).
+The viewer's own timing of its pushes in one more run (in process) gives the share of the loop they take.
 """
 
 from __future__ import annotations
@@ -105,10 +107,39 @@ def push_costs(counts: list[int], repeats: int) -> dict:
                 start = time.perf_counter()
                 viewer.show([splats_from_params(g.params)], ["model"])
                 times.append(time.perf_counter() - start)
-            out[str(n)] = {"median_ms": round(1000 * statistics.median(times), 2), "min_ms": round(1000 * min(times), 2)}
+            out[str(n)] = {"median_ms": round(1000 * statistics.median(times), 2),
+                           "min_ms": round(1000 * min(times), 2)}
     finally:
         viewer.stop()
     return out
+
+
+def in_process_share(steps: int | None) -> dict:
+    """The default run once more, in this process with the viewer's callback, which times its own pushes:
+    the share of the training time they took (robust where run-to-run noise hides a few percent)."""
+    import torch
+
+    from recdreamer_gs import pipeline
+    from recdreamer_gs.config import load_config
+    from recdreamer_gs.viewer import Viewer
+
+    flags: dict = {"prompt": PROMPT, "train": {"device": "cpu", "progress_bar": False}}
+    if steps:
+        flags["train"]["steps"] = steps
+    cfg = load_config("preview", None, [flags])
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as out:
+        out_dir = pipeline.make_run_dir(Path(out), cfg.prompt)
+        viewer = Viewer(0)
+        try:
+            live = viewer.training_callback(cfg, out_dir)
+            pipeline.fit(cfg, out_dir, pipeline.build_prior(cfg, device), device, extra_callbacks=[live])
+        finally:
+            viewer.stop()
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+    return {"pushes": live.pushes, "push_seconds": round(live.push_seconds, 3),
+            "train_seconds": metrics["train_seconds"], "ms_per_push": round(1000 * live.push_seconds / live.pushes, 2),
+            "share_percent": round(100 * live.push_seconds / metrics["train_seconds"], 3)}
 
 
 def main() -> None:
@@ -119,31 +150,41 @@ def main() -> None:
     parser.add_argument("--page", action="store_true", help="also runs with a connected page")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs")
     parser.add_argument("--push-counts", default="3000,100000,500000")
+    parser.add_argument("--parts", default="cli,push,in_process", help="any of cli, push, in_process")
     args = parser.parse_args()
+    if args.threads:
+        import torch
 
-    modes = ["off", "viewer"] + (["page"] if args.page else [])
-    runs = []
-    for r in range(args.repeats):
-        for mode in (modes if r % 2 == 0 else modes[::-1]):
-            runs.append(cli_run(mode, args.steps, args.threads))
-            print(json.dumps(runs[-1]), flush=True)
-    summary = {}
-    for mode in modes:
-        values = [x["ms_per_iteration"] for x in runs if x["mode"] == mode]
-        summary[mode] = {"median_ms_per_iteration": statistics.median(values), "values": values}
-    base = summary["off"]["median_ms_per_iteration"]
-    for mode in modes[1:]:
-        summary[mode]["overhead_percent"] = round(100 * (summary[mode]["median_ms_per_iteration"] / base - 1), 2)
-    result = {
-        "command": f'recdreamer-gs run "{PROMPT}"' + (f" --steps {args.steps}" if args.steps else ""),
-        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-        "runs": runs, "summary": summary,
-        "push_ms": push_costs([int(n) for n in args.push_counts.split(",")], repeats=5),
-        "throttle": "a push every max(0.5 s, push time / 0.02)",
-    }
+        torch.set_num_threads(args.threads)  # the in-process parts, as the runs' OMP_NUM_THREADS
+
+    parts = set(args.parts.split(","))
+    # Parts measured on another call are kept (the CLI runs take long on a small machine).
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result.update({"command": f'recdreamer-gs run "{PROMPT}"' + (f" --steps {args.steps}" if args.steps else ""),
+                   "omp_num_threads": args.threads, "cpu_count": os.cpu_count(),
+                   "throttle": "a push every max(0.5 s, push time / 0.02)"})
+    if "cli" in parts:
+        modes = ["off", "viewer"] + (["page"] if args.page else [])
+        runs = []
+        for r in range(args.repeats):
+            for mode in (modes if r % 2 == 0 else modes[::-1]):
+                runs.append(cli_run(mode, args.steps, args.threads))
+                print(json.dumps(runs[-1]), flush=True)
+        summary = {}
+        for mode in modes:
+            values = [x["ms_per_iteration"] for x in runs if x["mode"] == mode]
+            summary[mode] = {"median_ms_per_iteration": statistics.median(values), "values": values}
+        base = summary["off"]["median_ms_per_iteration"]
+        for mode in modes[1:]:
+            summary[mode]["overhead_percent"] = round(100 * (summary[mode]["median_ms_per_iteration"] / base - 1), 2)
+        result.update({"load_average": os.getloadavg(), "runs": runs, "summary": summary})
+    if "push" in parts:
+        result["push_ms"] = push_costs([int(n) for n in args.push_counts.split(",")], repeats=5)
+    if "in_process" in parts:
+        result["in_process"] = in_process_share(args.steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["summary"], indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -482,7 +482,7 @@ def _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame,
 
 @app.command("view")
 def view_cmd(
-    plys: List[Path] = typer.Argument(..., help="3DGS .ply files (or run folders), shown side by side."),
+    plys: List[Path] = typer.Argument(..., metavar="PLY", help="3DGS .ply files (or run folders), side by side."),
     port: int = typer.Option(8080, "--port", help="Port on localhost (the next free one if taken; 0: any)."),
     frame: str = typer.Option("viewer", help="Frame the PLYs were written in: viewer | y-up."),
 ) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import html
 import io
+import logging
 import math
 import threading
 import time
@@ -100,7 +101,8 @@ def histogram_html(probs: Mapping[str, float], caption: str) -> str:
         f'<span style="width:3em;text-align:right">{p:.2f}</span></div>'
         for name, p in probs.items()
     )
-    return f'<div style="font-size:0.85em"><div style="opacity:0.7">{html.escape(caption)}</div>{rows}</div>'
+    return (f'<div style="font-size:0.85em;padding:0 0.75em"><div style="opacity:0.7;margin-bottom:2px">'
+            f'{html.escape(caption)}</div>{rows}</div>')
 
 
 class Viewer:
@@ -111,6 +113,8 @@ class Viewer:
 
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0..65535, got {port}")
+        # A browser's speculative connections that close before a request make websockets log a traceback.
+        logging.getLogger("websockets.server").setLevel(logging.CRITICAL)
         # viser prints a banner of its own on start and stop; the caller says the URL once.
         with contextlib.redirect_stdout(io.StringIO()):
             self.server: viser.ViserServer = viser.ViserServer(host=host, port=port, label=title, verbose=False)
@@ -170,7 +174,7 @@ class Viewer:
         if self.show_menu is not None:
             self.show_menu.remove()
             self.show_menu = None
-        self.spacing = 2.5 * max(s.extent() for s in sets)
+        self.spacing = 3.0 * max(s.extent() for s in sets)
         n = len(sets)
         self.labels = list(labels)
         self.offsets = [np.array([(i - (n - 1) / 2) * self.spacing, 0.0, 0.0]) for i in range(n)]
@@ -239,11 +243,13 @@ def open_plys(paths: Sequence[Path], port: int = DEFAULT_PORT, frame: str = "vie
         if len(s) == 0:
             raise PlyError(f"{path}: the file holds no Gaussians (none with finite values)")
         sets.append(s)
+    labels = [p.name for p in files]
+    if len(set(labels)) < len(labels):  # e.g. two runs' model.ply: name them by folder too
+        labels = [f"{p.parent.name}/{p.name}" for p in files]
     viewer = Viewer(port, title=files[0].name if len(files) == 1 else f"{len(files)} PLY files")
-    viewer.show(sets, [p.name for p in files], centre=True)
+    viewer.show(sets, labels, centre=True)
     count = sum(len(s) for s in sets)
-    names = ", ".join(p.name for p in files)
-    viewer.server.gui.add_markdown(f"**{html.escape(names)}**  \n{count:,} Gaussians", order=-1)
+    viewer.server.gui.add_markdown(f"**{html.escape(', '.join(labels))}**  \n{count:,} Gaussians", order=-1)
     viewer.frame_camera(max(s.extent() for s in sets))
     return viewer
 
@@ -273,7 +279,6 @@ class TrainingViewer(L.Callback):
         self._next_push = self._next_info = 0.0
         self._pose: Optional[np.ndarray] = None  # EMA of the logged pose/<class> batch means
         self._pose_names: tuple[str, ...] = ()
-        self._iteration = 0
         gui = viewer.server.gui
         gui.add_markdown(f"**{html.escape(cfg.prompt)}**", order=-2)
         self.info = gui.add_markdown("starting…", order=1)
@@ -400,7 +405,7 @@ class TrainingViewer(L.Callback):
         self._track_pose(trainer, pl_module)
         if self._pose is not None:
             self.pose_html.content = histogram_html(dict(zip(self._pose_names, self._pose.tolist())),
-                                                    "pose histogram (classifier on the rendered views, recent mean)")
+                                                    "pose histogram of the rendered views (recent mean)")
         elif stage_cfg.distill.method != "usd":
             self.pose_html.content = histogram_html({}, f"no pose histogram: {stage_cfg.distill.method} runs "
                                                         "no pose classifier")

@@ -167,7 +167,8 @@ def main() -> None:
         live = viewer.training_callback(cfg, out_dir)
         shot = PauseAndShoot(live, args.pause_at, lambda: shoot(viewer.url, args.out, args.width, args.height,
                                                                   args.settle))
-        pipeline.fit(cfg, out_dir, choice, device, extra_callbacks=[live, shot])
+        # The shot first, so that the pause holds the iteration it was asked at.
+        pipeline.fit(cfg, out_dir, choice, device, extra_callbacks=[shot, live])
     finally:
         viewer.stop()
 

@@ -17,9 +17,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import msgspec  # viser's wire format: msgpack, zstd-compressed
 import numpy as np
 import pytest
 import torch
+import viser
+import zstandard
 from typer.testing import CliRunner
 
 from recdreamer_gs import pipeline
@@ -28,11 +31,7 @@ from recdreamer_gs.config import load_config, parse_override
 from recdreamer_gs.export import PlyError, write_ply
 from recdreamer_gs.gaussians import rgb_to_sh0
 
-viser = pytest.importorskip("viser")
-msgspec = pytest.importorskip("msgspec")
-zstandard = pytest.importorskip("zstandard")
-
-from recdreamer_gs.viewer import TrainingViewer, Viewer, open_plys, push_delay, splats_from_params  # noqa: E402
+from recdreamer_gs.viewer import Viewer, open_plys, push_delay, splats_from_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [
@@ -133,7 +132,8 @@ def splat_centers(buffer: bytes) -> np.ndarray:
 
 def gaussian_params(means: torch.Tensor, rgb=(0.8, 0.2, 0.2)) -> dict[str, torch.Tensor]:
     n = means.shape[0]
-    return {"means": means.float(), "scales": torch.full((n, 3), -3.0), "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+    return {"means": means.float(), "scales": torch.full((n, 3), -3.0),
+            "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
             "opacities": torch.full((n,), 2.0), "sh0": rgb_to_sh0(torch.tensor(rgb)).repeat(n, 1, 1),
             "shN": torch.zeros(n, 0, 3)}
 
