@@ -235,7 +235,8 @@ class ExportAndMetrics(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         export_start = time.perf_counter()
-        seconds = export_start - self.start_time
+        # Time spent paused from the live viewer (viewer.TrainingViewer) is not training time.
+        seconds = export_start - self.start_time - getattr(pl_module, "paused_seconds", 0.0)
         rows = write_particles(pl_module, self.out_dir, self.cfg)  # every rank writes its own particles
         if not trainer.is_global_zero:
             return

@@ -83,6 +83,8 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="Any config value, e.g. --set distill.guidance_scale=50."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its "
                                           "checkpoints/last.ckpt (--steps may extend it)."),
+    viewer: bool = typer.Option(False, "--viewer", help="Watch the Gaussians form in a browser (viser, localhost)."),
+    port: int = typer.Option(8080, "--port", help="Port of --viewer (the next free one if taken)."),
 ) -> None:
     """Optimise Gaussians for PROMPT and write model.ply, previews and metrics.json.
 
@@ -92,15 +94,18 @@ def run(
     from recdreamer_gs.pipeline import Interrupted
 
     try:
+        if viewer and not 0 <= port <= 65535:
+            raise UserError(f"--port: expected 0..65535 (0: any free port), got {port}")
         if resume is not None:
             others = [config, seed, resolution, prior, init_from, method, model, pose_model, templates, pose_control,
                       particles, devices]
             if any(v is not None for v in others) or set_ or preset != "preview" or out != Path("outputs"):
                 raise UserError("--resume continues a run with its saved config; it takes only --steps and --device")
-            _resume(resume, steps, device, prompt)
+            _resume(resume, steps, device, prompt, port if viewer else None)
         else:
             extra = {"method": method, "model": model, "pose_model": pose_model, "templates": templates,
-                     "pose_control": pose_control, "particles": particles, "devices": devices}
+                     "pose_control": pose_control, "particles": particles, "devices": devices,
+                     "viewer_port": port if viewer else None}
             _run(prompt or "", preset, config, out, steps, seed, resolution, prior, device, init_from, set_, extra)
     except _known_errors() as err:
         fail(str(err))
@@ -112,7 +117,24 @@ def run(
         raise typer.Exit(code=130)
 
 
-def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: Optional[str]) -> None:
+def _fit(viewer_port: Optional[int], cfg, out_dir: Path, fit) -> None:
+    """``fit(extra_callbacks)``; with ``--viewer`` a live viewer (rank 0 only) watches it."""
+    from recdreamer_gs.distributed import is_secondary_rank
+
+    if viewer_port is None or is_secondary_rank():
+        return fit([])
+    from recdreamer_gs.viewer import Viewer
+
+    live = Viewer(viewer_port)
+    try:
+        err_console.print(live.banner(), highlight=False)
+        fit([live.training_callback(cfg, out_dir)])
+    finally:
+        live.stop()
+
+
+def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: Optional[str],
+            viewer_port: Optional[int] = None) -> None:
     import dataclasses
 
     from recdreamer_gs import pipeline
@@ -141,7 +163,8 @@ def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: 
     where = f" of stage {stage + 1}/{len(cfg.stages)}" if cfg.stages else ""
     err_console.print(f"resuming {run_dir} at iteration {checkpoint['iteration']} of {stage_steps}{where}",
                       highlight=False)
-    pipeline.fit(cfg, Path(run_dir), choice, dev, resume=checkpoint)
+    _fit(viewer_port, cfg, Path(run_dir),
+         lambda callbacks: pipeline.fit(cfg, Path(run_dir), choice, dev, resume=checkpoint, extra_callbacks=callbacks))
     err_console.print(f"wrote the model into {run_dir}", highlight=False)
 
 
@@ -192,7 +215,8 @@ def _run(prompt, preset, config, out, steps, seed, resolution, prior, device, in
     out_dir = pipeline.make_run_dir(out, cfg.prompt)
     if not quiet:
         err_console.print(f"run folder: {out_dir}  (prior: {choice.prior.name}, device: {dev})", highlight=False)
-    pipeline.fit(cfg, out_dir, choice, dev, clip=clip)
+    _fit(extra["viewer_port"], cfg, out_dir, lambda callbacks: pipeline.fit(cfg, out_dir, choice, dev, clip=clip,
+                                                            extra_callbacks=callbacks))
     names = "model.ply" if cfg.train.particles == 1 else f"model_0.ply ... model_{cfg.train.particles - 1}.ply"
     if not quiet:
         err_console.print(f"wrote {out_dir / names}", highlight=False)
@@ -466,6 +490,31 @@ def _render(ply, out, views, frames, resolution, elevation, radius, fovy, frame,
                 save_mp4(rgb, out_dir / "orbit.mp4", upscale=preview_upscale(resolution))
                 written.append(out_dir / "orbit.mp4")
     err_console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+@app.command("view")
+def view_cmd(
+    plys: List[Path] = typer.Argument(..., metavar="PLY", help="3DGS .ply files (or run folders), side by side."),
+    port: int = typer.Option(8080, "--port", help="Port on localhost (the next free one if taken; 0: any)."),
+    frame: str = typer.Option("viewer", help="Frame the PLYs were written in: viewer | y-up."),
+) -> None:
+    """Show 3DGS PLY files in the browser (viser) until Ctrl-C."""
+    _quiet_libraries()
+    try:
+        if frame not in ("viewer", "y-up"):
+            raise UserError(f"--frame: expected viewer or y-up, got {frame!r}")
+        if not 0 <= port <= 65535:
+            raise UserError(f"--port: expected 0..65535 (0: any free port), got {port}")
+        from recdreamer_gs.viewer import open_plys
+
+        live = open_plys(plys, port, frame)
+    except _known_errors() as err:
+        fail(str(err))
+    err_console.print(f"{live.banner()}  (Ctrl-C to stop)", highlight=False)
+    try:
+        live.wait()
+    finally:
+        live.stop()
 
 
 @app.command("export")
