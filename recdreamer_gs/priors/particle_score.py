@@ -51,11 +51,10 @@ class CameraEmbedding(nn.Module):
 
 @dataclass
 class AdapterHandles:
-    """A UNet's peft layers and their adapter weights, found once: walking SD's thousands of modules
-    on every switch (as ``unet.enable_adapters()`` does) costs milliseconds per ε_φ pass."""
+    """A UNet's peft layers, found once: walking SD's thousands of modules on every switch (as
+    ``unet.enable_adapters()`` does) costs milliseconds per ε_φ pass."""
 
     layers: list  # peft BaseTunerLayer modules (the LoRA-wrapped projections)
-    params: list  # their adapter weights (lora_A / lora_B)
 
     @classmethod
     def find(cls, unet) -> "AdapterHandles":
@@ -68,9 +67,8 @@ class AdapterHandles:
             import peft
 
             raise RuntimeError(f"lora_branch: peft {peft.__version__} keeps no _disable_adapters flag on its "
-                               "layers; expected peft's BaseTunerLayer of versions 0.6 to 0.21")
-        params = [p for layer in layers for n, p in layer.named_parameters() if "lora_" in n]
-        return cls(layers, params)
+                               "layers; expected a BaseTunerLayer that has it (peft 0.21 does)")
+        return cls(layers)
 
     def switch(self, on: bool) -> None:
         """Adapters on or off: only the flag peft's forward reads. peft's ``enable_adapters`` also resets
