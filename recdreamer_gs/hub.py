@@ -84,6 +84,13 @@ DINOV2 = ModelKind(
     folder="a transformers DINOv2 folder with config.json and model.safetensors",
     instead="--method vsd (no rectifier, so no DINOv2)",
 )
+TINY_DECODER = ModelKind(  # prior.sd.tiny_decoder: AutoencoderTiny (TAESD) decoding USD's x̂0
+    "Tiny decoder (AutoencoderTiny)",
+    (Part("", ("config.json",)),),
+    option="--set prior.sd.tiny_decoder=PATH",
+    folder="a diffusers AutoencoderTiny folder with config.json and diffusion_pytorch_model.safetensors",
+    instead="--set prior.sd.tiny_decoder=null (the full VAE decodes x̂0)",
+)
 CLIP = ModelKind(
     "CLIP model",
     (Part("", ("config.json", *_TOKENIZER)),),
@@ -519,9 +526,10 @@ def half_weights(dtype: str, cuda: bool) -> bool:
 def config_models(cfg: "RunConfig", cuda: bool = True) -> list[ModelSpec]:
     """Every model a run of ``cfg`` loads, Stable Diffusion first; ``cuda``: the run uses a CUDA device.
 
-    SD for ``prior.kind`` sd, or auto on CUDA; with SD, a separate ε_φ UNet when VSD/USD asks for one and
-    DINOv2 when USD runs or a template folder is given (the pose classifier); CLIP when
-    ``output.clip_model`` is set. The synthetic prior needs no weights.
+    SD for ``prior.kind`` sd, or auto on CUDA; with SD, a separate ε_φ UNet when VSD/USD asks for one,
+    DINOv2 when USD runs or a template folder is given (the pose classifier) and the tiny decoder when USD
+    runs and ``prior.sd.tiny_decoder`` is set; CLIP when ``output.clip_model`` is set. The synthetic prior
+    needs no weights.
     """
     specs: list[ModelSpec] = []
     if cfg.prior.kind == "sd" or (cfg.prior.kind == "auto" and cuda):
@@ -534,6 +542,8 @@ def config_models(cfg: "RunConfig", cuda: bool = True) -> list[ModelSpec]:
         rect = cfg.distill.rectifier
         if "usd" in methods or rect.templates:
             specs.append(ModelSpec(DINOV2, rect.pose_model))
+        if "usd" in methods and cfg.prior.sd.tiny_decoder:
+            specs.append(ModelSpec(TINY_DECODER, cfg.prior.sd.tiny_decoder, half))
     if cfg.output.clip_model:
         specs.append(ModelSpec(CLIP, cfg.output.clip_model))
     return specs

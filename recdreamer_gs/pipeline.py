@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -32,6 +32,7 @@ class PoseSetup:
     class_names: tuple[str, ...]
     templates: Optional[dict] = None  # the template images the classifier was built from (SD)
     metric: Optional[Callable] = None  # classifier for pEnt; defaults to ``classifier``
+    module: Optional[Any] = None  # the PoseClassifier behind ``classifier`` (SD), for compiling
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,8 +72,44 @@ def build_prior(cfg: RunConfig, device: torch.device) -> PriorChoice:
 
     start = time.perf_counter()
     sd = cfg.prior.sd
-    prior = StableDiffusionPrior.load(sd.model, cfg.prompt, sd.aux_prompt, device, sd.dtype, sd.latent_resolution)
+    # The tiny decoder serves the rectifier only, so a run without USD does not load it (hub.config_models).
+    tiny = sd.tiny_decoder if "usd" in run_methods(cfg) else None
+    prior = StableDiffusionPrior.load(sd.model, cfg.prompt, sd.aux_prompt, device, sd.dtype, sd.latent_resolution,
+                                      tiny_decoder=tiny, channels_last=cfg.perf.channels_last and device.type == "cuda")
     return PriorChoice(prior, notice, time.perf_counter() - start)
+
+
+def run_methods(cfg: RunConfig) -> set[str]:
+    """The distillation methods a run uses (one per stage)."""
+    return {s.method for s in cfg.stages} if cfg.stages else {cfg.distill.method}
+
+
+def run_iterations(cfg: RunConfig) -> int:
+    """Iterations of the whole run (all stages)."""
+    return sum(s.steps for s in cfg.stages) if cfg.stages else cfg.train.steps
+
+
+def compile_networks(cfg: RunConfig, device: torch.device, prior: Prior, particle_score, pose: "PoseSetup",
+                     timings: Optional[dict] = None, echo: Optional[Callable[[str], None]] = None):
+    """Route the networks' passes through ``torch.compile`` when ``perf.compile`` asks for it on this run
+    (recdreamer_gs.perf); the compiler (None when the run stays eager). The synthetic prior has no
+    networks: compiling leaves it as it is."""
+    from recdreamer_gs import perf
+
+    compiler = perf.make_compiler(cfg.perf, device, run_iterations(cfg), echo=echo, timings=timings)
+    if compiler is not None:
+        perf.compile_networks(compiler, prior, particle_score, pose.module)
+    return compiler
+
+
+def progress_echo(text: str) -> None:
+    """A progress line on stderr (above Lightning's progress bar), from rank 0 only."""
+    from rich.console import Console
+
+    from recdreamer_gs.distributed import is_secondary_rank
+
+    if not is_secondary_rank():
+        Console(stderr=True).print(text, highlight=False, markup=False)
 
 
 def _auto_prior(cfg: RunConfig, device: torch.device) -> tuple[str, Optional[str]]:
@@ -155,8 +192,8 @@ def build_pose(cfg: RunConfig, prior: Prior, device: torch.device, need: bool,
         classifier = PoseClassifier.from_templates(features, templates, pcfg).to(device)
         if timings is not None:
             timings["templates_s"] = time.perf_counter() - start
-        setup = PoseSetup(lambda images, background=None: classifier(images), tuple(templates), templates)
-        setup.module = classifier  # type: ignore[attr-defined]
+        setup = PoseSetup(lambda images, background=None: classifier(images), tuple(templates), templates,
+                          module=classifier)
     if rect.pose_control and rect.pose_control not in setup.class_names:
         raise RunError(f"--pose-control {rect.pose_control!r}: expected one of {', '.join(setup.class_names)}")
     return setup
@@ -263,17 +300,23 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
     if clip is None:
         clip = build_clip(cfg, device)
     timings["load_s"] += time.perf_counter() - start - timings["templates_s"]
+    # Compiled lazily in the first iterations; compile_s counts it (it is also part of train_s).
+    compiler = compile_networks(cfg, device, choice.prior, particle_score, pose, timings, progress_echo)
     first = int(resume.get("stage", 0)) if resume is not None else 0
     particles, system = None, None
-    for k in range(first, len(stages)):
-        stage = stages[k]  # None for a single-stage run
-        system = _fit_stage(
-            cfg, stage_cfgs[k], out_dir, choice, device, pose, particle_score, particles, k,
-            colour_only=stage is not None and stage.params == "colour",
-            prefix=f"{stage.name}_" if len(stages) > 1 else "",
-            resume=resume if k == first else None, extra_callbacks=extra_callbacks, clip=clip, timings=timings,
-        )
-        particles = list(system.particles)
+    try:
+        for k in range(first, len(stages)):
+            stage = stages[k]  # None for a single-stage run
+            system = _fit_stage(
+                cfg, stage_cfgs[k], out_dir, choice, device, pose, particle_score, particles, k,
+                colour_only=stage is not None and stage.params == "colour",
+                prefix=f"{stage.name}_" if len(stages) > 1 else "",
+                resume=resume if k == first else None, extra_callbacks=extra_callbacks, clip=clip, timings=timings,
+            )
+            particles = list(system.particles)
+    finally:
+        if compiler is not None:
+            compiler.close()
     return system
 
 

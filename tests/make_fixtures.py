@@ -2,8 +2,9 @@
 
     python tests/make_fixtures.py OUTDIR
 
-writes ``OUTDIR/dinov2`` (DINOv2 with registers), ``OUTDIR/clip`` (CLIP model + tokenizer) and
-``OUTDIR/sd`` (a Stable Diffusion pipeline folder: tokenizer, text encoder, UNet, VAE, scheduler).
+writes ``OUTDIR/dinov2`` (DINOv2 with registers), ``OUTDIR/clip`` (CLIP model + tokenizer),
+``OUTDIR/sd`` (a Stable Diffusion pipeline folder: tokenizer, text encoder, UNet, VAE, scheduler) and
+``OUTDIR/taesd`` (an AutoencoderTiny, the optional tiny decoder of x̂0).
 No file is downloaded: the tokenizer vocabulary is the byte-level alphabet built here.
 """
 
@@ -64,6 +65,12 @@ TINY_VAE = dict(  # four blocks: three 2x downsamplings, 8x like SD's VAE
     in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
     block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+)
+
+
+TINY_TAESD = dict(  # AutoencoderTiny with TAESD's layout (three 2x upsamplings: 8x, 4 latent channels), narrow
+    encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4,
 )
 
 
@@ -146,6 +153,16 @@ def write_sd_folder(out: Path, text_encoder: dict, unet: dict, vae: dict, dtype:
     return out
 
 
+def make_taesd(out: Path) -> Path:
+    """A random-weight AutoencoderTiny folder (config.json + diffusion_pytorch_model.safetensors, as
+    madebyollin/taesd lays it out)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(**TINY_TAESD).save_pretrained(str(out))
+    return out
+
+
 def make_sd(out: Path) -> Path:
     """The tiny SD folder of the tests: 64² images give 8² latents."""
     return write_sd_folder(out, TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE)
@@ -183,9 +200,11 @@ def write_hub_snapshot(cache: Path, repo_id: str, source: Path, only=None, commi
 
 def make_all(root: Path) -> dict[str, Path]:
     root = Path(root)
-    paths = {"dinov2": root / "dinov2", "clip": root / "clip", "sd": root / "sd"}
+    paths = {"dinov2": root / "dinov2", "clip": root / "clip", "sd": root / "sd", "taesd": root / "taesd"}
     if not (paths["dinov2"] / "config.json").exists():
         make_dinov2(paths["dinov2"])
+    if not (paths["taesd"] / "config.json").exists():
+        make_taesd(paths["taesd"])
     if not (paths["clip"] / "config.json").exists():
         make_clip(paths["clip"])
     make_sd = globals().get("make_sd")

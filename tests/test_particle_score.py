@@ -76,6 +76,7 @@ def test_adapters_cover_every_attention_projection(prior):
     assert ps.camera.net[2].out_features == prior.unet.time_embedding.linear_2.out_features == 128
     opt = ps.make_optimizer()
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 1e-4
+    assert opt.defaults["fused"] is True  # one kernel for every LoRA and camera weight
     # the UNet is not a submodule: nothing of it is counted, moved or saved with the particle score
     assert {n.split(".")[0] for n, _ in ps.named_parameters()} == {"camera"}
 
@@ -111,6 +112,40 @@ def test_lora_branch_toggles_and_restores(prior):
         with lora_branch(prior.unet, ps.camera):
             raise RuntimeError("boom")
     assert prior.unet.class_embedding is None and torch.equal(pure_unet_eps(prior, x_t, t), reference)
+
+
+def test_branch_switches_only_the_adapter_flag(prior):
+    """The adapter weights stay trainable in and out of the branch (no per-weight requires_grad loops);
+    outside it peft's layers run the base projection alone."""
+    ps = LoRAParticleScore.from_prior(prior)
+    layers = ps._handles.layers
+    assert all(layer.disable_adapters for layer in layers)
+    assert all(p.requires_grad for p in ps.trainable_parameters())
+    with lora_branch(prior.unet, ps.camera, ps._handles):
+        assert not any(layer.disable_adapters for layer in layers)
+        assert all(p.requires_grad for p in ps.trainable_parameters())
+    assert all(layer.disable_adapters for layer in layers)
+    assert all(p.requires_grad for p in ps.trainable_parameters())
+
+
+def test_fused_adamw_steps_like_the_loop(prior):
+    """The fused AdamW of make_optimizer gives the per-weight loop's update."""
+    ps = LoRAParticleScore.from_prior(prior)
+    params = ps.trainable_parameters()
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    results = []
+    for opt in (ps.make_optimizer(1e-2), torch.optim.AdamW(params, lr=1e-2, foreach=False)):
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_nested_branch_is_refused(prior):

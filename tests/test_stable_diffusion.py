@@ -168,9 +168,13 @@ def test_template_sampler_uses_the_pipeline_scheduler_config(tiny_models, tmp_pa
     assert images.shape == (1, 3, 64, 64) and images.abs().max() <= 1
 
 
-def test_resolve_dtype():
+def test_resolve_dtype(monkeypatch):
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # Ampere and newer
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # Turing, Volta
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("fp16", torch.device("cuda")) == torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="expected one of"):
         resolve_dtype("fp8", torch.device("cpu"))  # type: ignore[arg-type]
@@ -239,3 +243,83 @@ def test_eps_gradient_reaches_x_t_not_weights(prior):
     assert all(p.grad is None for p in prior.unet.parameters())
     with torch.no_grad():
         assert not prior.eps(x_t, torch.tensor([100, 900]), 7.5).requires_grad
+
+
+# ---- precision, memory layout, tiny decoder ---------------------------------------------------------
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_bf16_vae_and_unet_stay_close_to_fp32(tiny_models, prior):
+    """bf16 keeps fp32's exponent range (no overflow in the VAE, unlike fp16): encode, decode, ε̂ and the
+    encoder's gradient stay within bf16 rounding of fp32."""
+    low = StableDiffusionPrior.load(str(tiny_models["sd"]), PROMPT, AUX, "cpu", "bf16", 64)
+    assert low.dtype == torch.bfloat16 and next(low.vae.parameters()).dtype == torch.bfloat16
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for p in (prior, low):
+        x = images.clone().requires_grad_(True)
+        z = p.encode(x, generator=torch.Generator().manual_seed(5))
+        z.square().sum().backward()
+        grads.append((z.detach(), x.grad))
+    (z32, g32), (z16, g16) = grads
+    assert z16.dtype == torch.float32  # latents leave the prior in fp32 whatever it runs in
+    assert torch.isfinite(g16).all() and relative(z16, z32) < 0.03 and relative(g16, g32) < 0.05
+    with torch.no_grad():
+        assert relative(low.decode(z32), prior.decode(z32)) < 0.03
+        x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6)), torch.tensor([100, 800])
+        assert relative(low.eps(x_t, t, 1.0), prior.eps(x_t, t, 1.0)) < 0.03  # CFG 7.5 scales the gap 7.5x
+
+
+def test_channels_last_changes_layout_not_values(tiny_models, prior):
+    cl = StableDiffusionPrior.load(str(tiny_models["sd"]), PROMPT, AUX, "cpu", "fp32", 64, channels_last=True)
+    assert cl.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert cl.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    x_t, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([500])
+    with torch.no_grad():
+        for p_cl, p in ((cl, prior),):
+            torch.testing.assert_close(p_cl.eps(x_t, t, 7.5), p.eps(x_t, t, 7.5), rtol=1e-4, atol=1e-5)
+            z = p.encode(images, generator=torch.Generator().manual_seed(3))
+            torch.testing.assert_close(p_cl.encode(images, generator=torch.Generator().manual_seed(3)), z,
+                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(p_cl.decode(z), p.decode(z), rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_decoder_decodes_x0_and_templates_keep_the_full_vae(tiny_models, prior):
+    tiny = StableDiffusionPrior.load(str(tiny_models["sd"]), PROMPT, AUX, "cpu", "fp32", 64,
+                                     tiny_decoder=str(tiny_models["taesd"]))
+    assert type(tiny.tiny_decoder).__name__ == "AutoencoderTiny"
+    assert not any(p.requires_grad for p in tiny.tiny_decoder.parameters())
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x = tiny.decode(z)
+    assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    x.square().sum().backward()  # the rectifier differentiates through it
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with torch.no_grad():
+        # TAESD reads the diffusion-space latents directly (scaling factor 1): nothing rescales them
+        expected = tiny.tiny_decoder.decode(z / tiny.tiny_decoder.config.scaling_factor).sample
+        torch.testing.assert_close(tiny.decode(z), expected)
+        assert not torch.allclose(tiny.decode(z), prior.decode(z), atol=1e-2)
+        torch.testing.assert_close(tiny.decode_full(z), prior.decode(z))  # the full VAE is still there
+    images = tiny.sample("front", 1, steps=2, generator=torch.Generator().manual_seed(0))
+    reference = prior.sample("front", 1, steps=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images, reference)  # templates come from the full VAE
+
+
+def test_missing_tiny_decoder_is_one_clear_error(tiny_models, tmp_path):
+    with pytest.raises(ModelUnavailable) as info:
+        StableDiffusionPrior.load(str(tiny_models["sd"]), PROMPT, AUX, "cpu", "fp32", 64,
+                                  tiny_decoder=str(tmp_path / "no-taesd"))
+    message = str(info.value)
+    assert "Tiny decoder (AutoencoderTiny)" in message and "prior.sd.tiny_decoder=null" in message
+    assert "\n" not in message
+
+
+def test_view_index_without_boolean_masks():
+    from recdreamer_gs.priors.stable_diffusion import view_index
+
+    az = torch.tensor([0.0, 44.0, -45.0, 46.0, 90.0, -134.0, 135.0, 180.0, -180.0, 225.0, 315.0, 360.0])
+    assert view_index(az).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 0]

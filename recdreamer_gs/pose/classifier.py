@@ -173,6 +173,7 @@ class PoseClassifier(nn.Module):
         for name, buffer in _BUFFERS.items():
             value = getattr(bank, name)
             self.register_buffer(buffer, value.cpu() if name == "images" else value.to(features.device))
+        self._probs = self._probs_eager  # compile_passes() replaces it by its compiled version
 
     @property
     def num_classes(self) -> int:
@@ -250,7 +251,15 @@ class PoseClassifier(nn.Module):
 
     def forward(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C"]:
         """p(c | x) for images in [-1, 1]; differentiable in ``images``."""
+        return self._probs(images)
+
+    def _probs_eager(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C"]:
         return self.scores(images).probs
+
+    def compile_passes(self, compiler) -> None:
+        """Run :meth:`forward` (DINOv2 and the template matching) through ``compiler`` (a
+        :class:`recdreamer_gs.perf.Compiler`); :meth:`scores` stays eager."""
+        self._probs = compiler(self._probs_eager, "pose classifier")
 
     # -- persistence ------------------------------------------------------------------------
 

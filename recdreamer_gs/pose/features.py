@@ -25,12 +25,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def preprocess(
-    images: Float[Tensor, "B 3 H W"], input_size: int
+    images: Float[Tensor, "B 3 H W"], input_size: int,
+    mean: Optional[Float[Tensor, "1 3 1 1"]] = None, std: Optional[Float[Tensor, "1 3 1 1"]] = None,
 ) -> Float[Tensor, "B 3 S S"]:
-    """[-1, 1] images -> ImageNet-normalised ``input_size`` squares (bilinear; antialiased when shrinking)."""
+    """[-1, 1] images -> ImageNet-normalised ``input_size`` squares (bilinear; antialiased when shrinking).
+
+    ``mean``/``std`` on the images' device spare a host-to-device copy (and its wait) per call."""
     x = (images.float() + 1.0) * 0.5
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    if mean is None or std is None:
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
     if x.shape[-2:] != (input_size, input_size):
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
@@ -56,6 +60,9 @@ class DinoFeatures(nn.Module):
         self.dim = int(config.hidden_size)
         # DINOv2 without registers has no such field: then only the [CLS] token precedes the patches.
         self.num_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
+        device = next(model.parameters()).device
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -117,7 +124,7 @@ class DinoFeatures(nn.Module):
         grid = int(grid_size or self.grid_size)
         if size % self.patch_size != 0:
             raise ValueError(f"input_size: expected a multiple of the patch size {self.patch_size}, got {size}")
-        x = preprocess(images.to(self.device), size).to(self.dtype)
+        x = preprocess(images.to(self.device), size, self.mean, self.std).to(self.dtype)
         tokens = self.model(pixel_values=x).last_hidden_state.float()  # [B, 1 + R + N, D], after the final norm
         n = size // self.patch_size
         cls_tok = tokens[:, 0]

@@ -8,6 +8,10 @@ time-embedding width, 1280 for SD) is added to the timestep embedding through th
 ``class_embedding`` slot, in the LoRA branch only. :func:`lora_branch` switches both together.
 
 ``base: separate`` puts the LoRA on a second UNet instead (the release uses SD 2.1, v-prediction).
+
+The ε_φ pass and the LoRA loss (with its backward) can run compiled (:meth:`LoRAParticleScore.compile_passes`,
+docs/performance.md). The adapters are switched outside the compiled functions, so each compiled function
+always sees one adapter state and never recompiles; random draws stay outside too.
 """
 
 from __future__ import annotations
@@ -47,11 +51,10 @@ class CameraEmbedding(nn.Module):
 
 @dataclass
 class AdapterHandles:
-    """A UNet's peft layers and their adapter weights, found once: walking SD's thousands of modules
-    on every switch (as ``unet.enable_adapters()`` does) costs milliseconds per ε_φ pass."""
+    """A UNet's peft layers, found once: walking SD's thousands of modules on every switch (as
+    ``unet.enable_adapters()`` does) costs milliseconds per ε_φ pass."""
 
     layers: list  # peft BaseTunerLayer modules (the LoRA-wrapped projections)
-    params: list  # their adapter weights (lora_A / lora_B)
 
     @classmethod
     def find(cls, unet) -> "AdapterHandles":
@@ -60,8 +63,20 @@ class AdapterHandles:
         layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         if not layers:
             raise ValueError("lora_branch: expected a UNet with peft adapters (unet.add_adapter), found none")
-        params = [p for layer in layers for n, p in layer.named_parameters() if "lora_" in n]
-        return cls(layers, params)
+        if not all(hasattr(layer, "_disable_adapters") for layer in layers):
+            import peft
+
+            raise RuntimeError(f"lora_branch: peft {peft.__version__} keeps no _disable_adapters flag on its "
+                               "layers; expected a BaseTunerLayer that has it (peft 0.21 does)")
+        return cls(layers)
+
+    def switch(self, on: bool) -> None:
+        """Adapters on or off: only the flag peft's forward reads. peft's ``enable_adapters`` also resets
+        ``requires_grad`` of every adapter weight on each call (about 15,000 Python calls per switch on SD's
+        128 projections); our adapter weights stay trainable, so that work is skipped."""
+        off = not on
+        for layer in self.layers:
+            object.__setattr__(layer, "_disable_adapters", off)  # a plain flag: skip Module.__setattr__'s checks
 
 
 @contextmanager
@@ -72,10 +87,9 @@ def lora_branch(
     (callers pass the flattened camera as ``class_labels``). On exit both are undone, so the frozen ε̂
     pass sees the pure pretrained UNet (diffusers raises if ``class_embedding`` is set without labels).
 
-    peft's enable/disable also flips the adapters' ``requires_grad``; the flags are put back on exit,
-    because autograd drops the gradient of a leaf whose ``requires_grad`` is False at backward time
-    (the LoRA loss is built inside the branch and backpropagated after it). ``handles`` (from
-    :meth:`AdapterHandles.find`) saves a walk over the UNet's modules.
+    The adapter weights keep ``requires_grad`` throughout (the LoRA loss is built inside the branch and
+    backpropagated after it); the frozen pass never reaches them while the adapters are off.
+    ``handles`` (from :meth:`AdapterHandles.find`) saves a walk over the UNet's modules.
     """
     if unet.class_embedding is not None:
         raise RuntimeError(
@@ -83,18 +97,13 @@ def lora_branch(
             f"{type(unet.class_embedding).__name__} (nested lora_branch, or a class-conditional UNet)"
         )
     handles = AdapterHandles.find(unet) if handles is None else handles
-    trainable = [p.requires_grad for p in handles.params]
-    for layer in handles.layers:
-        layer.enable_adapters(True)
+    handles.switch(True)
     unet.class_embedding = camera_embedding
     try:
         yield
     finally:
         unet.class_embedding = None
-        for layer in handles.layers:
-            layer.enable_adapters(False)
-        for p, flag in zip(handles.params, trainable):
-            p.requires_grad_(flag)
+        handles.switch(False)
 
 
 def lora_target(
@@ -152,6 +161,9 @@ class LoRAParticleScore(nn.Module):
         )
         unet.disable_adapters()  # add_adapter activates it; the prior's pass must see the pure UNet
         self._handles = AdapterHandles.find(unet)
+        # The passes of an iteration; compile_passes() replaces them by compiled versions of themselves.
+        self._eps_phi = self._eps_phi_eager
+        self._lora_loss = self._lora_loss_eager
         self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{ADAPTER}." in n]
         for p in self._lora_params:  # trainable weights in fp32 next to an fp16 UNet (diffusers' LoRA recipe)
             p.data = p.data.float()
@@ -171,7 +183,8 @@ class LoRAParticleScore(nn.Module):
             raise ValueError(f"particle score base: expected 'shared' or 'separate', got {cfg.base!r}")
         if not cfg.separate_model:
             raise ValueError("particle score base 'separate' needs separate_model (a repo id or folder), got None")
-        unet, scheduler = load_separate_unet(cfg.separate_model, prior.device, prior.dtype)
+        unet, scheduler = load_separate_unet(cfg.separate_model, prior.device, prior.dtype,
+                                             prior.channels_last)
         alphas = scheduler.alphas_cumprod.to(prior.alphas_cumprod.device)
         if alphas.shape != prior.alphas_cumprod.shape or not torch.allclose(alphas, prior.alphas_cumprod, atol=1e-5):
             raise ValueError(
@@ -180,7 +193,23 @@ class LoRAParticleScore(nn.Module):
             )
         return cls(unet, prior.cond_embedding, prior.alphas_cumprod, scheduler.config.prediction_type, cfg)
 
+    def compile_passes(self, compiler) -> None:
+        """Run the ε_φ pass and the LoRA loss (forward and backward) through ``compiler`` (a
+        :class:`recdreamer_gs.perf.Compiler`). Each is its own function around the adapters-on UNet, so
+        neither ever sees the frozen pass's adapter state."""
+        self._eps_phi = compiler(self._eps_phi_eager, "ε_φ pass")
+        self._lora_loss = compiler(self._lora_loss_eager, "LoRA step")
+
     # ---- ε_φ and its training ---------------------------------------------------------------
+
+    def _text(self, b: int, text_embedding: Optional[Tensor]) -> Float[Tensor, "B L D"]:
+        text = self.text_embedding if text_embedding is None else text_embedding
+        return text.to(self.dtype).expand(b, -1, -1)
+
+    def _forward(self, x: Float[Tensor, "B C h w"], t: Int[Tensor, "B"], labels: Float[Tensor, "B 16"],
+                 text: Float[Tensor, "B L D"]) -> Float[Tensor, "B C h w"]:
+        """The UNet with adapters on (inside :func:`lora_branch`); raw output, fp32."""
+        return self.unet(x.to(self.dtype), t, encoder_hidden_states=text, class_labels=labels).sample.float()
 
     def predict(
         self,
@@ -191,14 +220,8 @@ class LoRAParticleScore(nn.Module):
     ) -> Float[Tensor, "B C h w"]:
         """Raw LoRA-branch output (ε or v, as the base predicts), fp32."""
         b = x.shape[0]
-        text = self.text_embedding if text_embedding is None else text_embedding
-        text = text.to(self.dtype).expand(b, -1, -1)
         with lora_branch(self.unet, self.camera, self._handles):
-            out = self.unet(
-                x.to(self.dtype), t.to(x.device), encoder_hidden_states=text,
-                class_labels=c2w.reshape(b, 16).float(),
-            ).sample
-        return out.float()
+            return self._forward(x, t.to(x.device), c2w.reshape(b, 16).float(), self._text(b, text_embedding))
 
     def eps_phi(
         self,
@@ -214,7 +237,13 @@ class LoRAParticleScore(nn.Module):
         (the current renders) is part of the shared ε_φ signature; the LoRA does not need it because it
         learns the particles' distribution through :meth:`lora_loss`.
         """
-        pred = self.predict(x_t, t, c2w, text_embedding)
+        b = x_t.shape[0]
+        with lora_branch(self.unet, self.camera, self._handles):
+            return self._eps_phi(x_t, t.to(x_t.device), c2w.reshape(b, 16).float(), self._text(b, text_embedding))
+
+    def _eps_phi_eager(self, x_t: Float[Tensor, "B C h w"], t: Int[Tensor, "B"], labels: Float[Tensor, "B 16"],
+                       text: Float[Tensor, "B L D"]) -> Float[Tensor, "B C h w"]:
+        pred = self._forward(x_t, t, labels, text)
         alpha, sigma = alpha_sigma(self.alphas_cumprod, t)
         return to_eps(pred, x_t.float(), alpha, sigma, self.prediction_type)
 
@@ -237,9 +266,14 @@ class LoRAParticleScore(nn.Module):
         t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator, device=draw_device).to(z.device)
         noise = torch.randn(z.shape, generator=generator, device=draw_device).to(z.device)
         keep = torch.rand(b, generator=generator, device=draw_device) >= self.cfg.camera_dropout
-        c2w = c2w.float() * keep.to(z.device, torch.float32).view(b, 1, 1)  # zero pose = "no camera"
+        labels = c2w.reshape(b, 16).float() * keep.to(z.device, torch.float32).view(b, 1)  # zero pose = "no camera"
+        with lora_branch(self.unet, self.camera, self._handles):
+            return self._lora_loss(z, noise, t, labels, self._text(b, text_embedding))
+
+    def _lora_loss_eager(self, z: Float[Tensor, "B C h w"], noise: Float[Tensor, "B C h w"], t: Int[Tensor, "B"],
+                         labels: Float[Tensor, "B 16"], text: Float[Tensor, "B L D"]) -> Tensor:
         alpha, sigma = alpha_sigma(self.alphas_cumprod, t)
-        pred = self.predict(add_noise(z, noise, alpha, sigma), t, c2w, text_embedding)
+        pred = self._forward(add_noise(z, noise, alpha, sigma), t, labels, text)
         return F.mse_loss(pred, lora_target(z, noise, alpha, sigma, self.prediction_type))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -247,8 +281,9 @@ class LoRAParticleScore(nn.Module):
         return list(self._lora_params) + list(self.camera.parameters())
 
     def make_optimizer(self, lr: Optional[float] = None) -> torch.optim.AdamW:
-        """AdamW over :meth:`trainable_parameters` (lr defaults to ``cfg.lr``, 1e-4)."""
-        return torch.optim.AdamW(self.trainable_parameters(), lr=self.cfg.lr if lr is None else lr)
+        """AdamW over :meth:`trainable_parameters` (lr defaults to ``cfg.lr``, 1e-4), fused: one kernel
+        for all 260 weights of SD's LoRA instead of a loop or a dozen multi-tensor launches."""
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.cfg.lr if lr is None else lr, fused=True)
 
     # ---- checkpoints: LoRA + camera only ----------------------------------------------------
 

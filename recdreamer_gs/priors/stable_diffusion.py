@@ -9,6 +9,10 @@ and, for USD's rectifier, reach ``x_t`` through the UNet.
 Weights come from :mod:`recdreamer_gs.hub` (a Hub repo id, downloaded when needed, or a local diffusers
 folder), then diffusers/transformers ``from_pretrained`` reads that folder. Anything that stops loading
 becomes one :class:`recdreamer_gs.hub.ModelUnavailable` naming the model, the cause and the ways on.
+
+The passes of an iteration (the UNet's CFG pair, the VAE encoder, the decoder of x̂0) are methods that
+:meth:`StableDiffusionPrior.compile_passes` can route through ``torch.compile`` (docs/performance.md);
+random draws stay outside them, so compiled and eager runs see the same numbers.
 """
 
 from __future__ import annotations
@@ -29,16 +33,20 @@ DType = Literal["auto", "fp16", "bf16", "fp32"]
 
 
 def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
-    """``auto`` is fp16 on CUDA and fp32 elsewhere (CPU half precision is slow and lossy)."""
+    """``auto`` is bf16 on CUDA GPUs that support it (Ampere and newer: fp32's exponent range, so no
+    overflow in the VAE), fp16 on older ones and fp32 elsewhere (CPU half precision is slow and lossy)."""
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if dtype not in table:
         raise ValueError(f"dtype: expected one of auto, fp16, bf16, fp32, got {dtype!r}")
     return table[dtype]
 
 
-def _read_unet(where: hub.Resolved, spec: hub.ModelSpec, device: torch.device | str, dtype: torch.dtype):
+def _read_unet(where: hub.Resolved, spec: hub.ModelSpec, device: torch.device | str, dtype: torch.dtype,
+               channels_last: bool = False):
     from diffusers import UNet2DConditionModel
 
     try:
@@ -47,7 +55,23 @@ def _read_unet(where: hub.Resolved, spec: hub.ModelSpec, device: torch.device | 
         )
     except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
         raise hub.load_error(spec, err) from err
-    return unet.to(device).requires_grad_(False).eval()
+    unet = unet.to(device).requires_grad_(False).eval()
+    return unet.to(memory_format=torch.channels_last) if channels_last else unet
+
+
+def load_tiny_decoder(source: str, device: torch.device | str, dtype: torch.dtype, channels_last: bool = False):
+    """A frozen ``AutoencoderTiny`` (TAESD, e.g. ``madebyollin/taesd`` for SD 1.x/2.x) from a repo id or folder."""
+    from diffusers import AutoencoderTiny
+
+    spec = hub.ModelSpec(hub.TINY_DECODER, source, half=dtype != torch.float32)
+    where = hub.ensure(spec)
+    try:
+        tiny = AutoencoderTiny.from_pretrained(where.folder, variant=where.variant(), torch_dtype=dtype,
+                                               local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
+        raise hub.load_error(spec, err) from err
+    tiny = tiny.to(device).requires_grad_(False).eval()
+    return tiny.to(memory_format=torch.channels_last) if channels_last else tiny
 
 
 def _read_scheduler(where: hub.Resolved, spec: hub.ModelSpec):
@@ -60,11 +84,11 @@ def _read_scheduler(where: hub.Resolved, spec: hub.ModelSpec):
         raise hub.load_error(spec, err) from err
 
 
-def load_separate_unet(model: str, device: torch.device | str, dtype: torch.dtype):
+def load_separate_unet(model: str, device: torch.device | str, dtype: torch.dtype, channels_last: bool = False):
     """A frozen UNet and its noise schedule from a repo id or folder (a separate ε_φ base)."""
     spec = hub.ModelSpec(hub.UNET, model, half=dtype != torch.float32)
     where = hub.ensure(spec)
-    return _read_unet(where, spec, device, dtype), _read_scheduler(where, spec)
+    return _read_unet(where, spec, device, dtype, channels_last), _read_scheduler(where, spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +102,8 @@ class StableDiffusionPrior:
     Not an ``nn.Module`` on purpose: its weights must never land in a Lightning checkpoint.
     ``unet``, ``uncond_embedding`` and ``cond_embedding`` are public so that the LoRA ε_φ
     (:mod:`recdreamer_gs.priors.particle_score`) can share the UNet and the prompt embedding.
+    ``tiny_decoder`` (an ``AutoencoderTiny``), when given, decodes x̂0 for the rectifier in place of the
+    full VAE decoder; template sampling always uses the full VAE.
     """
 
     def __init__(
@@ -92,11 +118,19 @@ class StableDiffusionPrior:
         latent_resolution: int = 512,
         prompt: str = "",
         scheduler_config: Optional[dict] = None,
+        tiny_decoder=None,
+        channels_last: bool = False,
     ):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
         self.unet = unet.requires_grad_(False).eval()
         self.vae = vae.requires_grad_(False).eval()
+        self.tiny_decoder = tiny_decoder.requires_grad_(False).eval() if tiny_decoder is not None else None
+        self.channels_last = channels_last  # convolution weights in channels-last layout (CUDA)
+        if channels_last:
+            for net in (self.unet, self.vae, self.tiny_decoder):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
         self.device = next(unet.parameters()).device
         self.dtype = next(unet.parameters()).dtype
         self.name = name
@@ -111,9 +145,14 @@ class StableDiffusionPrior:
         self.scaling_factor = float(vae.config.scaling_factor)
         shift = getattr(vae.config, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
+        self.vae_downscale = 2 ** (len(vae.config.block_out_channels) - 1)  # image side / latent side (8 for SD)
         # The pipeline's own scheduler settings (final ᾱ, timestep spacing, offset) for the template sampler;
         # a prior built without a pipeline folder gets its betas from ᾱ_t itself.
         self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
+        # The passes of an iteration; compile_passes() replaces them by compiled versions of themselves.
+        self._eps_pair = self._eps_pair_eager
+        self._encode = self._encode_eager
+        self._decode = self._decode_eager
 
     @classmethod
     def load(
@@ -124,6 +163,8 @@ class StableDiffusionPrior:
         device: torch.device | str = "cpu",
         dtype: DType = "auto",
         latent_resolution: int = 512,
+        tiny_decoder: Optional[str] = None,
+        channels_last: bool = False,
     ) -> "StableDiffusionPrior":
         """Load tokenizer, text encoder, UNet, VAE and schedule; encode ``prompt + aux_prompt`` and "".
 
@@ -131,8 +172,10 @@ class StableDiffusionPrior:
             model: Hub repo id (downloaded when missing and the network allows) or local diffusers folder.
             prompt: the user's prompt; ``aux_prompt`` is appended verbatim (USD's view phrase, DESIGN 4).
             device: where the networks run.
-            dtype: ``auto`` = fp16 on CUDA, fp32 on CPU.
+            dtype: ``auto`` = bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU.
             latent_resolution: renders are resized to this square size before the VAE (512 for SD 2.1-base).
+            tiny_decoder: an ``AutoencoderTiny`` repo id or folder that decodes x̂0 for the rectifier.
+            channels_last: convolution weights in channels-last memory format (faster on CUDA).
 
         Raises:
             ModelUnavailable: the weights cannot be had (offline, not found, gated, incomplete folder) or load.
@@ -157,10 +200,11 @@ class StableDiffusionPrior:
             raise
         except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
             raise hub.load_error(spec, err) from err
+        tiny = load_tiny_decoder(tiny_decoder, device, torch_dtype) if tiny_decoder else None
 
         text_encoder = text_encoder.to(device=device, dtype=torch_dtype).requires_grad_(False).eval()
         full_prompt = prompt + aux_prompt
-        # View prompts ("PROMPT, front view", ...) serve view-dependent SDS and template generation.
+        # View prompts ("PROMPT, front/side/back view") serve view-dependent SDS and template generation.
         view_prompts = [f"{prompt}, {view} view" for view in VIEWS]
         uncond, cond, *views = encode_prompts(tokenizer, text_encoder, ["", full_prompt, *view_prompts])
         del text_encoder  # the embeddings are fixed for the run (static shapes); free its memory
@@ -175,9 +219,18 @@ class StableDiffusionPrior:
             latent_resolution=latent_resolution,
             prompt=full_prompt,
             scheduler_config=scheduler.config,
+            tiny_decoder=tiny,
+            channels_last=channels_last,
         )
         instance.view_embeddings = torch.stack(views).to(instance.device, instance.dtype)  # [3, L, D]
         return instance
+
+    def compile_passes(self, compiler) -> None:
+        """Run the UNet's CFG pair, the VAE encoder and the x̂0 decoder through ``compiler``
+        (a :class:`recdreamer_gs.perf.Compiler`); template sampling stays eager."""
+        self._eps_pair = compiler(self._eps_pair_eager, "UNet CFG pass")
+        self._encode = compiler(self._encode_eager, "VAE encoder")
+        self._decode = compiler(self._decode_eager, "tiny decoder" if self.tiny_decoder is not None else "VAE decoder")
 
     # ---- Prior protocol ---------------------------------------------------------------------
 
@@ -186,16 +239,38 @@ class StableDiffusionPrior:
     ) -> Float[Tensor, "B 4 h w"]:
         """Renders in [0, 1] -> scaled latents (fp32), differentiable; a sample of the VAE posterior
         as in the release (``posterior.sample() * 0.18215``)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        side = self.latent_resolution // self.vae_downscale
+        shape = (images.shape[0], int(self.vae.config.latent_channels), side, side)
+        # The posterior's noise, drawn as diffusers' DiagonalGaussianDistribution.sample draws it.
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        return self._encode(images, noise)
+
+    def _encode_eager(self, images: Float[Tensor, "B 3 H W"], noise: Float[Tensor, "B 4 h w"]) -> Float[Tensor, "B 4 h w"]:
         r = self.latent_resolution
         x = images
         if x.shape[-2:] != (r, r):  # the release renders at 256 and upsamples to 512 bilinearly
             x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
         x = (2.0 * x - 1.0).to(self.dtype)
-        z = self.vae.encode(x).latent_dist.sample(generator=generator)
-        return ((z.float() - self.shift_factor) * self.scaling_factor)
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * noise
+        return (z.float() - self.shift_factor) * self.scaling_factor
 
     def decode(self, z: Float[Tensor, "B 4 h w"]) -> Float[Tensor, "B 3 H W"]:
-        """Scaled latents -> images in about [-1, 1] (fp32, not clamped so that gradients pass)."""
+        """Scaled latents -> images in about [-1, 1] (fp32, not clamped so that gradients pass); through
+        the tiny decoder when one is loaded (the rectifier's x̂0), else the full VAE."""
+        return self._decode(z)
+
+    def _decode_eager(self, z: Float[Tensor, "B 4 h w"]) -> Float[Tensor, "B 3 H W"]:
+        if self.tiny_decoder is not None:
+            # TAESD reads the diffusion-space latents themselves (its scaling_factor is 1).
+            x = z.float() / float(self.tiny_decoder.config.scaling_factor)
+            return self.tiny_decoder.decode(x.to(self.dtype)).sample.float()
+        return self.decode_full(z)
+
+    def decode_full(self, z: Float[Tensor, "B 4 h w"]) -> Float[Tensor, "B 3 H W"]:
+        """Scaled latents -> images through the full VAE decoder (eager)."""
         x = z.float() / self.scaling_factor + self.shift_factor
         return self.vae.decode(x.to(self.dtype)).sample.float()
 
@@ -219,16 +294,21 @@ class StableDiffusionPrior:
             cond = self.cond_embedding.expand(b, -1, -1)
         else:
             cond = self.view_embeddings[view_index(azimuth.to(self.device))]
-        pred = self.unet_pred(
-            torch.cat([x_t, x_t]),
-            torch.cat([t, t]),
-            torch.cat([self.uncond_embedding.expand(b, -1, -1), cond]),
-        )
-        pred_uncond, pred_cond = pred.chunk(2)
-        # CFG is affine with weights summing to 1, so guiding v and then converting equals converting first.
-        guided = cfg_combine(pred_uncond, pred_cond, guidance_scale)
+        eps_uncond, eps_cond = self._eps_pair(x_t, t, cond)
+        # Guidance outside the compiled pass: the scale changes between stages, the graph does not.
+        return cfg_combine(eps_uncond, eps_cond, guidance_scale)
+
+    def _eps_pair_eager(
+        self, x_t: Float[Tensor, "B 4 h w"], t: Int[Tensor, "B"], cond: Float[Tensor, "B L D"]
+    ) -> tuple[Float[Tensor, "B 4 h w"], Float[Tensor, "B 4 h w"]]:
+        """(ε_u, ε_y) as ε from one UNet pass over [uncond; cond]. Converting v to ε before guidance is
+        exact: CFG is affine with weights summing to 1."""
+        b = x_t.shape[0]
+        text = torch.cat([self.uncond_embedding.expand(b, -1, -1), cond])
+        pred = self.unet_pred(torch.cat([x_t, x_t]), torch.cat([t, t]), text)
         alpha, sigma = alpha_sigma(self.alphas_cumprod, t)
-        return to_eps(guided, x_t.float(), alpha, sigma, self.prediction_type)
+        x = x_t.float()
+        return tuple(to_eps(p, x, alpha, sigma, self.prediction_type) for p in pred.chunk(2))  # type: ignore[return-value]
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -242,7 +322,7 @@ class StableDiffusionPrior:
         Used to generate pose templates; ``view`` is one of front, side, back.
         """
         scheduler = self.ddim_scheduler(steps)
-        h = self.latent_resolution // 8
+        h = self.latent_resolution // self.vae_downscale
         x = torch.randn(n, 4, h, h, generator=generator, device=generator.device if generator else "cpu")
         x = x.to(self.device)
         cond = self.view_embeddings[VIEWS.index(view)][None].expand(n, -1, -1)
@@ -251,7 +331,7 @@ class StableDiffusionPrior:
             tt = torch.full((2 * n,), int(t), device=self.device, dtype=torch.long)
             pred_u, pred_c = self.unet_pred(torch.cat([x, x]), tt, text).chunk(2)
             x = scheduler.step(cfg_combine(pred_u, pred_c, guidance_scale), t, x).prev_sample
-        return self.decode(x).clamp(-1, 1)
+        return self.decode_full(x).clamp(-1, 1)
 
     def ddim_scheduler(self, steps: int):
         """A diffusers ``DDIMScheduler`` from the pipeline's scheduler config, set to ``steps`` steps."""
@@ -279,11 +359,10 @@ VIEWS = ("front", "side", "back")  # the view phrases of view-dependent prompts
 
 def view_index(azimuth: Float[Tensor, "B"]) -> Int[Tensor, "B"]:
     """Index into VIEWS for a camera azimuth (0° = front): front within 45°, back beyond 135°, side between."""
-    a = torch.remainder(azimuth + 180.0, 360.0) - 180.0
-    out = torch.ones_like(a, dtype=torch.long)
-    out[a.abs() <= 45.0] = 0
-    out[a.abs() >= 135.0] = 2
-    return out
+    a = (torch.remainder(azimuth + 180.0, 360.0) - 180.0).abs()
+    # torch.where, not boolean-mask assignment: a mask index waits for the GPU to count its elements.
+    side = torch.ones_like(a, dtype=torch.long)
+    return torch.where(a <= 45.0, torch.zeros_like(side), torch.where(a >= 135.0, torch.full_like(side, 2), side))
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> Float[Tensor, "N L D"]:
