@@ -54,7 +54,7 @@ SD21_TEXT_ENCODER = dict(
 )
 # Overrides that make --small runs take seconds on a CPU (tiny networks: 64² latents input, few Gaussians).
 SMALL_SET = ("camera.resolution=32", "prior.sd.latent_resolution=64", "gaussians.num_init=200",
-             "distill.rectifier.template_augment=2", "output.turntable_frames=2", "train.preview_every=0")
+             "distill.rectifier.classifier.n_augment=2", "output.turntable_frames=2", "train.preview_every=0")
 
 
 def write_models(folder: Path, small: bool, half: bool) -> dict[str, Any]:

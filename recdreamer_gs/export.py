@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from recdreamer_gs.errors import UserError
+
 PlyFrame = Literal["viewer", "y-up"]
 
 LOG_SCALE_CLAMP = 20.0  # |log scale| limit on export: exp(±20) covers any sane scene, viewers break on inf
@@ -47,7 +49,7 @@ _Q_X180 = (0.0, 1.0, 0.0, 0.0)
 X180_AXES = (1.0, -1.0, -1.0)
 
 
-class PlyError(ValueError):
+class PlyError(UserError, ValueError):
     """A PLY file is missing, unreadable or lacks the 3DGS properties."""
 
 

@@ -18,12 +18,13 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from recdreamer_gs.config import GaussiansConfig
+from recdreamer_gs.errors import UserError
 
 SH_C0 = 0.28209479177387814  # rgb = 0.5 + SH_C0 * sh0
 COLOUR_PARAMS = ("sh0", "shN")  # what a colour-only (texture) stage trains
 
 
-class InitError(ValueError):
+class InitError(UserError, ValueError):
     """An --init-from file is missing or holds no usable points."""
 
 

@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
+from recdreamer_gs.errors import UserError
+
 if TYPE_CHECKING:
     from rich.console import Console
 
     from recdreamer_gs.config import RunConfig
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(UserError, RuntimeError):
     """A model cannot be had here. ``str()`` is one line: the model, the cause, the ways on."""
 
     def __init__(self, message: str, cause: str):
@@ -535,13 +537,13 @@ def config_models(cfg: "RunConfig", cuda: bool = True) -> list[ModelSpec]:
     if cfg.prior.kind == "sd" or (cfg.prior.kind == "auto" and cuda):
         half = half_weights(cfg.prior.sd.dtype, cuda)
         specs.append(ModelSpec(SD_PIPELINE, cfg.prior.sd.model, half))
-        methods = {s.method for s in cfg.stages} if cfg.stages else {cfg.distill.method}
-        score = cfg.distill.particle_score
+        methods = cfg.methods()
+        score = cfg.first_distill("vsd", "usd").particle_score
         if methods - {"sds"} and score.base == "separate" and score.separate_model:
             specs.append(ModelSpec(UNET, score.separate_model, half))
-        rect = cfg.distill.rectifier
+        rect = cfg.first_distill("usd").rectifier
         if "usd" in methods or rect.templates:
-            specs.append(ModelSpec(DINOV2, rect.pose_model))
+            specs.append(ModelSpec(DINOV2, rect.classifier.feature_model))
         if "usd" in methods and cfg.prior.sd.tiny_decoder:
             specs.append(ModelSpec(TINY_DECODER, cfg.prior.sd.tiny_decoder, half))
     if cfg.output.clip_model:

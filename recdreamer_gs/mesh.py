@@ -35,13 +35,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from recdreamer_gs.cameras import Cameras, look_at
+from recdreamer_gs.errors import UserError
 from recdreamer_gs.export import X180_AXES, PlyFrame, atomic_path, atomic_write_bytes, read_ply
 
 MeshFormat = Literal["glb", "obj", "ply"]
 MESH_SUFFIXES = (".glb", ".obj", ".ply")
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """No mesh can be made from the input (no Gaussians, nothing opaque, nothing rendered)."""
 
 

@@ -7,32 +7,26 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
 from recdreamer_gs.config import RunConfig
+from recdreamer_gs.errors import UserError
+from recdreamer_gs.pose.setup import PoseSetup
 from recdreamer_gs.priors.base import Prior
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run cannot start; the message says what was wrong and what to do."""
 
 
 @dataclass
 class PriorChoice:
     prior: Prior
+    kind: str  # the prior.kind that was chosen ("synthetic" or "sd"; never "auto")
     notice: Optional[str]  # shown to the user when auto fell back to the synthetic prior
     load_s: float = 0.0  # seconds spent loading the prior (downloads excluded)
-
-
-@dataclass
-class PoseSetup:
-    classifier: Optional[Callable]  # images in [-1, 1] (+ background) -> probabilities [B, C]
-    class_names: tuple[str, ...]
-    templates: Optional[dict] = None  # the template images the classifier was built from (SD)
-    metric: Optional[Callable] = None  # classifier for pEnt; defaults to ``classifier``
-    module: Optional[Any] = None  # the PoseClassifier behind ``classifier`` (SD), for compiling
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,30 +60,37 @@ def build_prior(cfg: RunConfig, device: torch.device) -> PriorChoice:
     if kind == "auto":
         kind, notice = _auto_prior(cfg, device)
     if kind == "synthetic":
-        return PriorChoice(SyntheticPrior(cfg.prior.synthetic, device), notice)
+        return PriorChoice(SyntheticPrior(cfg.prior.synthetic, device), kind, notice)
     hub.prepare(hub.config_models(cfg, cuda=device.type == "cuda"))
     from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
 
     start = time.perf_counter()
     sd = cfg.prior.sd
     # The tiny decoder serves the rectifier only, so a run without USD does not load it (hub.config_models).
-    tiny = sd.tiny_decoder if "usd" in run_methods(cfg) else None
+    tiny = sd.tiny_decoder if "usd" in cfg.methods() else None
     prior = StableDiffusionPrior.load(sd.model, cfg.prompt, sd.aux_prompt, device, sd.dtype, sd.latent_resolution,
                                       tiny_decoder=tiny, channels_last=cfg.perf.channels_last and device.type == "cuda")
-    return PriorChoice(prior, notice, time.perf_counter() - start)
+    return PriorChoice(prior, kind, notice, time.perf_counter() - start)
 
 
-def run_methods(cfg: RunConfig) -> set[str]:
-    """The distillation methods a run uses (one per stage)."""
-    return {s.method for s in cfg.stages} if cfg.stages else {cfg.distill.method}
+def effective_config(cfg: RunConfig, choice: PriorChoice, device: torch.device) -> RunConfig:
+    """The config that runs: ``auto`` prior and device resolved, the prior's own settings applied
+    (``Prior.specialise``). Idempotent: the run folder's config.yaml runs the same again."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, kind=choice.kind),
+                              train=dataclasses.replace(cfg.train, device=device.type))
+    cfg = choice.prior.specialise(cfg)
+    cfg.validate()
+    return cfg
 
 
 def run_iterations(cfg: RunConfig) -> int:
     """Iterations of the whole run (all stages)."""
-    return sum(s.steps for s in cfg.stages) if cfg.stages else cfg.train.steps
+    return sum(steps for _, steps, _ in cfg.stage_plan())
 
 
-def compile_networks(cfg: RunConfig, device: torch.device, prior: Prior, particle_score, pose: "PoseSetup",
+def compile_networks(cfg: RunConfig, device: torch.device, prior: Prior, particle_score, pose: PoseSetup,
                      timings: Optional[dict] = None, echo: Optional[Callable[[str], None]] = None):
     """Route the networks' passes through ``torch.compile`` when ``perf.compile`` asks for it on this run
     (recdreamer_gs.perf); the compiler (None when the run stays eager). The synthetic prior has no
@@ -129,74 +130,6 @@ def _auto_prior(cfg: RunConfig, device: torch.device) -> tuple[str, Optional[str
     except hub.ModelUnavailable as err:
         return "synthetic", synthetic_notice(f"the Stable Diffusion weights {sd.source!r} cannot be had: {err.cause}")
     return "sd", None
-
-
-def build_particle_score(cfg: RunConfig, prior: Prior):
-    """ε_φ for VSD/USD: exact kernel score on the synthetic prior, LoRA on Stable Diffusion."""
-    if cfg.distill.method == "sds":
-        return None
-    if prior.name == "synthetic":
-        from recdreamer_gs.priors.synthetic import KernelParticleScore
-
-        return KernelParticleScore(prior.alphas_cumprod, cfg.prior.synthetic.kernel_width)
-    from recdreamer_gs.priors.particle_score import LoRAParticleScore
-
-    return LoRAParticleScore.from_prior(prior, cfg.distill.particle_score)
-
-
-def sd_sample_fn(prior) -> Callable:
-    """``sample_fn(text, n)`` for template generation from the prior's view-prompt sampler."""
-    def sample(text: str, n: int):
-        view = next((v for v in ("front", "back", "side") if f"{v} view" in text), "front")
-        generator = torch.Generator(device=prior.device).manual_seed(0)
-        return prior.sample(view, n, generator=generator)
-
-    return sample
-
-
-def load_templates(cfg: RunConfig, prior: Prior) -> dict:
-    """Templates from ``--templates DIR``, or generated with the prior's view prompts."""
-    from recdreamer_gs.pose.templates import generate_templates, load_template_folder
-
-    rect = cfg.distill.rectifier
-    if rect.templates:
-        return load_template_folder(rect.templates)
-    return generate_templates(sd_sample_fn(prior), cfg.prompt, rect.templates_per_view)
-
-
-def build_pose(cfg: RunConfig, prior: Prior, device: torch.device, need: bool,
-               timings: Optional[dict] = None) -> PoseSetup:
-    """The pose classifier: the synthetic prior's template matcher, or DINOv2 + templates for SD.
-
-    For SD it is built only when ``need`` (USD, or a template folder was given for metrics). The seconds
-    spent on the templates (generating them, embedding them) go to ``timings["templates_s"]``.
-    """
-    rect = cfg.distill.rectifier
-    if prior.name == "synthetic":
-        from recdreamer_gs.priors.synthetic import POSE_CLASSES
-
-        # Training uses the soft template matcher (DESIGN 8.2); pEnt uses the prior's exact, sharp class
-        # posterior of the clean renders, so the metric measures poses rather than the matcher's softness.
-        setup = PoseSetup(prior.classify, POSE_CLASSES, metric=prior.clean_class_posterior)
-    elif not (need or rect.templates):
-        return PoseSetup(None, ())
-    else:
-        from recdreamer_gs.pose.classifier import PoseClassifier, PoseClassifierConfig
-        from recdreamer_gs.pose.features import DinoFeatures
-
-        features = DinoFeatures.load(rect.pose_model, device=device)
-        start = time.perf_counter()
-        templates = load_templates(cfg, prior)
-        pcfg = PoseClassifierConfig(classes=tuple(templates), feature_model=rect.pose_model,
-                                    tau_pose=rect.tau_pose, n_augment=rect.template_augment)
-        classifier = PoseClassifier.from_templates(features, templates, pcfg).to(device)
-        if timings is not None:
-            timings["templates_s"] = time.perf_counter() - start
-        setup = PoseSetup(lambda images, background=None: classifier(images), tuple(templates), templates,
-                          module=classifier)
-    if rect.pose_control and rect.pose_control not in setup.class_names:
-        raise RunError(f"--pose-control {rect.pose_control!r}: expected one of {', '.join(setup.class_names)}")
-    return setup
 
 
 def slugify(prompt: str, limit: int = 48) -> str:
@@ -239,14 +172,13 @@ class Interrupted(RuntimeError):
 
 def read_resume(out_dir: Path) -> tuple[RunConfig, dict]:
     """The resolved config and last checkpoint of an earlier run folder (``run --resume OUTDIR``)."""
-    from recdreamer_gs.config import ConfigError, RunConfig, _from_dict, read_yaml, validate
+    from recdreamer_gs.config import ConfigError, config_from_data, read_yaml
 
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoints" / "last.ckpt"
     if not (out_dir / "config.yaml").is_file() or not ckpt_path.is_file():
         raise RunError(f"--resume {out_dir}: expected a run folder with config.yaml and checkpoints/last.ckpt")
-    cfg = _from_dict(RunConfig, read_yaml(out_dir / "config.yaml"))
-    validate(cfg)
+    cfg = config_from_data(read_yaml(out_dir / "config.yaml"))
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
@@ -260,10 +192,8 @@ def stage_config(cfg: RunConfig, stage) -> RunConfig:
     """The config of one stage of a multi-stage run: its steps and distillation settings."""
     import dataclasses
 
-    distill = dataclasses.replace(cfg.distill, method=stage.method, guidance_scale=stage.guidance_scale,
-                                  view_prompts=stage.view_prompts, time_schedule=stage.time_schedule)
     densify = cfg.densify if stage.params == "all" else dataclasses.replace(cfg.densify, strategy="none")
-    return dataclasses.replace(cfg, distill=distill, densify=densify,
+    return dataclasses.replace(cfg, distill=stage.distill, densify=densify,
                                train=dataclasses.replace(cfg.train, steps=stage.steps), stages=[])
 
 
@@ -278,25 +208,22 @@ def build_clip(cfg: RunConfig, device: torch.device):
 
 def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device,
         resume: Optional[dict] = None, extra_callbacks: Optional[list] = None, clip=None):
-    """Train the Gaussian set(s) with Lightning, stage by stage, and write the outputs of DESIGN section 10.
-
-    Returns the system of the last stage. ``resume`` is a checkpoint of this run folder to continue from.
+    """Train the Gaussian set(s) with Lightning, stage by stage, and write the run folder (README, "What a
+    run makes"). Returns the system of the last stage. ``resume`` is a checkpoint of this run folder.
     """
+    cfg = effective_config(cfg, choice, device)  # what runs, and what config.yaml records
     torch.manual_seed(cfg.train.seed)
     stages = cfg.stages or [None]
     stage_cfgs = [cfg if st is None else stage_config(cfg, st) for st in stages]
-    methods = {c.distill.method for c in stage_cfgs}
     # Phases of the run for metrics.json; the stages add train_s and export_s (callbacks.ExportAndMetrics).
     timings = {"load_s": choice.load_s, "templates_s": 0.0}
     start = time.perf_counter()
-    pose = build_pose(cfg, choice.prior, device, need="usd" in methods, timings=timings)
+    pose = choice.prior.pose_setup(cfg, need="usd" in cfg.methods(), timings=timings)
     if pose.templates is not None:
         from recdreamer_gs.pose.templates import write_template_folder
 
         write_template_folder(pose.templates, out_dir / "templates")
-    # One ε_φ for the whole run, shared by its VSD/USD stages.
-    score_cfg = next((c for c in stage_cfgs if c.distill.method != "sds"), stage_cfgs[0])
-    particle_score = build_particle_score(score_cfg, choice.prior)
+    particle_score = choice.prior.particle_score(cfg)  # one ε_φ, shared by the run's VSD/USD stages
     if clip is None:
         clip = build_clip(cfg, device)
     timings["load_s"] += time.perf_counter() - start - timings["templates_s"]

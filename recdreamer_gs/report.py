@@ -21,10 +21,11 @@ from typing import Optional
 import numpy as np
 import yaml
 
+from recdreamer_gs.errors import UserError
 from recdreamer_gs.export import atomic_write_bytes
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The folder is not a run folder (no config.yaml and no logs/)."""
 
 

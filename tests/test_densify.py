@@ -18,7 +18,6 @@ from recdreamer_gs.densify import (
     is_refine_step,
     over_cap,
     prune_mask,
-    validate_densify,
 )
 from recdreamer_gs.gaussians import Gaussians
 from recdreamer_gs.render import render
@@ -66,10 +65,10 @@ def test_refine_steps():
 
 def test_validation_messages():
     with pytest.raises(ValueError, match="opacity_reset_value"):
-        validate_densify(DensifyConfig(prune_opa=0.05, opacity_reset_value=0.05))
-    validate_densify(DensifyConfig(prune_opa=0.05, opacity_reset_value=0.01, reset_at_block_boundaries=False))
+        DensifyConfig(prune_opa=0.05, opacity_reset_value=0.05).validate()
+    DensifyConfig(prune_opa=0.05, opacity_reset_value=0.01, reset_at_block_boundaries=False).validate()
     with pytest.raises(ValueError, match="refine_every: expected 1 or more, got 0"):
-        validate_densify(DensifyConfig(refine_every=0))
+        DensifyConfig(refine_every=0).validate()
     with pytest.raises(ValueError, match="scene_scale"):
         Densifier(DensifyConfig(), 0.0, TOTAL, N_INTERVALS)
 

@@ -235,7 +235,7 @@ def test_usd_run_with_compiled_networks_and_tiny_decoder(tiny_models, tmp_path, 
     monkeypatch.setattr(perf, "BACKEND", "aot_eager")
     run_dir, output = run_folder(
         tmp_path, "--prior", "sd", "--model", str(tiny_models["sd"]), "--method", "usd",
-        "--pose-model", str(tiny_models["dinov2"]), "--set", "distill.rectifier.template_augment=2",
+        "--pose-model", str(tiny_models["dinov2"]), "--set", "distill.rectifier.classifier.n_augment=2",
         "--set", "prior.sd.latent_resolution=64", "--set", f"prior.sd.tiny_decoder={tiny_models['taesd']}",
         "--set", "perf.compile=on", "--set", "distill.rectifier.rectify_every=2", *FAST, "--steps", "2")
     text = " ".join(output.split())
@@ -290,8 +290,8 @@ def test_no_host_sync_inside_an_iteration_on_cuda(tiny_models, tmp_path, method)
     overrides = [f"prior.sd.model={tiny_models['sd']}", "prior.kind=sd", f"distill.method={method}",
                  "train.steps=4", "camera.resolution=64", "prior.sd.latent_resolution=64", "gaussians.num_init=500",
                  "train.progress_bar=false", "output.turntable_frames=0", "train.preview_every=0",
-                 "train.device=cuda", "perf.compile=off", f"distill.rectifier.pose_model={tiny_models['dinov2']}",
-                 "distill.rectifier.template_augment=2", "distill.rectifier.rectify_every=2", "prompt='a red teapot'"]
+                 "train.device=cuda", "perf.compile=off", f"distill.rectifier.classifier.feature_model={tiny_models['dinov2']}",
+                 "distill.rectifier.classifier.n_augment=2", "distill.rectifier.rectify_every=2", "prompt='a red teapot'"]
     cfg = load_config("preview", overrides=[parse_override(s) for s in overrides])
     device = torch.device("cuda")
     choice = pipeline.build_prior(cfg, device)

@@ -47,7 +47,7 @@ def templates() -> dict[str, list[torch.Tensor]]:
     }
 
 
-CFG = PoseClassifierConfig(input_size=224, n_augment=3, augment_batch=2)
+CFG = PoseClassifierConfig(classes=("front", "back", "left", "right"), input_size=224, n_augment=3, augment_batch=2)
 
 
 @pytest.fixture(scope="module")

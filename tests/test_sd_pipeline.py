@@ -72,7 +72,7 @@ def test_usd_with_tiny_sd_and_dinov2(tiny_models, tmp_path):
     """USD on SD: templates generated with the prior's view prompts, DINOv2 classifier, rectifier, pEnt."""
     result = runner.invoke(app, ["run", "a red teapot", "--steps", "2", "--method", "usd", "--out", str(tmp_path),
                                  "--pose-model", str(tiny_models["dinov2"]),
-                                 "--set", "distill.rectifier.template_augment=2", *fast(tiny_models)],
+                                 "--set", "distill.rectifier.classifier.n_augment=2", *fast(tiny_models)],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (run_dir,) = list(tmp_path.iterdir())

@@ -18,8 +18,8 @@ def tiny(extra=()):
 
 def test_paper_preset_has_three_stages():
     cfg = load_config("paper")
-    assert [s.method for s in cfg.stages] == ["usd", "sds", "usd"]
-    assert cfg.stages[1].guidance_scale == 100.0 and cfg.stages[1].view_prompts
+    assert [s.distill.method for s in cfg.stages] == ["usd", "sds", "usd"]
+    assert cfg.stages[1].distill.guidance_scale == 100.0 and cfg.stages[1].distill.view_prompts
     assert [s.params for s in cfg.stages] == ["all", "all", "colour"]
 
 
@@ -83,8 +83,9 @@ def test_paper_preset_from_the_cli(tmp_path):
 
     from recdreamer_gs.cli import app
 
-    stages = ("stages=[{name: a, steps: 2, method: usd}, {name: b, steps: 2, method: sds, guidance_scale: 100}, "
-              "{name: c, steps: 2, method: usd, params: colour}]")
+    stages = ("stages=[{name: a, steps: 2, distill: {method: usd}}, "
+              "{name: b, steps: 2, distill: {method: sds, guidance_scale: 100}}, "
+              "{name: c, steps: 2, distill: {method: usd}, params: colour}]")
     result = CliRunner().invoke(app, ["run", "a cat", "--preset", "paper", "--prior", "synthetic", "--device", "cpu",
                                       "--out", str(tmp_path), "--set", stages, "--set", "gaussians.num_init=100",
                                       "--set", "prior.synthetic.resolution=32", "--set", "train.progress_bar=false",

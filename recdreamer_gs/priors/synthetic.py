@@ -1,4 +1,4 @@
-"""Offline analytic image prior with an exact score (DESIGN section 8.2).
+"""Offline analytic image prior with an exact score (docs/synthetic-prior.md).
 
 A procedural reference object (a round creature with a face on its front, stripes on its back,
 a green fin on its left and an orange horn on its right) is rendered from several azimuths.
@@ -16,8 +16,9 @@ is what moves basin boundaries in hundreds of dimensions (a heavier single weigh
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 from diffusers import DDPMScheduler
@@ -28,6 +29,10 @@ from recdreamer_gs.cameras import orbit
 from recdreamer_gs.config import GaussiansConfig, SyntheticPriorConfig
 from recdreamer_gs.gaussians import Gaussians, rgb_to_sh0
 from recdreamer_gs.render import render
+
+if TYPE_CHECKING:
+    from recdreamer_gs.config import DistillConfig, RunConfig
+    from recdreamer_gs.pose.setup import PoseSetup
 
 POSE_CLASSES = ("front", "left", "back", "right")
 # Camera azimuth that sees each class: the object faces +z; a camera on +x (90°) sees its left side.
@@ -211,8 +216,15 @@ class KernelParticleScore(torch.nn.Module):
         abar = self.alphas_cumprod[t.to(self.alphas_cumprod.device)].float()
         return kernel_particle_eps(x_t, particles, abar.sqrt(), (1 - abar).sqrt(), self.kernel_width)
 
+    def lora_loss(self, z: Float[Tensor, "B 3 H W"], c2w: Float[Tensor, "B 4 4"],
+                  generator: Optional[torch.Generator] = None) -> Float[Tensor, ""]:
+        return z.new_zeros(())  # the kernel score is exact: nothing to train
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return []
+
+    def make_optimizer(self, lr: float) -> None:
+        return None
 
 
 def azimuth_to_class(azimuth: Float[Tensor, "B"]) -> Int[Tensor, "B"]:
@@ -295,6 +307,44 @@ class SyntheticPrior:
         log_w_view = torch.where(same, self.log_weights[None], torch.full_like(same, -1e9, dtype=x_t.dtype))
         eps_view = mixture_eps(x_t, means, log_w_view, alpha, sigma, self.cfg.std)
         return eps_u + guidance_scale * (eps_view - eps_u)
+
+    # -- what the run takes from its prior ------------------------------------------------------
+
+    def specialise(self, cfg: "RunConfig") -> "RunConfig":
+        """Renders at this prior's resolution, its own densification threshold and rectifier cap (its
+        pixel-space gradients are larger than SD latents'), and view-conditioned CFG when configured
+        (docs/synthetic-prior.md). Idempotent, so a run folder's config.yaml can be run again."""
+        s = cfg.prior.synthetic
+        replace = dataclasses.replace
+
+        def distill(d: "DistillConfig") -> "DistillConfig":
+            return replace(d, view_prompts=d.view_prompts or s.view_conditioned,
+                           rectifier=replace(d.rectifier, norm_coef=s.rectifier_norm_coef))
+
+        return replace(cfg, camera=replace(cfg.camera, resolution=s.resolution), distill=distill(cfg.distill),
+                       densify=replace(cfg.densify, grow_grad2d=s.densify_grow_grad2d),
+                       stages=[replace(st, distill=distill(st.distill)) for st in cfg.stages])
+
+    def particle_score(self, cfg: "RunConfig") -> Optional[KernelParticleScore]:
+        """The exact kernel score of the particles (nothing to train) for VSD/USD."""
+        if cfg.methods() == {"sds"}:
+            return None
+        return KernelParticleScore(self.alphas_cumprod, self.cfg.kernel_width)
+
+    def pose_setup(self, cfg: "RunConfig", need: bool = True, timings: Optional[dict] = None) -> "PoseSetup":
+        """Training uses the soft template matcher (docs/synthetic-prior.md); pEnt uses the exact, sharp
+        class posterior of the clean renders, so the metric measures poses, not the matcher's softness."""
+        from recdreamer_gs.pose.setup import PoseSetup
+
+        setup = PoseSetup(self.classify, POSE_CLASSES, metric=self.clean_class_posterior,
+                          image_size=self.cfg.resolution)
+        setup.check_pose_control(cfg.first_distill("usd").rectifier)
+        return setup
+
+    def template_candidates(self, prompt: str, per_view: int = 1) -> dict[str, list[Float[Tensor, "3 H W"]]]:
+        """The canonical view of each class on white (the prompt plays no part: the object is built in)."""
+        images = self.templates(torch.ones(1, 3, device=self.device), 1)[0]
+        return {name: [images[i]] for i, name in enumerate(POSE_CLASSES)}
 
     # -- extras the tests and the rectifier use ---------------------------------------------------
 

@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from recdreamer_gs.errors import UserError
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -39,7 +41,7 @@ BUILD_COMMAND = [
 BUILD_TIME = "about 1-2 minutes on a fast machine, longer with few CPU cores"
 
 
-class GsplatUnavailable(RuntimeError):
+class GsplatUnavailable(UserError, RuntimeError):
     """gsplat's CUDA rasterizer cannot run here; the message is one line: cause, log file, ways on."""
 
 

@@ -1,0 +1,13 @@
+"""The one base class of errors a user can fix.
+
+Every exception the package raises for bad input or a missing piece of the environment (a config
+value, a file, a model, the GPU build) derives from :class:`UserError`. Its message is one line that
+says what was wrong and what to do; the command line prints it and exits with code 2, without a
+traceback. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Input or environment the user can fix; ``str()`` is one line: what was wrong and what to do."""

@@ -1,0 +1,72 @@
+"""The pose classifier a run uses (or `classify`/`eval`): what it needs and how the DINOv2 one is built.
+
+A prior decides which classifier it comes with (:meth:`recdreamer_gs.priors.base.Prior.pose_setup`):
+the synthetic prior brings its own template matcher; Stable Diffusion uses the DINOv2 classifier built
+here from a template folder or from templates generated with the prior.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from recdreamer_gs.config import ConfigError, RectifierConfig
+
+# Images in [-1, 1] (and the solid background each was composited on) -> class probabilities [B, C].
+Classify = Callable[[Tensor, Optional[Tensor]], Tensor]
+
+
+@dataclass
+class PoseSetup:
+    classifier: Optional[Classify]  # the differentiable classifier the rectifier uses (None: no classifier)
+    class_names: tuple[str, ...]
+    templates: Optional[dict[str, list[Tensor]]] = None  # template images the classifier was built from
+    metric: Optional[Classify] = None  # classifier for pEnt; None: ``classifier``
+    module: Optional[Any] = None  # the PoseClassifier behind ``classifier``, for compiling (DINOv2 only)
+    image_size: Optional[int] = None  # square size input images must have (None: any size)
+
+    @property
+    def metric_classifier(self) -> Optional[Classify]:
+        return self.metric or self.classifier
+
+    def check_pose_control(self, rect: RectifierConfig) -> None:
+        """``--pose-control CLASS`` must name one of this classifier's classes."""
+        if rect.pose_control and rect.pose_control not in self.class_names:
+            raise ConfigError(f"--pose-control {rect.pose_control!r}: expected one of {', '.join(self.class_names)}")
+
+
+def dino_pose_setup(rect: RectifierConfig, templates: dict[str, list[Tensor]], device: torch.device,
+                    timings: Optional[dict] = None) -> PoseSetup:
+    """The DINOv2 classifier (paper appendix B.1) built from ``templates``; its DINOv2 comes through hub.py.
+
+    Seconds spent embedding the templates go to ``timings["templates_s"]``.
+    """
+    from dataclasses import replace
+
+    from recdreamer_gs.pose.classifier import PoseClassifier
+    from recdreamer_gs.pose.features import DinoFeatures
+
+    features = DinoFeatures.load(rect.classifier.feature_model, device=device)
+    start = time.perf_counter()
+    cfg = replace(rect.classifier, classes=tuple(templates))
+    classifier = PoseClassifier.from_templates(features, templates, cfg).to(device)
+    if timings is not None:
+        timings["templates_s"] = timings.get("templates_s", 0.0) + time.perf_counter() - start
+    setup = PoseSetup(lambda images, background=None: classifier(images), tuple(templates), templates,
+                      module=classifier)
+    setup.check_pose_control(rect)
+    return setup
+
+
+def folder_pose_setup(rect: RectifierConfig, device: torch.device) -> PoseSetup:
+    """The DINOv2 classifier on the template folder ``rect.templates`` alone (``classify``/``eval`` with
+    ``--templates``: no diffusion prior is loaded)."""
+    from recdreamer_gs.pose.templates import load_template_folder
+
+    if not rect.templates:
+        raise ConfigError("a template folder is needed for the DINOv2 classifier: give --templates DIR")
+    return dino_pose_setup(rect, load_template_folder(rect.templates), device)
