@@ -210,8 +210,12 @@ class Checkpointer(L.Callback):
         self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            pl_module.interrupted = True
+        """Ctrl-C or a failure: keep what the run has reached (checkpoint and PLY) for ``--resume``. Gaussians
+        that are no longer finite are not written: the checkpoint already on disk stays the last good one."""
+        pl_module.interrupted = isinstance(exception, KeyboardInterrupt)
+        finite = all(bool(torch.isfinite(p).all()) for g in pl_module.particles for p in g.params.values())
+        pl_module.saved_on_exception = finite
+        if finite:
             self.save(trainer)
             write_particles(pl_module, self.out_dir, self.cfg)
 
@@ -220,10 +224,8 @@ class ExportAndMetrics(L.Callback):
     """At the end: ``model.ply`` (+ ``model.splat``), the turntable GIF and MP4, the mesh if asked for,
     ``metrics.json`` and ``report.png``."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, extra_metrics: Optional[dict[str, Any]] = None,
-                 timings: Optional[dict[str, float]] = None):
+    def __init__(self, cfg: RunConfig, out_dir: Path, timings: Optional[dict[str, float]] = None):
         self.cfg, self.out_dir = cfg, out_dir
-        self.extra = dict(extra_metrics or {})
         # Seconds per phase of the run, shared by the stages of a multi-stage run (they add train_s, export_s).
         self.timings = timings if timings is not None else {}
         self.start_time = 0.0
@@ -264,7 +266,6 @@ class ExportAndMetrics(L.Callback):
         if pl_module.device.type == "cuda":  # the run's peak, loading and templates included
             metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(pl_module.device) / 2**30, 3)
             metrics["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(pl_module.device) / 2**30, 3)
-        metrics.update(self.extra)
         metrics.update(getattr(pl_module, "final_metrics", lambda: {})())
         metrics.update(meshes)
         atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())

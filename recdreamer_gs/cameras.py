@@ -1,4 +1,4 @@
-"""Cameras: OpenGL-style camera-to-world matrices looking at the origin (DESIGN section 3).
+"""Cameras: OpenGL-style camera-to-world matrices looking at the origin (docs/frames.md).
 
 World frame: right-handed, +y up, object front facing +z. Azimuth 0 puts the camera on +z;
 azimuth grows counter-clockwise seen from above (90 deg = camera on +x); elevation is positive

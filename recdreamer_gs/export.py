@@ -1,11 +1,11 @@
 """Standard 3DGS ``.ply`` / antimatter15 ``.splat`` writers, the PLY reader and atomic file writes.
 
-The PLY is the INRIA 3DGS layout (DESIGN section 10): ``binary_little_endian``, one ``vertex``
+The PLY is the INRIA 3DGS layout (README, "What a run makes"): ``binary_little_endian``, one ``vertex``
 element of 62 float32 properties (248 bytes per Gaussian), normals zero, ``f_rest`` channel-major
 and zero-padded to 45, no header comments. Stored values are the raw parameters (log scales,
 opacity logits, SH coefficients), which is what viewers expect.
 
-Frames (DESIGN section 3): internally +y is up. ``frame="viewer"`` writes world (x, y, z) as
+Frames (docs/frames.md): internally +y is up. ``frame="viewer"`` writes world (x, y, z) as
 (x, -y, -z), a 180° rotation about x, which is the COLMAP/OpenCV y-down frame splat viewers
 assume; quaternions and SH bands are rotated with it. ``frame="y-up"`` writes the internal frame.
 """

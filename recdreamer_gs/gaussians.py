@@ -1,6 +1,6 @@
 """The Gaussian set: per-Gaussian tensors in a ParameterDict with one optimizer each.
 
-Storage follows gsplat's convention (DESIGN section 3): ``means [N,3]``, log ``scales [N,3]``,
+Storage follows gsplat's convention (docs/frames.md): ``means [N,3]``, log ``scales [N,3]``,
 raw wxyz ``quats [N,4]``, opacity logits ``opacities [N]``, SH DC ``sh0 [N,1,3]`` and higher bands
 ``shN [N,K,3]``. One single-group Adam per key is the layout gsplat strategies expect; they
 replace the Parameter objects when they grow or prune, so always read ``gaussians.params[...]``
@@ -130,13 +130,7 @@ class Gaussians(nn.Module):
         return cls.from_points(random_sphere_points(cfg.num_init, cfg.init_radius, generator), cfg,
                                generator=generator)
 
-    @classmethod
-    def empty_like_state(cls, state: dict[str, Tensor], cfg: GaussiansConfig) -> "Gaussians":
-        """A set shaped like a saved state dict (used to resize before loading a checkpoint)."""
-        prefix = "params."
-        return cls({k[len(prefix):]: torch.zeros_like(v) for k, v in state.items() if k.startswith(prefix)}, cfg)
-
-    def make_optimizers(self, lr_scale: float = 1.0, colour_only: bool = False) -> dict[str, torch.optim.Optimizer]:
+    def make_optimizers(self, colour_only: bool = False) -> dict[str, torch.optim.Optimizer]:
         """One single-group Adam per trainable parameter (the layout gsplat strategies check).
 
         ``colour_only`` freezes positions and shapes (a texture stage): only sh0/shN train.
@@ -148,7 +142,7 @@ class Gaussians(nn.Module):
         for name, param in self.params.items():
             param.requires_grad_(not colour_only or name in COLOUR_PARAMS)
         return {
-            name: torch.optim.Adam([{"params": [param], "lr": lrs[name] * lr_scale, "name": name}], eps=1e-15)
+            name: torch.optim.Adam([{"params": [param], "lr": lrs[name], "name": name}], eps=1e-15)
             for name, param in self.params.items() if param.requires_grad
         }
 

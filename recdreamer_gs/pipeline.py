@@ -13,7 +13,7 @@ import torch
 
 from recdreamer_gs.config import RunConfig
 from recdreamer_gs.errors import UserError
-from recdreamer_gs.pose.setup import PoseSetup
+from recdreamer_gs.pose.setup import CLASSIFIER_FILE, PoseSetup, saved_pose_setup
 from recdreamer_gs.priors.base import Prior
 
 
@@ -170,6 +170,45 @@ class Interrupted(RuntimeError):
     """Ctrl-C stopped a run after its checkpoint and PLY were written."""
 
 
+class TrainingFailed(RuntimeError):
+    """Training stopped with an error after it started; ``str()`` is one line: the cause, what was kept and the
+    ``--resume`` command. ``exit_code`` is 2 for out of memory (the user can lower settings), else 1."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def training_failure(err: BaseException, system, cfg: RunConfig, out_dir: Path) -> TrainingFailed:
+    """The one-line report of an error raised while training: OOM names the settings to lower, other errors
+    keep their traceback in ``error.log`` of the run folder."""
+    import traceback
+
+    from recdreamer_gs.errors import Diverged
+
+    oom = isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+    if oom:
+        cause = (f"out of memory; lower camera.batch_size (now {cfg.camera.batch_size}), the render size "
+                 f"camera.resolution (now {cfg.camera.resolution}) or prior.sd.latent_resolution (now "
+                 f"{cfg.prior.sd.latent_resolution}), or the Gaussian cap densify.max_gaussians (now "
+                 f"{cfg.densify.max_gaussians}), e.g. --set camera.batch_size=1")
+    elif isinstance(err, Diverged):
+        cause = str(err)
+    else:
+        (out_dir / "error.log").write_text("".join(traceback.format_exception(err)))
+        first = (str(err).strip().splitlines() or [""])[0]
+        cause = f"{type(err).__name__}: {first} (traceback in {out_dir / 'error.log'})"
+    if getattr(system, "saved_on_exception", False):
+        kept = "checkpoint and model.ply written"
+    elif (out_dir / "checkpoints" / "last.ckpt").is_file():
+        kept = "the Gaussians were no longer finite; the last checkpoint on disk is kept"
+    else:
+        return TrainingFailed(f"training stopped at iteration {system.iteration}: {cause}; the Gaussians were no "
+                              "longer finite and no checkpoint was written", 2 if oom else 1)
+    return TrainingFailed(f"training stopped at iteration {system.iteration}: {cause}; {kept}; continue with: "
+                          f"recdreamer-gs run --resume {out_dir}", 2 if oom else 1)
+
+
 def read_resume(out_dir: Path) -> tuple[RunConfig, dict]:
     """The resolved config and last checkpoint of an earlier run folder (``run --resume OUTDIR``)."""
     from recdreamer_gs.config import ConfigError, config_from_data, read_yaml
@@ -218,11 +257,17 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
     # Phases of the run for metrics.json; the stages add train_s and export_s (callbacks.ExportAndMetrics).
     timings = {"load_s": choice.load_s, "templates_s": 0.0}
     start = time.perf_counter()
-    pose = choice.prior.pose_setup(cfg, need="usd" in cfg.methods(), timings=timings)
+    saved = out_dir / "templates" / CLASSIFIER_FILE
+    if resume is not None and saved.is_file():  # the classifier the run was built with, templates embedded
+        pose = saved_pose_setup(cfg.first_distill("usd").rectifier, saved, device)
+    else:
+        pose = choice.prior.pose_setup(cfg, need="usd" in cfg.methods(), timings=timings)
     if pose.templates is not None:
         from recdreamer_gs.pose.templates import write_template_folder
 
         write_template_folder(pose.templates, out_dir / "templates")
+        if pose.module is not None:
+            pose.module.save(saved)
     particle_score = choice.prior.particle_score(cfg)  # one ε_φ, shared by the run's VSD/USD stages
     if clip is None:
         clip = build_clip(cfg, device)
@@ -308,6 +353,8 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
             raise Interrupted(f"interrupted at iteration {system.iteration}; checkpoint and model.ply are in "
                               f"{out_dir}; continue with: recdreamer-gs run --resume {out_dir}") from None
         raise
+    except Exception as err:  # noqa: BLE001 - every failure after training started: Checkpointer kept the state
+        raise training_failure(err, system, cfg, out_dir) from err
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
     return system

@@ -1,4 +1,4 @@
-"""Camera conventions (DESIGN section 3): +y up, azimuth 0 on +z, azimuth 90 on +x, OpenGL c2w."""
+"""Camera conventions (docs/frames.md): +y up, azimuth 0 on +z, azimuth 90 on +x, OpenGL c2w."""
 
 from __future__ import annotations
 

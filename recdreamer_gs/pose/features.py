@@ -1,4 +1,4 @@
-"""Frozen DINOv2 feature extractor for the pose classifier (DESIGN section 5, paper appendix B.1.4).
+"""Frozen DINOv2 feature extractor for the pose classifier (docs/pose-classifier.md, paper appendix B.1.4).
 
 :class:`DinoFeatures` wraps a transformers DINOv2 model (with registers by default, ViT-S/14 as in the
 release's ``dinov2_vits14_reg``). An image batch in [-1, 1] is mapped to [0, 1], ImageNet-normalised,
@@ -6,7 +6,7 @@ resized to ``input_size`` (560: a 40x40 grid of 14-pixel patches) and passed thr
 output is the final-layernorm [CLS] token and the patch tokens (registers dropped) resized to a
 ``grid_size`` x ``grid_size`` grid (16). Templates and classifier inputs go through the same
 preprocessing (the release feeds raw [-1, 1] decodes but ImageNet-normalised templates; we do not copy
-that mismatch, official-facts 10.2). Everything is differentiable with respect to the input images.
+that mismatch of the reference release). Everything is differentiable with respect to the input images.
 """
 
 from __future__ import annotations

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from recdreamer_gs.config import ConfigError, RectifierConfig
+
+CLASSIFIER_FILE = "classifier.pt"  # the built classifier in a run folder's templates/ (PoseClassifier.save)
 
 # Images in [-1, 1] (and the solid background each was composited on) -> class probabilities [B, C].
 Classify = Callable[[Tensor, Optional[Tensor]], Tensor]
@@ -70,3 +73,19 @@ def folder_pose_setup(rect: RectifierConfig, device: torch.device) -> PoseSetup:
     if not rect.templates:
         raise ConfigError("a template folder is needed for the DINOv2 classifier: give --templates DIR")
     return dino_pose_setup(rect, load_template_folder(rect.templates), device)
+
+
+def saved_pose_setup(rect: RectifierConfig, path: Path, device: torch.device) -> PoseSetup:
+    """The DINOv2 classifier a run saved next to its templates (``run --resume``: no template to embed again)."""
+    from recdreamer_gs.pose.classifier import PoseClassifier
+    from recdreamer_gs.pose.features import DinoFeatures
+
+    features = DinoFeatures.load(rect.classifier.feature_model, device=device)
+    try:
+        classifier = PoseClassifier.load(path, features).to(device)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read the run's pose classifier ({err}); delete the file to rebuild "
+                          "it from the templates") from None
+    setup = PoseSetup(lambda images, background=None: classifier(images), classifier.classes, module=classifier)
+    setup.check_pose_control(rect)
+    return setup

@@ -1,4 +1,4 @@
-"""Pose template images: read and write template folders, generate templates with a prior (DESIGN section 5).
+"""Pose template images: read and write template folders, generate templates with a prior (docs/pose-classifier.md).
 
 A template folder holds one sub-folder per pose class, each with one or more images::
 
@@ -12,7 +12,7 @@ Images are returned as float tensors ``[3, S, S]`` in [-1, 1] (the prior's range
 common square size; transparent images are composited on white (templates are objects on a plain
 background, which is what the classifier's foreground PCA assumes).
 
-Side convention (DESIGN section 3: the object's front faces +z): class "left" is a view of the
+Side convention (docs/frames.md: the object's front faces +z): class "left" is a view of the
 object's LEFT side, seen by a camera at azimuth +90° (on +x). A generated "side view" has no known
 handedness; :func:`generate_templates` takes it as "left" and its horizontal mirror as "right". The
 choice is arbitrary and harmless for USD, whose target pose distribution f is uniform; it only

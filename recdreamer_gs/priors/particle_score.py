@@ -1,5 +1,5 @@
 """ε_φ for VSD/USD: the particles' own score, a camera-conditioned LoRA on a Stable Diffusion UNet
-(DESIGN section 4 steps 5 and 10; official-facts section 5).
+(docs/iteration.md, steps 5 and 10; the settings follow the reference release).
 
 By default the LoRA adapters (peft, rank 4, on every attention projection) sit on the *same* frozen
 UNet as the pretrained prior, so one UNet is in memory: adapters are disabled for ε̂ and enabled for
@@ -233,7 +233,7 @@ class LoRAParticleScore(nn.Module):
     ) -> Float[Tensor, "B C h w"]:
         """ε_φ(x_t, t, y, c): conditional text only, no CFG (the release's effective scale 1), as ε.
 
-        Callers wrap it in ``torch.no_grad()`` for the VSD gradient (DESIGN 4 step 5). ``particles``
+        Callers wrap it in ``torch.no_grad()`` for the VSD gradient (docs/iteration.md, step 5). ``particles``
         (the current renders) is part of the shared ε_φ signature; the LoRA does not need it because it
         learns the particles' distribution through :meth:`lora_loss`.
         """
@@ -254,7 +254,7 @@ class LoRAParticleScore(nn.Module):
         generator: Optional[torch.Generator] = None,
         text_embedding: Optional[Float[Tensor, "B L D"]] = None,
     ) -> Tensor:
-        """DESIGN 4 step 10: fresh t' ~ U[0, T), ε', x = α z + σ ε'; MSE to ε or v (the base's
+        """docs/iteration.md, step 10: fresh t' ~ U[0, T), ε', x = α z + σ ε'; MSE to ε or v (the base's
         prediction type); each sample's camera zeroed with probability ``camera_dropout``.
 
         ``z`` is detached here (the LoRA never trains the Gaussians). Random draws use ``generator``

@@ -176,7 +176,7 @@ class StableDiffusionPrior:
 
         Args:
             model: Hub repo id (downloaded when missing and the network allows) or local diffusers folder.
-            prompt: the user's prompt; ``aux_prompt`` is appended verbatim (USD's view phrase, DESIGN 4).
+            prompt: the user's prompt; ``aux_prompt`` is appended verbatim (USD's view phrase, docs/iteration.md).
             device: where the networks run.
             dtype: ``auto`` = bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU.
             latent_resolution: renders are resized to this square size before the VAE (512 for SD 2.1-base).
@@ -288,7 +288,7 @@ class StableDiffusionPrior:
         background: Optional[Float[Tensor, "B 3"]] = None,
         azimuth: Optional[Float[Tensor, "B"]] = None,
     ) -> Float[Tensor, "B 4 h w"]:
-        """ε̂ = ε_u + s (ε_y − ε_u) from one UNet pass over the batch [uncond; cond] (DESIGN 4 step 4).
+        """ε̂ = ε_u + s (ε_y − ε_u) from one UNet pass over the batch [uncond; cond] (docs/iteration.md, step 4).
 
         Keeps the autograd graph w.r.t. ``x_t`` when the caller has grad enabled (USD's rectifier),
         weights stay frozen. ``background`` is ignored (the synthetic prior uses it). With ``azimuth``

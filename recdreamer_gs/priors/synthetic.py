@@ -237,7 +237,7 @@ def azimuth_to_class(azimuth: Float[Tensor, "B"]) -> Int[Tensor, "B"]:
 def template_probs(
     images: Float[Tensor, "B 3 H W"], templates: Float[Tensor, "B C 3 H W"], tau: float
 ) -> Float[Tensor, "B C"]:
-    """Template-matching pose classifier softmax_c(−mean‖x − template_c‖² / τ) (DESIGN 8.2).
+    """Template-matching pose classifier softmax_c(−mean‖x − template_c‖² / τ) (docs/synthetic-prior.md).
 
     τ is large enough that it does not saturate: a sharp softmax gives a zero rectifier gradient.
     """

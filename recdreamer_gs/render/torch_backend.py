@@ -1,7 +1,7 @@
 """Pure-PyTorch compositor for CPU: the same maths as gsplat's CUDA rasterizer, tiled and sparse.
 
 Projection reuses gsplat's own PyTorch reference (``gsplat.cuda._torch_impl``, pinned 1.5.3),
-which runs on CPU. Constants follow gsplat (DESIGN section 9): eps2d dilation,
+which runs on CPU. Constants follow gsplat (docs/rendering.md): eps2d dilation,
 alpha = min(0.999, o·exp(-σ)), fragments with alpha < 1/255 skipped, a pixel stops before its
 transmittance would fall to 1e-4, pixel centres at +0.5, SH colour +0.5 clamped at 0.
 

@@ -1,0 +1,77 @@
+"""A failure during training keeps the last good state: checkpoint + model.ply, one line with --resume."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from recdreamer_gs import pipeline
+from recdreamer_gs.config import load_config, parse_override
+
+SETTINGS = [
+    "train.steps=8", "train.progress_bar=false", "output.turntable_frames=0", "train.preview_every=0",
+    "gaussians.num_init=300", "prior.synthetic.resolution=32", "prior.kind=synthetic", "train.device=cpu",
+    "distill.method=usd", "densify.refine_start=0", "densify.refine_every=2", "train.seed=3",
+    "prior.synthetic.densify_grow_grad2d=0.5",
+]
+
+
+class FailAt(L.Callback):
+    """Raises ``error`` when iteration ``k`` starts (optionally after spoiling the Gaussians)."""
+
+    def __init__(self, k: int, error: BaseException, spoil: bool = False):
+        self.k, self.error, self.spoil = k, error, spoil
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.iteration == self.k:
+            if self.spoil:
+                with torch.no_grad():
+                    pl_module.gaussians.params["means"].fill_(float("nan"))
+            raise self.error
+
+
+def fit(out: Path, callbacks=(), resume=None):
+    cfg = load_config("preview", overrides=[parse_override(s) for s in SETTINGS])
+    if resume is not None:
+        cfg, resume = pipeline.read_resume(out)
+    else:
+        out.mkdir(parents=True)
+    device = torch.device("cpu")
+    return pipeline.fit(cfg, out, pipeline.build_prior(cfg, device), device, resume=resume,
+                        extra_callbacks=list(callbacks))
+
+
+def test_error_at_iteration_k_keeps_checkpoint_and_ply_and_resume_finishes(tmp_path):
+    full = fit(tmp_path / "full")
+    cut = tmp_path / "cut"
+    with pytest.raises(pipeline.TrainingFailed) as info:
+        fit(cut, [FailAt(5, RuntimeError("boom\nsecond line"))])
+    message = str(info.value)
+    assert "\n" not in message and info.value.exit_code == 1
+    assert "iteration 5" in message and "RuntimeError: boom" in message
+    assert f"recdreamer-gs run --resume {cut}" in message
+    assert "boom" in (cut / "error.log").read_text()  # the traceback is kept for a bug report
+    assert (cut / "model.ply").is_file()
+    assert torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)["iteration"] == 5
+    resumed = fit(cut, resume=True)
+    assert resumed.iteration == full.iteration == 8
+    for name, value in full.gaussians.params.items():
+        assert torch.allclose(resumed.gaussians.params[name], value, atol=1e-5), name
+
+
+def test_out_of_memory_names_the_settings_to_lower(tmp_path):
+    with pytest.raises(pipeline.TrainingFailed) as info:
+        fit(tmp_path / "run", [FailAt(2, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))])
+    message = str(info.value)
+    assert info.value.exit_code == 2 and "out of memory" in message
+    for key in ("camera.batch_size (now 4)", "camera.resolution", "densify.max_gaussians", "--resume"):
+        assert key in message, key
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_non_finite_gaussians_are_not_written(tmp_path):
+    with pytest.raises(pipeline.TrainingFailed, match="no longer finite and no checkpoint"):
+        fit(tmp_path / "run", [FailAt(3, RuntimeError("nan everywhere"), spoil=True)])
+    assert not (tmp_path / "run" / "model.ply").exists()
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
