@@ -63,16 +63,27 @@ def t_range(
     schedule: TimeSchedule, iteration: int, total: int, t_min: float, t_max: float, *,
     t_end: float = 0.5, t5_switch: int = 5000, bnf_intervals: int = 2, T: int = 1000,
 ) -> tuple[int, int]:
-    """Dispatch to one of the schedules above."""
+    """Dispatch to one of the schedules above; an empty range is an error (check_time_schedule refuses such
+    configs before training starts)."""
+    lo, hi = _dispatch(schedule, iteration, total, t_min, t_max, t_end, t5_switch, bnf_intervals, T)
+    if lo >= hi:
+        raise ValueError(f"time schedule {schedule!r} gives an empty t range [{lo}, {hi}) at iteration {iteration}")
+    return lo, hi
+
+
+def _dispatch(schedule: TimeSchedule, iteration: int, total: int, t_min: float, t_max: float, t_end: float,
+              t5_switch: int, bnf_intervals: int, T: int) -> tuple[int, int]:
     if schedule == "uniform":
-        return uniform_range(t_min, t_max, T)
-    if schedule == "linear":
-        return linear_range(iteration, total, t_min, t_max, t_end, T)
-    if schedule == "t5":
-        return t5_range(iteration, t5_switch, t_min, t_max, T)
-    if schedule == "bnf":
-        return bnf_range(iteration, total, bnf_intervals, t_min, t_max, T)
-    raise ValueError(f"unknown time schedule {schedule!r}; expected uniform, linear, t5 or bnf")
+        lo, hi = uniform_range(t_min, t_max, T)
+    elif schedule == "linear":
+        lo, hi = linear_range(iteration, total, t_min, t_max, t_end, T)
+    elif schedule == "t5":
+        lo, hi = t5_range(iteration, t5_switch, t_min, t_max, T)
+    elif schedule == "bnf":
+        lo, hi = bnf_range(iteration, total, bnf_intervals, t_min, t_max, T)
+    else:
+        raise ValueError(f"unknown time schedule {schedule!r}; expected uniform, linear, t5 or bnf")
+    return lo, hi
 
 
 def warmup_factor(iteration: int, warmup: int) -> float:
@@ -99,8 +110,7 @@ def check_time_schedule(d: "DistillConfig", total: int, particles: int, key: str
     else:
         probes = [0, max(total - 1, 0), d.t5_switch] if d.time_schedule == "t5" else [0, max(total - 1, 0)]
     for iteration in probes:
-        lo, hi = t_range(d.time_schedule, iteration, total, d.t_min, d.t_max, t_end=d.t_anneal_to,
-                         t5_switch=d.t5_switch, bnf_intervals=n_i, T=T)
+        lo, hi = _dispatch(d.time_schedule, iteration, total, d.t_min, d.t_max, d.t_anneal_to, d.t5_switch, n_i, T)
         if lo >= hi:
             detail = f" with {n_i} back-and-forth intervals" if d.time_schedule == "bnf" else ""
             raise ConfigError(

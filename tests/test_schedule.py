@@ -47,3 +47,12 @@ def test_lora_warmup_factor():
     assert schedule.warmup_factor(249, 500) == 250 / 501
     assert schedule.warmup_factor(500, 500) == 1.0 and schedule.warmup_factor(9999, 500) == 1.0
     assert schedule.warmup_factor(0, 0) == 1.0
+
+
+def test_empty_range_is_an_error_not_a_silent_draw():
+    import pytest
+
+    from recdreamer_gs.schedule import t_range
+
+    with pytest.raises(ValueError, match="empty t range"):
+        t_range("bnf", 0, 100, 0.02, 0.5, bnf_intervals=2)  # the first expanding block starts at T/2 = t_max
