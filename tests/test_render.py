@@ -23,6 +23,7 @@ from recdreamer_gs.cameras import Cameras, look_at, sample_cameras
 from recdreamer_gs.config import CameraConfig, GaussiansConfig
 from recdreamer_gs.gaussians import SH_C0, Gaussians, rgb_to_sh0
 from recdreamer_gs.render import camera_matrices, render
+from recdreamer_gs.render.inputs import Splats, Views
 from recdreamer_gs.render.torch_backend import ALPHA_MAX, ALPHA_MIN, T_MIN, project, rasterize_torch
 
 FOVY_DEG = 40.0
@@ -179,11 +180,13 @@ def test_background_compositing():
     torch.testing.assert_close(coloured.alpha, black.alpha)
 
 
-def _dense_reference(means, quats, scales, opacities, sh, sh_degree, viewmats, Ks, width, height, backgrounds):
+def _dense_reference(splats, views, backgrounds):
     """Naive compositor: every pixel against every visible Gaussian, cumprod transmittance."""
     from gsplat.cuda._torch_impl import _spherical_harmonics
 
-    radii, means2d, depths, conics = project(means, quats, scales, opacities, viewmats, Ks, width, height)
+    means, opacities, sh, sh_degree = splats.means, splats.opacities, splats.sh, splats.sh_degree
+    viewmats, width, height = views.viewmats, views.width, views.height
+    radii, means2d, depths, conics = project(splats, views)
     campos = torch.linalg.inv(viewmats)[:, :3, 3]
     ys, xs = torch.meshgrid(torch.arange(height, dtype=means.dtype) + 0.5,
                             torch.arange(width, dtype=means.dtype) + 0.5, indexing="ij")
@@ -211,9 +214,8 @@ def _dense_reference(means, quats, scales, opacities, sh, sh_degree, viewmats, K
 def _raster_args(g: Gaussians, cams: Cameras, bg: torch.Tensor) -> dict:
     viewmats, Ks = camera_matrices(cams)
     dtype = g.means.dtype
-    return dict(means=g.means, quats=g.quats, scales=g.scales, opacities=g.opacities, sh=g.sh,
-                sh_degree=g.sh_degree, viewmats=viewmats.to(dtype), Ks=Ks.to(dtype), width=cams.width,
-                height=cams.height, backgrounds=bg.to(dtype))
+    return dict(splats=Splats.of(g), views=Views(viewmats.to(dtype), Ks.to(dtype), cams.width, cams.height),
+                backgrounds=bg.to(dtype))
 
 
 def test_tiled_compositor_matches_dense_reference():
@@ -251,8 +253,8 @@ def test_gradcheck_tiny_scene():
     bg = torch.tensor([[0.2, 0.3, 0.4], [0.9, 0.1, 0.5]], dtype=dtype)
 
     def fn(m, s, q, o, c):
-        rgb, alpha, depth, _ = rasterize_torch(m, torch.nn.functional.normalize(q, dim=-1), s.exp(), torch.sigmoid(o),
-                                               c, 0, viewmats, Ks, 12, 12, bg)
+        splats = Splats(m, torch.nn.functional.normalize(q, dim=-1), s.exp(), torch.sigmoid(o), c, 0)
+        rgb, alpha, depth, _ = rasterize_torch(splats, Views(viewmats, Ks, 12, 12), bg)
         return rgb, alpha, depth
 
     inputs = [t.clone().requires_grad_(True) for t in (means, log_scales, quats, logits, sh0)]

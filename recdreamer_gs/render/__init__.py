@@ -11,6 +11,7 @@ from torch import Tensor
 
 from recdreamer_gs.cameras import Cameras
 from recdreamer_gs.gaussians import Gaussians
+from recdreamer_gs.render.inputs import Splats, Views
 
 # OpenGL camera axes (x right, y up, looking down -z) to OpenCV (x right, y down, looking down +z).
 GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
@@ -69,11 +70,8 @@ def render(
     """Render ``gaussians`` from every camera onto a solid per-view ``background``."""
     device = gaussians.means.device
     viewmats, Ks = camera_matrices(cameras.to(device))
-    args = dict(
-        means=gaussians.means, quats=gaussians.quats, scales=gaussians.scales, opacities=gaussians.opacities,
-        sh=gaussians.sh, sh_degree=gaussians.sh_degree, viewmats=viewmats, Ks=Ks, width=cameras.width,
-        height=cameras.height, backgrounds=background.to(device), eps2d=eps2d, near_plane=near_plane,
-    )
+    args = dict(splats=Splats.of(gaussians), views=Views(viewmats, Ks, cameras.width, cameras.height),
+                backgrounds=background.to(device), eps2d=eps2d, near_plane=near_plane)
     if resolve_backend(backend, device) == "gsplat":
         from recdreamer_gs.render.gsplat_backend import rasterize_gsplat
 

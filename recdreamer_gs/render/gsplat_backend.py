@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from recdreamer_gs.errors import UserError
+from recdreamer_gs.render.inputs import Splats, Views
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -46,29 +47,18 @@ class GsplatUnavailable(UserError, RuntimeError):
 
 
 def rasterize_gsplat(
-    means: Float[Tensor, "N 3"],
-    quats: Float[Tensor, "N 4"],
-    scales: Float[Tensor, "N 3"],
-    opacities: Float[Tensor, "N"],
-    sh: Float[Tensor, "N K 3"],
-    sh_degree: int,
-    viewmats: Float[Tensor, "C 4 4"],
-    Ks: Float[Tensor, "C 3 3"],
-    width: int,
-    height: int,
-    backgrounds: Float[Tensor, "C 3"],
-    eps2d: float = 0.3,
-    near_plane: float = 0.01,
+    splats: Splats, views: Views, backgrounds: Float[Tensor, "C 3"], eps2d: float = 0.3, near_plane: float = 0.01,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
     """Returns rgb [C,H,W,3], alpha [C,H,W,1], expected depth [C,H,W,1] and gsplat's meta."""
-    if means.device.type != "cuda":
+    if splats.means.device.type != "cuda":
         # Checked before touching gsplat: on CPU tensors it would try to JIT-build its CUDA extension.
-        raise ValueError(f"gsplat needs CUDA tensors, got {means.device}; use the torch backend on CPU")
+        raise ValueError(f"gsplat needs CUDA tensors, got {splats.means.device}; use the torch backend on CPU")
     from gsplat import rasterization
 
     renders, alphas, meta = rasterization(
-        means=means, quats=quats, scales=scales, opacities=opacities, colors=sh, viewmats=viewmats, Ks=Ks,
-        width=width, height=height, near_plane=near_plane, eps2d=eps2d, sh_degree=sh_degree,
+        means=splats.means, quats=splats.quats, scales=splats.scales, opacities=splats.opacities, colors=splats.sh,
+        viewmats=views.viewmats, Ks=views.Ks, width=views.width, height=views.height, near_plane=near_plane,
+        eps2d=eps2d, sh_degree=splats.sh_degree,
         packed=False,  # faster for object-scale scenes; densify must be told the same
         backgrounds=backgrounds, render_mode="RGB+ED", rasterize_mode="classic",
     )
@@ -226,9 +216,9 @@ def _smoke_test() -> None:
     eye = torch.eye(4, device=dev)
     eye[2, 3] = 3.0
     K = torch.tensor([[8.0, 0, 4], [0, 8.0, 4], [0, 0, 1]], device=dev)
-    rasterize_gsplat(torch.zeros(1, 3, device=dev), torch.tensor([[1.0, 0, 0, 0]], device=dev),
-                     torch.full((1, 3), 0.1, device=dev), torch.ones(1, device=dev), torch.ones(1, 1, 3, device=dev),
-                     0, eye[None], K[None], 8, 8, torch.zeros(1, 3, device=dev))
+    one = Splats(torch.zeros(1, 3, device=dev), torch.tensor([[1.0, 0, 0, 0]], device=dev),
+                 torch.full((1, 3), 0.1, device=dev), torch.ones(1, device=dev), torch.ones(1, 1, 3, device=dev), 0)
+    rasterize_gsplat(one, Views(eye[None], K[None], 8, 8), torch.zeros(1, 3, device=dev))
     torch.cuda.synchronize(dev)
 
 

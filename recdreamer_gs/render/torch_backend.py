@@ -22,6 +22,8 @@ from gsplat.cuda._torch_impl import _persp_proj, _quat_scale_to_covar_preci, _sp
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from recdreamer_gs.render.inputs import Splats, Views
+
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
 T_MIN = 1e-4
@@ -30,26 +32,18 @@ MAX_EXTEND = 3.33  # footprint box in standard deviations (gsplat's cap)
 
 
 def project(
-    means: Float[Tensor, "N 3"],
-    quats: Float[Tensor, "N 4"],
-    scales: Float[Tensor, "N 3"],
-    opacities: Float[Tensor, "N"],
-    viewmats: Float[Tensor, "C 4 4"],
-    Ks: Float[Tensor, "C 3 3"],
-    width: int,
-    height: int,
-    eps2d: float = 0.3,
-    near_plane: float = 0.01,
-    far_plane: float = 1e10,
+    splats: Splats, views: Views, eps2d: float = 0.3, near_plane: float = 0.01, far_plane: float = 1e10,
 ) -> tuple[Int[Tensor, "C N 2"], Float[Tensor, "C N 2"], Float[Tensor, "C N"], Float[Tensor, "C N 3"]]:
     """EWA projection as gsplat's fused CUDA kernel: radii (0 = culled), means2d, depths, conics.
 
     The radius per axis is ``ceil(min(3.33, sqrt(2 ln(255 o))) · sqrt(Σ2d_ii))``: beyond it alpha < 1/255
     whatever the other axis, so no fragment outside the box can be drawn.
     """
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False, triu=False)
-    means_c, covars_c = _world_to_cam(means, covars, viewmats)
-    means2d, covars2d = _persp_proj(means_c, covars_c, Ks, width, height)
+    width, height, opacities = views.width, views.height, splats.opacities
+    covars, _ = _quat_scale_to_covar_preci(splats.quats, splats.scales, compute_covar=True, compute_preci=False,
+                                           triu=False)
+    means_c, covars_c = _world_to_cam(splats.means, covars, views.viewmats)
+    means2d, covars2d = _persp_proj(means_c, covars_c, views.Ks, width, height)
     depths = means_c[..., 2]
     sxx = covars2d[..., 0, 0] + eps2d
     syy = covars2d[..., 1, 1] + eps2d
@@ -247,28 +241,15 @@ class _Composite(torch.autograd.Function):
 
 
 def rasterize_torch(
-    means: Float[Tensor, "N 3"],
-    quats: Float[Tensor, "N 4"],
-    scales: Float[Tensor, "N 3"],
-    opacities: Float[Tensor, "N"],
-    sh: Float[Tensor, "N K 3"],
-    sh_degree: int,
-    viewmats: Float[Tensor, "C 4 4"],
-    Ks: Float[Tensor, "C 3 3"],
-    width: int,
-    height: int,
-    backgrounds: Float[Tensor, "C 3"],
-    eps2d: float = 0.3,
-    near_plane: float = 0.01,
+    splats: Splats, views: Views, backgrounds: Float[Tensor, "C 3"], eps2d: float = 0.3, near_plane: float = 0.01,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
     """Returns rgb [C,H,W,3], alpha [C,H,W,1], expected depth [C,H,W,1] and gsplat-like meta."""
-    C, N = viewmats.shape[0], means.shape[0]
-    radii, means2d, depths, conics = project(
-        means, quats, scales, opacities, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane
-    )
-    campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-    dirs = means[None] - campos[:, None]  # SH is evaluated in the direction camera -> Gaussian
-    colors = torch.clamp_min(_spherical_harmonics(sh_degree, dirs, sh[None].expand(C, *sh.shape)) + 0.5, 0.0)
+    C, N = views.viewmats.shape[0], splats.means.shape[0]
+    width, height, opacities, sh = views.width, views.height, splats.opacities, splats.sh
+    radii, means2d, depths, conics = project(splats, views, eps2d=eps2d, near_plane=near_plane)
+    campos = torch.linalg.inv(views.viewmats)[:, :3, 3]  # [C, 3]
+    dirs = splats.means[None] - campos[:, None]  # SH is evaluated in the direction camera -> Gaussian
+    colors = torch.clamp_min(_spherical_harmonics(splats.sh_degree, dirs, sh[None].expand(C, *sh.shape)) + 0.5, 0.0)
     features = torch.cat([colors, depths[..., None]], dim=-1).reshape(C * N, 4)
 
     tile = choose_tile(radii)
