@@ -11,3 +11,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Input or environment the user can fix; ``str()`` is one line: what was wrong and what to do."""
+
+
+class Diverged(RuntimeError):
+    """Training diverged: the gradient was non-finite everywhere for ``train.max_bad_iterations``
+    iterations in a row. Not a :class:`UserError`: the message names the iteration and the count."""
