@@ -79,7 +79,11 @@ class PoseStatistics:
         mean = probs.detach().float().mean(0).to(self.marginal.device)
         if self.reduce is not None:
             mean = self.reduce(mean)
-        row = self.rate * mean + (1.0 - self.rate) * self.marginal.index_select(0, k)[0]
+        old = self.marginal.index_select(0, k)[0]
+        row = self.rate * mean + (1.0 - self.rate) * old
+        # A batch with a non-finite probability (a diverging render) leaves the EMA as it was: one NaN
+        # would otherwise poison p̄_t for the rest of the run.
+        row = torch.where(torch.isfinite(row).all(), row, old)
         self.marginal.index_copy_(0, k, row[None])
         self.counts.index_add_(0, k, torch.ones_like(k))
 
