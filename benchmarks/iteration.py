@@ -27,10 +27,10 @@ and whole iterations ``sds``, ``vsd``, ``usd`` (rectifier every iteration, share
 A whole iteration is one call of ``TextTo3DSystem.training_step`` itself (render, encode, the
 distillation step of ``usd/step.py``, Gaussian Adam steps, LoRA step), on a system built Trainer-less
 around the same networks (:func:`build_system_run`); without gsplat (CPU, --no-render) it renders a few
-Gaussians with the torch compositor (``iteration_gaussians`` in the JSON). ``--compile`` routes the networks' passes through
-``torch.compile`` as a run with ``perf.compile=on`` does and reports ``compile_s``. Times are CUDA-event
-milliseconds after warm-up iterations (wall clock on CPU); peak GPU memory (allocated and reserved) is
-measured per part and per iteration. DINOv2 runs in fp32 by default (``--dino-dtype``), as
+Gaussians with the torch compositor (``iteration_gaussians`` in the JSON). ``--compile`` routes the
+networks' passes through ``torch.compile`` as a run with ``perf.compile=on`` does and reports
+``compile_s``. Times are CUDA-event milliseconds after warm-up iterations (wall clock on CPU); peak GPU
+memory (allocated and reserved) is measured per part and per iteration. DINOv2 runs in fp32 by default (``--dino-dtype``), as
 ``pipeline.build_pose`` loads it; the decoded image reaches it in fp32 either way.
 """
 
