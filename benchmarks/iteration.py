@@ -2,6 +2,7 @@
 
     python benchmarks/iteration.py --out bench.json                      # CUDA, 512² renders, fp16
     python benchmarks/iteration.py --device cpu --resolution 64 --tiny   # smoke run on a CPU
+    python benchmarks/iteration.py --compile --out bench_compiled.json   # networks through torch.compile
 
 No weights are downloaded: the UNet and VAE are built from the SD 2.1-base configs written below with
 random weights, and the prompt embeddings are random; the pose classifier is a random-weight DINOv2
@@ -21,12 +22,15 @@ images. Parts (each a function of a :class:`Bench`):
     rectifier_backward  only the backward of the rectifier objective through classifier, decoder and UNet
                     to z (its forward runs untimed first)
 
-and whole iterations ``sds`` and ``vsd`` (render -> encode -> ε̂ [-> ε_φ] -> reparameterised loss ->
-backward -> Gaussian Adam steps [-> LoRA step]), ``usd`` (VSD plus the rectifier every iteration, as
-``TextTo3DSystem.training_step`` with shared noise) and ``usd_k4`` (rectifier every 4th iteration:
-each timed call runs 4 iterations, one rectified, and times are divided by 4). Times are CUDA-event
-milliseconds after warm-up iterations (wall clock on CPU); peak GPU memory (allocated and reserved) is
-measured per part and per iteration. DINOv2 runs in fp32 by default (``--dino-dtype``), as
+and whole iterations ``sds``, ``vsd``, ``usd`` (rectifier every iteration, shared noise) and ``usd_k4``
+(``rectify_every = 4``: each timed call runs 4 iterations, one rectified, and times are divided by 4).
+A whole iteration is one call of ``TextTo3DSystem.training_step`` itself (render, encode, the
+distillation step of ``usd/step.py``, Gaussian Adam steps, LoRA step), on a system built Trainer-less
+around the same networks (:func:`build_system_run`); without gsplat (CPU, --no-render) it renders a few
+Gaussians with the torch compositor (``iteration_gaussians`` in the JSON). ``--compile`` routes the
+networks' passes through ``torch.compile`` as a run with ``perf.compile=on`` does and reports
+``compile_s``. Times are CUDA-event milliseconds after warm-up iterations (wall clock on CPU); peak GPU
+memory (allocated and reserved) is measured per part and per iteration. DINOv2 runs in fp32 by default (``--dino-dtype``), as
 ``pipeline.build_pose`` loads it; the decoded image reaches it in fp32 either way.
 """
 
@@ -49,17 +53,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import lightning as L  # noqa: E402
+
 from recdreamer_gs.cameras import sample_cameras  # noqa: E402
-from recdreamer_gs.config import CameraConfig, GaussiansConfig, RectifierConfig  # noqa: E402
+from recdreamer_gs.config import CameraConfig, GaussiansConfig, RectifierConfig, RunConfig, config_from_data  # noqa: E402
+from recdreamer_gs.data import RandomCameraDataset  # noqa: E402
 from recdreamer_gs.gaussians import Gaussians  # noqa: E402
 from recdreamer_gs.pose.classifier import PoseClassifier, PoseClassifierConfig  # noqa: E402
 from recdreamer_gs.pose.features import DinoFeatures  # noqa: E402
 from recdreamer_gs.priors.particle_score import LoRAParticleScore, ParticleScoreConfig  # noqa: E402
 from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior  # noqa: E402
 from recdreamer_gs.render import render  # noqa: E402
-from recdreamer_gs.usd.distill import (  # noqa: E402
-    add_noise, alpha_sigma, clamp_to_norm, nan_to_zero, reparameterised_loss, sds_grad, tweedie_x0, vsd_grad,
-)
+from recdreamer_gs.system import TextTo3DSystem  # noqa: E402
+from recdreamer_gs.usd.distill import add_noise, alpha_sigma, tweedie_x0  # noqa: E402
 from recdreamer_gs.usd.rectifier import PoseStatistics, log_r, rectifier_objective  # noqa: E402
 
 # stabilityai/stable-diffusion-2-1-base unet/config.json (the fields that shape the network)
@@ -119,8 +125,7 @@ class Bench:
     image: Optional[torch.Tensor] = None  # stand-in render (leaf) when rendering is skipped
     state: dict = field(default_factory=dict)  # scratch (t, noise, c2w) shared by parts
     classifier: Optional[PoseClassifier] = None  # USD's pose classifier (None: USD parts unavailable)
-    pose_stats: Optional[PoseStatistics] = None  # USD's EMA pose marginal p̄_t
-    rectifier: RectifierConfig = field(default_factory=RectifierConfig)  # gain / norm_coef of the clamp
+    pose_stats: Optional[PoseStatistics] = None  # USD's EMA pose marginal p̄_t (the parts' log r)
 
 
 def build_random_prior(
@@ -382,90 +387,73 @@ def _rectifier_forward(b: Bench) -> tuple[torch.Tensor, torch.Tensor]:
     return rectifier_objective(log_r(probs, b.pose_stats.get(t)), alpha, sigma), z
 
 
-def _step_gaussians(b: Bench) -> None:
-    for opt in b.gaussian_opts.values():
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if b.image is not None:
-        b.image.grad = None
+# ---- whole iterations: TextTo3DSystem.training_step itself -------------------------------------
+
+# Whole iterations: (method, rectify_every, guidance scale, training_steps per timed call).
+ITERATION_SETTINGS: dict[str, tuple[str, int, float, int]] = {
+    "sds": ("sds", 1, 100.0, 1),
+    "vsd": ("vsd", 1, 7.5, 1),
+    "usd": ("usd", 1, 7.5, 1),  # the rectifier every iteration (shared noise, Algorithm 1)
+    "usd_k4": ("usd", 4, 7.5, 4),  # rectify_every = 4: one of each call's four iterations is rectified
+}
+CPU_ITERATION_GAUSSIANS = 1000  # whole iterations on a CPU render with the torch compositor: keep it small
 
 
-def iteration_sds(b: Bench, guidance_scale: float = 100.0) -> None:
-    """Render -> encode -> ε̂ (no_grad) -> σ²(ε̂ − ε) -> reparameterised loss -> backward -> Adam steps."""
-    z = b.prior.encode(_render(b))
-    noise = torch.randn_like(z)
-    t = torch.randint(20, 980, (b.batch,), device=b.device)
-    alpha, sigma = alpha_sigma(b.prior.alphas_cumprod, t)
-    with torch.no_grad():
-        eps_hat = b.prior.eps(add_noise(z.detach(), noise, alpha, sigma), t, guidance_scale)
-    reparameterised_loss(z, sds_grad(eps_hat, noise, sigma)).backward()
-    _step_gaussians(b)
+@dataclass
+class SystemRun:
+    """A :class:`TextTo3DSystem` set up without a Trainer and fed camera batches from
+    :class:`RandomCameraDataset`, as ``pipeline._fit_stage`` wires a stage. A Lightning Fabric stands in
+    for the Trainer (``manual_backward``, world size, rank); ``log_dict`` keeps the logged tensors in
+    ``logged`` instead (Fabric would read every value on the host each iteration; a Trainer run's
+    logging bookkeeping is in ``benchmarks/memory.py``'s figures)."""
+
+    system: TextTo3DSystem
+    fabric: L.Fabric  # held here: the system keeps only a weak reference
+    dataset: RandomCameraDataset
+    per_call: int  # training_step calls per timed call
+    logged: dict = field(default_factory=dict)  # the last iteration's logged terms (tensors)
+
+    def __call__(self) -> None:
+        for _ in range(self.per_call):
+            self.system.training_step(self.dataset[self.system.iteration], self.system.iteration)
 
 
-def iteration_vsd(b: Bench, guidance_scale: float = 7.5) -> None:
-    """As SDS with ε_φ in place of ε, then one LoRA step on the detached latents."""
-    z = b.prior.encode(_render(b))
-    c2w = _c2w(b)
-    noise = torch.randn_like(z)
-    t = torch.randint(20, 980, (b.batch,), device=b.device)
-    alpha, sigma = alpha_sigma(b.prior.alphas_cumprod, t)
-    x_t = add_noise(z.detach(), noise, alpha, sigma)
-    with torch.no_grad():
-        eps_hat = b.prior.eps(x_t, t, guidance_scale)
-        eps_phi = b.eps_phi.eps_phi(x_t, t, c2w)
-    reparameterised_loss(z, vsd_grad(eps_hat, eps_phi, sigma)).backward()
-    _step_gaussians(b)
-    loss = b.eps_phi.lora_loss(z, c2w)
-    b.lora_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    b.lora_opt.step()
+def run_config(b: Bench, name: str, gaussians: int, backend: str, seed: int = 0) -> RunConfig:
+    """The RunConfig of one whole-iteration benchmark: the bench's views and resolution, uniform t in
+    [0.02, 0.98] T, no densification (the Gaussian count stays fixed), eager networks."""
+    method, rectify_every, guidance, _ = ITERATION_SETTINGS[name]
+    return config_from_data({
+        "camera": {"batch_size": b.batch, "resolution": b.camera_cfg.resolution, "elevation_range": [0.0, 30.0]},
+        "gaussians": {"num_init": gaussians},
+        "render": {"backend": backend},
+        "prior": {"kind": "sd"},
+        "distill": {"method": method, "guidance_scale": guidance, "time_schedule": "uniform",
+                    "rectifier": {"rectify_every": rectify_every}},
+        "densify": {"strategy": "none"},
+        "train": {"steps": 10**6, "seed": seed, "device": b.device.type, "progress_bar": False},
+        "perf": {"compile": "off"},
+    })
 
 
-def usd_step(b: Bench, rectify: bool, guidance_scale: float = 7.5) -> None:
-    """One USD iteration as ``TextTo3DSystem.training_step`` with shared noise (DESIGN 4 steps 1-10).
-
-    With ``rectify`` the ε̂ pass keeps its graph to z and the rectifier gradient is taken through
-    classifier, decoder and UNet; without it (the other iterations under ``rectify_every``) ε̂ and the
-    decode + classify for the EMA update run under no_grad.
-    """
-    classifier = _need_classifier(b)
-    rect = b.rectifier
-    z = b.prior.encode(_render(b))  # 1-2
-    c2w = _c2w(b)
-    t = _shared_t(b)  # 3
-    alpha, sigma = alpha_sigma(b.prior.alphas_cumprod, t)
-    x_t = add_noise(z if rectify else z.detach(), torch.randn_like(z), alpha, sigma)
-    with torch.set_grad_enabled(rectify):  # 4
-        eps_hat = b.prior.eps(x_t, t, guidance_scale)
-    with torch.no_grad():  # 5
-        eps_phi = b.eps_phi.eps_phi(x_t.detach(), t, c2w)
-    grad_vsd = vsd_grad(eps_hat.detach(), eps_phi, sigma)
-    with torch.set_grad_enabled(rectify):  # 6
-        probs = classifier(b.prior.decode(tweedie_x0(x_t, eps_hat, alpha, sigma)))
-        log_r_value = log_r(probs, b.pose_stats.get(t))
-        if rectify:
-            (grad_rect,) = torch.autograd.grad(-rectifier_objective(log_r_value, alpha, sigma), z)
-        else:
-            grad_rect = torch.zeros_like(grad_vsd)
-    grad_rect = rect.weight * clamp_to_norm(grad_rect, grad_vsd, rect.gain, rect.norm_coef)  # 7
-    reparameterised_loss(z, nan_to_zero(grad_vsd + grad_rect)).backward()  # 8
-    _step_gaussians(b)
-    b.pose_stats.update(t, probs.detach())  # 9
-    loss = b.eps_phi.lora_loss(z, c2w)  # 10
-    b.lora_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    b.lora_opt.step()
-
-
-def iteration_usd(b: Bench) -> None:
-    """USD with the rectifier every iteration (rectify_every = 1)."""
-    usd_step(b, rectify=True)
-
-
-def iteration_usd_k4(b: Bench) -> None:
-    """Four USD iterations with the rectifier on the first only (rectify_every = 4)."""
-    for k in range(4):
-        usd_step(b, rectify=k == 0)
+def build_system_run(b: Bench, name: str, gaussians: int, backend: str, seed: int = 0) -> SystemRun:
+    """The system of one whole iteration on the bench's prior, ε_φ and pose classifier."""
+    cfg = run_config(b, name, gaussians, backend, seed)
+    method = cfg.distill.method
+    classifier, class_names = None, ()
+    if method == "usd":
+        module = _need_classifier(b)
+        classifier, class_names = (lambda images, background=None: module(images)), POSE_CLASSES
+    system = TextTo3DSystem(cfg, b.prior, b.eps_phi if method != "sds" else None, classifier, class_names)
+    fabric = L.Fabric(accelerator="cuda" if b.device.type == "cuda" else "cpu", devices=1)
+    system.fabric = fabric
+    system.to(b.device)
+    system.setup("fit")
+    system.configure_optimizers()
+    system.on_fit_start()
+    dataset = RandomCameraDataset(cfg.camera, cfg.train.steps, seed, cfg.render.background)
+    runner = SystemRun(system, fabric, dataset, ITERATION_SETTINGS[name][3])
+    system.log_dict = lambda logs, **kwargs: runner.logged.update(logs)  # no host reads per iteration
+    return runner
 
 
 PARTS: dict[str, Callable[[Bench], None]] = {
@@ -481,10 +469,7 @@ PARTS: dict[str, Callable[[Bench], None]] = {
     "pose_classifier": part_pose_classifier,
     "rectifier_backward": part_rectifier_backward,
 }
-ITERATIONS: dict[str, Callable[[Bench], None]] = {
-    "sds": iteration_sds, "vsd": iteration_vsd, "usd": iteration_usd, "usd_k4": iteration_usd_k4,
-}
-ITERATIONS_PER_CALL: dict[str, int] = {"usd_k4": 4}  # times of these are divided by this count
+ITERATIONS = tuple(ITERATION_SETTINGS)
 USD_NAMES = frozenset({"usd_unet_cfg", "usd_decode", "pose_classifier", "rectifier_backward", "usd", "usd_k4"})
 
 
@@ -574,6 +559,24 @@ def profile(fn: Callable[[], None], device: torch.device, iters: int = 5, warmup
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def compile_bench(b: Bench, args: argparse.Namespace, timings: dict):
+    """Route the bench's UNet, VAE, ε_φ and pose classifier passes through torch.compile
+    (``pipeline.compile_networks`` with ``perf.compile=on``); the compiler."""
+    from recdreamer_gs import pipeline
+    from recdreamer_gs.config import PerfConfig
+    from recdreamer_gs.pose.setup import PoseSetup
+
+    cfg = RunConfig(perf=PerfConfig(compile="on"))
+    pose = PoseSetup(None, (), module=b.classifier)
+    return pipeline.compile_networks(cfg, b.device, b.prior, b.eps_phi, pose, timings,
+                                     echo=lambda text: print(text, flush=True))
+
+
+def last_metrics(runner: SystemRun) -> dict:
+    """The terms the last training_step logged, as plain numbers."""
+    return {k: round(float(v), 6) for k, v in sorted(runner.logged.items())}
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -587,6 +590,11 @@ def run(args: argparse.Namespace) -> dict:
     pose = bool(USD_NAMES & {*parts, *iterations, args.profile})
     bench = build_bench(args.device, args.dtype, args.tiny, args.resolution, num_gaussians, args.batch, args.seed,
                         pose=pose, dino_dtype=args.dino_dtype, n_augment=args.n_augment)
+    timings: dict = {}
+    compiler = None
+    if args.compile:  # as a run does: perf.make_compiler through pipeline.compile_networks
+        compiler = compile_bench(bench, args, timings)
+        args.warmup = max(args.warmup, 3)  # compilation (and CUDA-graph recording) happens in the first calls
     if args.no_render:
         bench.gaussians, bench.gaussian_opts = None, {}
         bench.image = torch.rand(args.batch, 3, args.resolution, args.resolution, device=bench.device,
@@ -608,6 +616,7 @@ def run(args: argparse.Namespace) -> dict:
         "gaussians": args.gaussians if bench.gaussians is not None else 0,
         "iters": args.iters,
         "warmup": args.warmup,
+        "compile": None if compiler is None else compiler.describe(),
         "build_s": round(build_s, 2),
         "parts": {},
         "iterations": {},
@@ -629,18 +638,33 @@ def run(args: argparse.Namespace) -> dict:
             continue
         result["parts"][name] = time_ms(lambda: fn(bench), device, args.iters, args.warmup, state=bench.state)
         print(f"{name:>18}: {result['parts'][name]['median_ms']:9.2f} ms", flush=True)
+    # Whole iterations: TextTo3DSystem.training_step itself (render, encode, the distillation step of
+    # usd/step.py, Gaussian and LoRA steps, logging), one system per method on the bench's networks.
+    iteration_gaussians = args.gaussians if bench.gaussians is not None else min(args.gaussians,
+                                                                                 CPU_ITERATION_GAUSSIANS)
+    backend = "gsplat" if bench.gaussians is not None else "torch"
+    if iterations:
+        result.update(iteration_gaussians=iteration_gaussians, iteration_render=backend)
     for name in iterations:
-        fn = ITERATIONS[name]
-        result["iterations"][name] = time_ms(lambda: fn(bench), device, args.iters, args.warmup,
-                                             per_call=ITERATIONS_PER_CALL.get(name, 1))
+        runner = build_system_run(bench, name, iteration_gaussians, backend, args.seed)
+        result["iterations"][name] = time_ms(runner, device, args.iters, args.warmup, per_call=runner.per_call)
+        result["iterations"][name]["metrics"] = last_metrics(runner)
         print(f"{name:>18}: {result['iterations'][name]['median_ms']:9.2f} ms / iteration", flush=True)
+        if args.profile == name:
+            result["profile"] = {name: profile(runner, device)}
+            print(result["profile"][name], flush=True)
+        del runner
+    if compiler is not None:
+        compiler.close()
+        result["compile_s"] = round(timings.get("compile_s", 0.0), 2)
+        result["compiled_passes"] = list(compiler.passes)
     if device.type == "cuda":  # the largest of the per-part / per-iteration peaks
         timed = [r for r in [*result["parts"].values(), *result["iterations"].values()] if r]
         result["peak_mem_mib"] = max([r["peak_mem_mib"] for r in timed] or [0.0])
         result["peak_reserved_mib"] = max([r["peak_reserved_mib"] for r in timed] or [0.0])
     result["sanity"] = sanity(bench)
-    if args.profile:
-        fn = {**PARTS, **ITERATIONS}[args.profile]
+    if args.profile in PARTS:
+        fn = PARTS[args.profile]
         result["profile"] = {args.profile: profile(lambda: fn(bench), device)}
         print(result["profile"][args.profile], flush=True)
     return result
@@ -666,6 +690,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="DINOv2 precision of the pose classifier (the pipeline loads it in fp32)")
     parser.add_argument("--n-augment", type=int, default=4, help="augmented copies per template (release: 200)")
     parser.add_argument("--profile", default="", help="also profile this part or iteration (torch.profiler)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the networks' passes as a run with perf.compile=on does (at least 3 "
+                             "warm-up calls; compile_s in the JSON)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     args = parser.parse_args(argv)
     result = run(args)

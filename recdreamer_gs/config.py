@@ -196,7 +196,7 @@ class RectifierConfig(ConfigNode):
     n_intervals: Annotated[int, Range(1, 1000)] = 10  # n_t: time intervals with their own EMA of the pose marginal
     n_ema: PositiveInt = 100  # updates after which old statistics keep 10% weight: α_ema = 1 − 0.1^(1/n_ema)
     gain: NonNegativeFloat = 16384.0  # scale of the rectifier gradient before the clamp (release: 4·64·64)
-    norm_coef: NonNegativeFloat = 1.0  # cap ‖g_rect‖ at norm_coef·‖g_vsd‖ (whole-tensor L2 norms)
+    norm_coef: NonNegativeFloat = 1.0  # cap ‖g_rect‖ at norm_coef·‖g_vsd‖ per particle (L2 over its views)
     rectify_every: PositiveInt = 1  # apply the rectifier every k-th iteration (the EMA still updates every one)
     noise: Literal["shared", "fresh"] = "shared"  # reuse x_t of the VSD pass (Algorithm 1) or fresh ε'
     weight: NonNegativeFloat = 1.0  # weight of the rectifier term in the total gradient

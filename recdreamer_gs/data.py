@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from recdreamer_gs.cameras import Cameras, sample_cameras
 from recdreamer_gs.config import CameraConfig
+from recdreamer_gs.rng import derive_seed
 
 
 def sample_background(
@@ -35,7 +36,7 @@ class RandomCameraDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         iteration = self.start + index
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration + 7_777_777 * self.rank)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "cameras", self.rank, iteration))
         cams = sample_cameras(self.cfg, self.cfg.batch_size, g)
         return {
             "c2w": cams.c2w, "fovy": cams.fovy, "azimuth": cams.azimuth, "elevation": cams.elevation,

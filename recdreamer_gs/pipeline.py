@@ -306,6 +306,7 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
                                          make_loggers)
     from recdreamer_gs.data import CameraDataModule
     from recdreamer_gs.distributed import make_strategy
+    from recdreamer_gs.rng import derive_seed
     from recdreamer_gs.system import TextTo3DSystem
 
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -318,8 +319,8 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     if resume is not None:
         system.restore(resume)
         start = system.iteration
-    data = CameraDataModule(cfg.camera, cfg.train.steps, cfg.train.seed + 104729 * stage, cfg.render.background,
-                            start=start)
+    data = CameraDataModule(cfg.camera, cfg.train.steps, derive_seed(cfg.train.seed, "stage", stage),
+                            cfg.render.background, start=start)
     callbacks: list = [
         PreviewImages(out_dir, cfg.train.preview_every, prefix),
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),

@@ -6,27 +6,27 @@ Manual optimisation: one ``training_step`` is one iteration of DESIGN section 4,
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from recdreamer_gs import schedule
+from recdreamer_gs.rng import derive_seed
 from recdreamer_gs.cameras import Cameras, orbit, preview_orbit
 from recdreamer_gs.config import RunConfig
 from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
 from recdreamer_gs.distributed import average_gradients
+from recdreamer_gs.errors import Diverged
 from recdreamer_gs.gaussians import Gaussians
 from recdreamer_gs.priors.base import ParticleScore, Prior
 from recdreamer_gs.render import RenderOut, render
 from recdreamer_gs.usd import distill
-from recdreamer_gs.usd.rectifier import PoseStatistics, log_r, pose_control_log_r, rectifier_objective
-
-# A pose classifier on images in [-1, 1]: probabilities over the pose classes (differentiable).
-Classifier = Callable[[Float[Tensor, "B 3 H W"], Optional[Float[Tensor, "B 3"]]], Float[Tensor, "B C"]]
+from recdreamer_gs.usd.rectifier import Classifier, PoseStatistics, Rectifier
+from recdreamer_gs.usd.step import distill_step
 
 
 class TextTo3DSystem(L.LightningModule):
@@ -50,7 +50,7 @@ class TextTo3DSystem(L.LightningModule):
         self.automatic_optimization = False
         n = cfg.train.particles
         self.particles = nn.ModuleList(particles if particles is not None else [
-            Gaussians.create(cfg.gaussians, torch.Generator().manual_seed(cfg.train.seed + 7919 * i))
+            Gaussians.create(cfg.gaussians, torch.Generator().manual_seed(derive_seed(cfg.train.seed, "gaussians", i)))
             for i in range(n)
         ])
         self.particle_ids = list(range(n))  # global indices of the particles this process owns
@@ -63,10 +63,10 @@ class TextTo3DSystem(L.LightningModule):
         object.__setattr__(self, "metric_classifier", metric_classifier or classifier)
         self.particle_score = particle_score  # an nn.Module: LoRA + camera MLP are checkpointed
         self.class_names = class_names
-        rect = cfg.distill.rectifier
-        self.pose_stats = PoseStatistics(len(class_names), rect.n_intervals, rect.n_ema, prior.num_train_timesteps) \
+        # Classifier, pose statistics and clamps of USD (usd/rectifier.py); the statistics are kept (and
+        # checkpointed) whenever the run has pose classes, so a USD stage after an SDS stage continues them.
+        self.rectifier = Rectifier(cfg.distill.rectifier, classifier, class_names, prior.num_train_timesteps) \
             if class_names else None
-        self.pose_control_index = class_names.index(rect.pose_control) if rect.pose_control else None
         # BNF with n_i = 2 for one particle and 10 for several unless the config says otherwise (DESIGN 7).
         self.bnf_intervals = cfg.distill.bnf_intervals or (2 if n == 1 else 10)
         self.densifiers = [Densifier(cfg.densify, scene_scale=cfg.gaussians.init_radius, total_iterations=cfg.train.steps,
@@ -74,11 +74,19 @@ class TextTo3DSystem(L.LightningModule):
         self.iteration = 0  # the system's own counter: one per training_step
         self.noise_generator: Optional[torch.Generator] = None  # ε, ε', LoRA draws (per rank)
         self.t_generator: Optional[torch.Generator] = None  # t (the same on every rank)
+        # Divergence guard: iterations in a row whose gradient was non-finite everywhere, counted on the
+        # device and read only every train.log_every iterations (check_divergence).
+        self.bad_iterations: Optional[Tensor] = None
         self.clip_scorer = None  # metrics.ClipScorer for cEnt and the CLIP score (output.clip_model)
         self.interrupted = False  # set when Ctrl-C stopped the run (callbacks.Checkpointer)
         self._resume: Optional[dict[str, Any]] = None  # a checkpoint to continue from (restore())
 
     # -- Lightning hooks ------------------------------------------------------------------------
+
+    @property
+    def pose_stats(self) -> Optional[PoseStatistics]:
+        """The rectifier's running pose marginal p̄_t (None without pose classes)."""
+        return self.rectifier.stats if self.rectifier is not None else None
 
     @property
     def gaussians(self) -> Gaussians:
@@ -110,18 +118,20 @@ class TextTo3DSystem(L.LightningModule):
             self.particles = nn.ModuleList([self.particles[i] for i in keep])
             self.densifiers = [self.densifiers[i] for i in keep]
             self.particle_ids = keep
-            if self.pose_stats is not None:
-                self.pose_stats.reduce = lambda mean: self.trainer.strategy.reduce(mean, reduce_op="mean")
+            if self.rectifier is not None:
+                self.rectifier.reduce = lambda mean: self.trainer.strategy.reduce(mean, reduce_op="mean")
 
     def on_fit_start(self) -> None:
         if self.noise_generator is None:
-            seed = self.cfg.train.seed + 1 + 1_000_003 * self.trainer.global_rank
+            seed = derive_seed(self.cfg.train.seed, "noise", self.stage, self.trainer.global_rank)
             self.noise_generator = torch.Generator(device=self.device).manual_seed(seed)
             # t is drawn identically on every rank, so the rectifier statistics of an iteration update the same
             # interval everywhere and their mean over ranks is one shared estimate.
-            self.t_generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 2)
-        if self.pose_stats is not None:
-            self.pose_stats.to(self.device)
+            seed = derive_seed(self.cfg.train.seed, "t", self.stage)
+            self.t_generator = torch.Generator(device=self.device).manual_seed(seed)
+        if self.rectifier is not None:
+            self.rectifier.to(self.device)
+        self.bad_iterations = torch.zeros((), dtype=torch.long, device=self.device)
         if self._resume is not None:
             self.noise_generator.set_state(self._resume["noise_generator"])
             self.t_generator.set_state(self._resume["t_generator"])
@@ -135,8 +145,8 @@ class TextTo3DSystem(L.LightningModule):
         checkpoint["noise_generator"] = self.noise_generator.get_state()
         checkpoint["t_generator"] = self.t_generator.get_state()
         checkpoint["torch_rng"] = torch.get_rng_state()  # gsplat's split sampling draws from it
-        if self.pose_stats is not None:
-            checkpoint["pose_stats"] = self.pose_stats.state_dict()
+        if self.rectifier is not None:
+            checkpoint["pose_stats"] = self.rectifier.state_dict()
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from a checkpoint of this run: Gaussians resized to the saved count, ε_φ, iteration,
@@ -154,80 +164,66 @@ class TextTo3DSystem(L.LightningModule):
         self.iteration = int(checkpoint["iteration"])
         for densifier, dstate in zip(self.densifiers, checkpoint["densify"]):
             densifier.load_state_dict(dstate)
-        if self.pose_stats is not None and "pose_stats" in checkpoint:
-            self.pose_stats.load_state_dict(checkpoint["pose_stats"])
+        if self.rectifier is not None and "pose_stats" in checkpoint:
+            self.rectifier.load_state_dict(checkpoint["pose_stats"])
         self._resume = checkpoint
 
     # -- one iteration -------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         d = self.cfg.distill
-        method = d.method
-        rectify = method == "usd" and self.iteration % d.rectifier.rectify_every == 0
-        shared_noise = d.rectifier.noise == "shared"
 
         # 1. Cameras and random solid backgrounds; render x0 = g(θ, c) for every particle (same cameras).
         cameras = cameras_from_batch(batch, self.render_resolution).to(self.device)
-        P, B = len(self.particles), len(cameras)
+        P = len(self.particles)
         view_background = batch["background"].to(self.device)
         outs = [self.render(cameras, view_background, particle=i) for i in range(P)]
         for g, opts, densifier, out in zip(self.particles, self.gaussian_optimizers, self.densifiers, outs):
             densifier.pre_backward(g.params, opts, self.iteration, out.meta)
-        # The particles' views form one batch of P·B samples (particle-major) from here on.
-        background = view_background.repeat(P, 1)
-        c2w = cameras.c2w.repeat(P, 1, 1)
 
-        # 2. Encode into the prior's diffusion space (with gradient).
+        # 2. Encode into the prior's diffusion space (with gradient). The particles' views form one batch
+        #    of P·B samples (particle-major) from here on.
         z = self.prior.encode(torch.cat([out.rgb for out in outs]))
+        background, c2w = view_background.repeat(P, 1), cameras.c2w.repeat(P, 1, 1)
 
-        # 3. Sample t from the time schedule and noise: x_t = α_t z + σ_t ε. Under USD x_t keeps
-        #    its graph to z, because the rectifier differentiates through it (step 6).
+        # 3-7, 9. The distillation step (usd/step.py): t from the time schedule and noise, ε̂ with CFG,
+        #    ε_φ, the rectifier with its per-particle clamps, and the rectifier statistics.
         t = self.sample_t(z.shape[0])
-        alpha, sigma = distill.alpha_sigma(self.prior.alphas_cumprod, t)
-        eps = self.randn_like(z)
-        x_t = distill.add_noise(z if (rectify and shared_noise) else z.detach(), eps, alpha, sigma)
-
-        # 4. Pretrained score with CFG; one UNet pass, kept differentiable only when step 6 needs it.
-        azimuth = cameras.azimuth.repeat(P) if d.view_prompts else None
-        with torch.set_grad_enabled(rectify and shared_noise):
-            eps_hat = self.prior.eps(x_t, t, d.guidance_scale, background, azimuth=azimuth)
-
-        # 5. Distillation gradient: SDS against the injected noise, VSD/USD against ε_φ (no gradient).
-        if method == "sds":
-            grad_distill = distill.sds_grad(eps_hat.detach(), eps, sigma)
-        else:
-            with torch.no_grad():
-                # Every particle's render at the same camera (the kernel ε_φ's components; the LoRA ignores it).
-                same_camera = z.detach().view(P, B, *z.shape[1:]).transpose(0, 1).repeat(P, *[1] * z.dim())
-                eps_phi = self.particle_score.eps_phi(x_t.detach(), t, c2w, particles=same_camera)
-            grad_distill = distill.vsd_grad(eps_hat.detach(), eps_phi, sigma)
-        grad_distill = distill.clamp_elements(grad_distill, d.grad_clip)
-
-        # 6. Rectifier (USD): x̂0 → decode → classify → log r; g_rect = −∂/∂z[ω σ/α log r] (paper eq. 13).
-        grad_rect = torch.zeros_like(grad_distill)
-        probs = None
-        if method == "usd":
-            if rectify and not shared_noise:  # the release draws fresh noise for this branch
-                x_t = distill.add_noise(z, self.randn_like(z), alpha, sigma)
-                eps_hat = self.prior.eps(x_t, t, d.guidance_scale, background, azimuth=azimuth)
-            with torch.set_grad_enabled(rectify):
-                x0_hat = distill.tweedie_x0(x_t, eps_hat, alpha, sigma)
-                probs = self.classifier(self.prior.decode(x0_hat), background)
-                log_r_value = self.log_r(probs, t)
-                if rectify:
-                    (grad_rect,) = torch.autograd.grad(-rectifier_objective(log_r_value, alpha, sigma), z)
-            # 7. Clamp: gain, then at most norm_coef·‖g_vsd‖ (whole-tensor norms, DESIGN 4 step 7).
-            grad_rect = d.rectifier.weight * distill.clamp_to_norm(
-                grad_rect, grad_distill, d.rectifier.gain, d.rectifier.norm_coef)
-        grad = distill.nan_to_zero(grad_distill + grad_rect)
+        step = distill_step(self.prior, self.particle_score, self.rectifier if d.method == "usd" else None, d,
+                            z, P, t, self.noise_generator, background, c2w, cameras.azimuth.repeat(P), self.iteration)
 
         # 8. Reparameterised loss 0.5‖z − (z − g).detach()‖² / B (gradient g / B); step the Gaussians,
         #    then densify in the BNF-aligned window (densify.py) and clamp the log-scales.
-        loss_distill = d.grad_weight * distill.reparameterised_loss(z, grad)
+        loss_distill = d.grad_weight * distill.reparameterised_loss(z, step.grad)
+        dens = self.step_gaussians(loss_distill, outs)
+
+        # 10. LoRA step for ε_φ on the detached renders (fresh t', ε'; docs/iteration.md step 10).
+        loss_lora = self.step_particle_score(z.detach(), c2w)
+
+        # 11. Divergence guard; log every term; advance the iteration counter.
+        self.bad_iterations = torch.where(step.bad, self.bad_iterations + 1, 0)
+        if (self.iteration + 1) % self.cfg.train.log_every == 0:
+            self.check_divergence()
+        logs = {
+            f"loss/{d.method}": loss_distill.detach(),
+            **step.log_terms(self.class_names),
+            "loss/lora": loss_lora.detach(),
+            "t": t.float().mean(),
+            **{f"gaussians/{k}": float(v) for k, v in dens.items()},
+            "render/alpha_mean": torch.stack([out.alpha.mean() for out in outs]).mean().detach(),
+        }
+        self.log_dict(logs, on_step=True, batch_size=z.shape[0])
+        self.iteration += 1
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def step_gaussians(self, loss: Tensor, outs: list[RenderOut]) -> dict[str, int]:
+        """Backward of the distillation loss, one Adam step per Gaussian parameter, densification and the
+        log-scale clamp; the Gaussian counts (summed over particles)."""
         optimizers = [opt for opts in self.gaussian_optimizers for opt in opts.values()]
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss_distill)
+        self.manual_backward(loss)
         for opt in optimizers:
             opt.step()
         dens = {"count": 0, "grown": 0, "pruned": 0}
@@ -236,52 +232,31 @@ class TextTo3DSystem(L.LightningModule):
                                              lr_means=opts["means"].param_groups[0]["lr"] if "means" in opts else 0.0)
             dens = {k: dens[k] + counts[k] for k in dens}
             g.clamp_()
+        return dens
 
-        # 9. Rectifier statistics: the EMA of the interval of t moves towards the batch's p(c̄|x̂0).
-        if probs is not None:
-            self.pose_stats.update(t, probs.detach())  # mean over every particle's views
+    def step_particle_score(self, z: Tensor, c2w: Tensor) -> Tensor:
+        """One AdamW step of ε_φ's LoRA on the detached renders (warm-up lr); its loss (0 without one)."""
+        if self.lora_optimizer is None:
+            return torch.zeros((), device=self.device)
+        loss = self.particle_score.lora_loss(z, c2w, generator=self.noise_generator)
+        ps = self.cfg.distill.particle_score
+        for group in self.lora_optimizer.param_groups:
+            group["lr"] = ps.lr * schedule.warmup_factor(self.iteration, ps.warmup_iters)
+        self.lora_optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.trainer.world_size > 1:  # one shared ε_φ: average its gradients over ranks
+            average_gradients(self.particle_score.trainable_parameters(), self.trainer.strategy)
+        self.lora_optimizer.step()
+        return loss
 
-        # 10. LoRA step for ε_φ on the detached renders (fresh t', ε'; DESIGN 4 step 10).
-        loss_lora = torch.zeros((), device=self.device)
-        if self.lora_optimizer is not None:
-            loss_lora = self.particle_score.lora_loss(z.detach(), c2w, generator=self.noise_generator)
-            ps = self.cfg.distill.particle_score
-            for group in self.lora_optimizer.param_groups:
-                group["lr"] = ps.lr * schedule.warmup_factor(self.iteration, ps.warmup_iters)
-            self.lora_optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss_lora)
-            if self.trainer.world_size > 1:  # one shared ε_φ: average its gradients over ranks
-                average_gradients(self.particle_score.trainable_parameters(), self.trainer.strategy)
-            self.lora_optimizer.step()
-
-        # 11. Log every term; advance the iteration counter.
-        logs = {
-            f"loss/{method}": loss_distill.detach(),
-            f"grad/{'sds' if method == 'sds' else 'vsd'}_norm": grad_distill.norm().detach(),
-            "grad/rect_norm": grad_rect.norm().detach(),
-            "loss/lora": loss_lora.detach(),
-            "t": t.float().mean(),
-            "gaussians/count": float(dens["count"]),
-            "gaussians/grown": float(dens["grown"]),
-            "gaussians/pruned": float(dens["pruned"]),
-            "render/alpha_mean": torch.stack([out.alpha.mean() for out in outs]).mean().detach(),
-        }
-        if probs is not None:
-            logs["rect/log_r"] = log_r_value.detach().mean()
-            for i, name in enumerate(self.class_names):
-                logs[f"pose/{name}"] = probs[:, i].detach().mean()
-        self.log_dict(logs, on_step=True, batch_size=z.shape[0])
-        self.iteration += 1
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def log_r(self, probs: Float[Tensor, "B C"], t: Int[Tensor, "B"]) -> Float[Tensor, "B"]:
-        if self.pose_control_index is not None:
-            return pose_control_log_r(probs, self.pose_control_index)
-        return log_r(probs, self.pose_stats.get(t))
-
-    def randn_like(self, z: Tensor) -> Tensor:
-        return torch.randn(z.shape, generator=self.noise_generator, device=z.device, dtype=z.dtype)
+    def check_divergence(self) -> None:
+        """Raise :class:`Diverged` when the last ``train.max_bad_iterations`` iterations all had a gradient
+        that was non-finite everywhere (reads the device counter: one host sync, so only when logging)."""
+        count = int(self.bad_iterations)
+        if count >= self.cfg.train.max_bad_iterations:
+            raise Diverged(f"training diverged: at iteration {self.iteration} the last {count} iterations in a row "
+                           f"had a non-finite gradient everywhere (train.max_bad_iterations = "
+                           f"{self.cfg.train.max_bad_iterations})")
 
     @property
     def render_resolution(self) -> int:

@@ -69,6 +69,15 @@ def test_clamp_to_norm():
     assert torch.equal(clamp_to_norm(big, torch.zeros_like(g_ref), 4.0, 1.0), torch.zeros_like(big))
 
 
+def test_clamp_to_norm_per_particle():
+    """Particle-major blocks: each capped at its own reference norm (the 2D check's clamp)."""
+    g_ref = torch.ones(2, 3, 4, 4)
+    g = torch.stack([torch.full((3, 4, 4), 10.0), torch.full((3, 4, 4), 0.1)])
+    out = clamp_to_norm(g, g_ref, gain=1.0, norm_coef=1.0, particles=2)
+    assert torch.allclose(out[0].norm(), g_ref[0].norm())  # capped
+    assert torch.allclose(out[1], g[1])  # under the cap: unchanged
+
+
 def test_clamp_elements():
     g = torch.tensor([-3.0, -0.5, 0.5, 3.0])
     torch.testing.assert_close(clamp_elements(g, 1.0), torch.tensor([-1.0, -0.5, 0.5, 1.0]))

@@ -17,3 +17,42 @@ def test_pose_ema_log_dict_matches_the_statistics():
     before = float(logs["pose_ema/t900-999/front"])
     stats.update(torch.tensor([950]), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
     assert float(logs["pose_ema/t900-999/front"]) == before  # a snapshot, not a view of the live EMA
+
+
+def test_rectifier_state_dict_round_trip_and_hooks():
+    from recdreamer_gs.config import RectifierConfig
+    from recdreamer_gs.usd.rectifier import Rectifier
+
+    rect = Rectifier(RectifierConfig(n_intervals=10, n_ema=10), lambda x, bg: x, CLASSES)
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.4, 0.2, 0.2, 0.2]])
+    rect.update(torch.tensor([120, 120]), probs)
+    rect.update(torch.tensor([870, 870]), probs)
+    other = Rectifier(RectifierConfig(n_intervals=10, n_ema=10), lambda x, bg: x, CLASSES)
+    other.load_state_dict(rect.state_dict())
+    assert torch.equal(other.stats.marginal, rect.stats.marginal) and torch.equal(other.stats.counts, rect.stats.counts)
+    assert other.stats.counts.tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 1, 0]
+    t = torch.tensor([120, 500])
+    assert torch.equal(other.log_r(probs, t), rect.log_r(probs, t))
+    # The saved state is a copy: later updates of the source do not reach it.
+    state = rect.state_dict()
+    rect.update(torch.tensor([120]), probs[:1])
+    assert not torch.equal(state["marginal"], rect.stats.marginal)
+    # Another interval count is a clear error.
+    with np.testing.assert_raises_regex(ValueError, "expected shape"):
+        Rectifier(RectifierConfig(n_intervals=5), lambda x, bg: x, CLASSES).load_state_dict(state)
+    # The data-parallel hook reaches the statistics.
+    rect.reduce = lambda mean: torch.full_like(mean, 0.25)
+    assert rect.stats.reduce is rect.reduce
+    assert rect.to("cpu") is rect
+
+
+def test_rectifier_pose_control_and_schedule():
+    from recdreamer_gs.config import RectifierConfig
+    from recdreamer_gs.usd.rectifier import Rectifier
+
+    rect = Rectifier(RectifierConfig(pose_control="back", rectify_every=3, noise="fresh"), lambda x, bg: x, CLASSES)
+    probs = torch.tensor([[0.1, 0.2, 0.6, 0.1]])
+    assert torch.allclose(rect.log_r(probs, torch.tensor([500])), torch.log(torch.tensor([0.6])))
+    assert [rect.active(i) for i in range(4)] == [True, False, False, True] and rect.fresh_noise
+    with np.testing.assert_raises_regex(ValueError, "pose_control expected one of"):
+        Rectifier(RectifierConfig(pose_control="top"), lambda x, bg: x, CLASSES)

@@ -3,7 +3,7 @@
 import torch
 
 from recdreamer_gs.usd.rectifier import PoseStatistics, ema_rate, interval_index, log_r
-from recdreamer_gs.usd.toy2d import Toy2DConfig, clamp_per_particle, make_prior, run_particles, tv_from_uniform
+from recdreamer_gs.usd.toy2d import Toy2DConfig, make_prior, run_particles, tv_from_uniform
 
 
 def test_usd_flattens_the_pose_histogram():
@@ -19,14 +19,6 @@ def test_usd_flattens_the_pose_histogram():
     assert front_sds > 0.7  # SDS keeps (and sharpens) the prior's 55% front bias
     assert tv_usd < 0.5 * tv_sds, (tv_sds, tv_usd)
     assert front_usd < front_sds - 0.25
-
-
-def test_clamp_per_particle():
-    g_ref = torch.ones(2, 3, 4, 4)
-    g = torch.stack([torch.full((3, 4, 4), 10.0), torch.full((3, 4, 4), 0.1)])
-    out = clamp_per_particle(g, g_ref, 1.0)
-    assert torch.allclose(out[0].norm(), g_ref[0].norm())  # capped
-    assert torch.allclose(out[1], g[1])  # under the cap: unchanged
 
 
 def test_pose_statistics_ema():

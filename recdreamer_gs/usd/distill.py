@@ -55,14 +55,18 @@ def vsd_grad(
 
 
 def clamp_to_norm(
-    g_rect: Float[Tensor, "B C H W"], g_ref: Float[Tensor, "B C H W"], gain: float, norm_coef: float
-) -> Float[Tensor, "B C H W"]:
-    """Rectifier clamp (DESIGN 4 step 7): scale by ``gain``, then cap the whole-tensor L2 norm
-    at ``norm_coef · ‖g_ref‖``."""
+    g_rect: Float[Tensor, "N C H W"], g_ref: Float[Tensor, "N C H W"], gain: float, norm_coef: float,
+    particles: int = 1,
+) -> Float[Tensor, "N C H W"]:
+    """Rectifier clamp (docs/iteration.md step 7): scale by ``gain``, then cap each particle's L2 norm
+    at ``norm_coef`` times that particle's ‖g_ref‖. The batch is particle-major (``particles`` blocks
+    of N / particles views); the norms run over each block, so one particle's large reference gradient
+    never loosens another's cap (the 2D check's per-particle clamp)."""
     g = gain * g_rect
-    limit = norm_coef * g_ref.norm()
-    norm = g.norm()
-    return torch.where(norm > limit, g * (limit / norm.clamp_min(1e-20)), g)
+    norm = g.reshape(particles, -1).norm(dim=1)
+    limit = norm_coef * g_ref.reshape(particles, -1).norm(dim=1)
+    scale = torch.where(norm > limit, limit / norm.clamp_min(1e-20), torch.ones_like(norm))
+    return (g.reshape(particles, -1) * scale[:, None].to(g.dtype)).reshape(g.shape)
 
 
 def clamp_elements(grad: Tensor, clip: float) -> Tensor:

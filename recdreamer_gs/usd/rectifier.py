@@ -9,12 +9,18 @@ classifier's probabilities of the Tweedie estimates x̂0.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from recdreamer_gs.config import RectifierConfig
+from recdreamer_gs.usd.distill import clamp_to_norm
+
+# A pose classifier on images in [-1, 1] (and the solid background of each): probabilities over the
+# pose classes, differentiable in the images.
+Classifier = Callable[[Float[Tensor, "B 3 H W"], Optional[Float[Tensor, "B 3"]]], Float[Tensor, "B C"]]
 
 
 def ema_rate(n_ema: int) -> float:
@@ -66,13 +72,20 @@ class PoseStatistics:
 
     @torch.no_grad()
     def update(self, t: Int[Tensor, "B"], probs: Float[Tensor, "B C"]) -> None:
-        """Move the EMA of the interval of t (one shared t per iteration) towards the batch mean."""
-        k = int(interval_index(t[:1].to(self.marginal.device), self.n_intervals, self.T))
+        """Move the EMA of the interval of t (one shared t per iteration) towards the batch mean.
+
+        The interval stays a device tensor (index_copy_, no ``int()``): no host sync in the loop."""
+        k = interval_index(t[:1].to(self.marginal.device), self.n_intervals, self.T)  # [1]
         mean = probs.detach().float().mean(0).to(self.marginal.device)
         if self.reduce is not None:
             mean = self.reduce(mean)
-        self.marginal[k] = self.rate * mean + (1.0 - self.rate) * self.marginal[k]
-        self.counts[k] += 1
+        old = self.marginal.index_select(0, k)[0]
+        row = self.rate * mean + (1.0 - self.rate) * old
+        # A batch with a non-finite probability (a diverging render) leaves the EMA as it was: one NaN
+        # would otherwise poison p̄_t for the rest of the run.
+        row = torch.where(torch.isfinite(row).all(), row, old)
+        self.marginal.index_copy_(0, k, row[None])
+        self.counts.index_add_(0, k, torch.ones_like(k))
 
     def log_dict(self, class_names: tuple[str, ...]) -> dict[str, Tensor]:
         """The EMA of every interval and class, keyed ``pose_ema/t<lo>-<hi>/<class>`` (t range of the interval)."""
@@ -98,4 +111,74 @@ class PoseStatistics:
     def to(self, device: torch.device | str) -> "PoseStatistics":
         self.marginal = self.marginal.to(device)
         self.counts = self.counts.to(device)
+        return self
+
+
+class Rectifier:
+    """USD's rectifier: the pose classifier, the running pose statistics and the clamps of
+    docs/iteration.md steps 6, 7 and 9 (paper eq. 10-13, 19).
+
+    Callers pass the particle count ``particles`` of the particle-major batch (P·B samples) to every
+    method: the clamp is per particle; the statistics are shared by all particles (their batch mean),
+    so a per-particle variant of :class:`PoseStatistics` can later use the same calls.
+    """
+
+    def __init__(self, cfg: RectifierConfig, classifier: Classifier, class_names: tuple[str, ...], T: int = 1000,
+                 device: torch.device | str = "cpu"):
+        if cfg.pose_control is not None and cfg.pose_control not in class_names:
+            raise ValueError(f"rectifier: pose_control expected one of {list(class_names)}, got {cfg.pose_control!r}")
+        self.cfg = cfg
+        self.classifier = classifier
+        self.class_names = tuple(class_names)
+        self.stats = PoseStatistics(len(class_names), cfg.n_intervals, cfg.n_ema, T, device)
+        # Pose control (appendix C.5): r = p(class|x̂0) instead of the statistics' ratio.
+        self.pose_control_index = class_names.index(cfg.pose_control) if cfg.pose_control else None
+
+    def active(self, iteration: int) -> bool:
+        """Whether this iteration takes the rectifier gradient (every ``rectify_every``-th one)."""
+        return iteration % self.cfg.rectify_every == 0
+
+    @property
+    def fresh_noise(self) -> bool:
+        """The release draws new noise for the rectifier's branch; Algorithm 1 reuses x_t."""
+        return self.cfg.noise == "fresh"
+
+    def classify(self, images: Float[Tensor, "N 3 H W"], background: Optional[Float[Tensor, "N 3"]]
+                 ) -> Float[Tensor, "N C"]:
+        return self.classifier(images, background)
+
+    def log_r(self, probs: Float[Tensor, "N C"], t: Int[Tensor, "N"], particles: int = 1) -> Float[Tensor, "N"]:
+        """log r of each sample (eq. 11), or log p(class|x̂0) under pose control."""
+        if self.pose_control_index is not None:
+            return pose_control_log_r(probs, self.pose_control_index)
+        return log_r(probs, self.stats.get(t))
+
+    def clamp(self, g_rect: Float[Tensor, "N C h w"], g_distill: Float[Tensor, "N C h w"], particles: int
+              ) -> Float[Tensor, "N C h w"]:
+        """weight · (gain · g_rect capped per particle at norm_coef · ‖g_distill‖) (docs/iteration.md step 7)."""
+        c = self.cfg
+        return c.weight * clamp_to_norm(g_rect, g_distill, c.gain, c.norm_coef, particles=particles)
+
+    @torch.no_grad()
+    def update(self, t: Int[Tensor, "N"], probs: Float[Tensor, "N C"], particles: int = 1) -> None:
+        """Step 9: the EMA of t's interval moves towards the mean over every particle's views (eq. 19)."""
+        self.stats.update(t, probs)
+
+    @property
+    def reduce(self) -> Optional[Callable[[Tensor], Tensor]]:
+        """Data-parallel hook of the statistics: maps a local batch mean [C] to the mean over all ranks."""
+        return self.stats.reduce
+
+    @reduce.setter
+    def reduce(self, fn: Optional[Callable[[Tensor], Tensor]]) -> None:
+        self.stats.reduce = fn
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.load_state_dict(state)
+
+    def to(self, device: torch.device | str) -> "Rectifier":
+        self.stats.to(device)
         return self

@@ -14,10 +14,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from recdreamer_gs.config import SyntheticPriorConfig
-from recdreamer_gs.priors.synthetic import SyntheticPrior, kernel_particle_eps
-from recdreamer_gs.usd import distill
-from recdreamer_gs.usd.rectifier import PoseStatistics, log_r, rectifier_objective
+from recdreamer_gs.config import DistillConfig, RectifierConfig, SyntheticPriorConfig
+from recdreamer_gs.priors.synthetic import KernelParticleScore, SyntheticPrior
+from recdreamer_gs.usd.rectifier import Rectifier
+from recdreamer_gs.usd.step import distill_step
 
 Method = Literal["sds", "vsd", "usd"]
 
@@ -42,17 +42,19 @@ def make_prior(cfg: Toy2DConfig) -> SyntheticPrior:
     return SyntheticPrior(SyntheticPriorConfig(resolution=cfg.resolution))
 
 
-def clamp_per_particle(g_rect: Tensor, g_ref: Tensor, norm_coef: float) -> Tensor:
-    """Rescale each particle's rectifier gradient to at most norm_coef times its VSD gradient norm."""
-    n_rect = g_rect.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    limit = norm_coef * g_ref.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    return torch.where(n_rect > limit, g_rect * limit / n_rect.clamp_min(1e-20), g_rect)
+def distill_config(method: Method, cfg: Toy2DConfig) -> DistillConfig:
+    """The step's settings for the 2D check: no CFG, no element clamp, the rectifier every iteration."""
+    rect = RectifierConfig(n_intervals=cfg.n_intervals, n_ema=cfg.n_ema, gain=cfg.gain, norm_coef=cfg.norm_coef)
+    return DistillConfig(method=method, guidance_scale=1.0, t_min=cfg.t_min, t_max=cfg.t_max, rectifier=rect)
 
 
 def run_particles(
     method: Method, seed: int, cfg: Toy2DConfig, prior: SyntheticPrior
 ) -> tuple[Float[Tensor, "P 3 H W"], Float[Tensor, "C"]]:
-    """Optimise image particles; returns them and their pose histogram (share of particles per class)."""
+    """Optimise image particles; returns them and their pose histogram (share of particles per class).
+
+    Each iteration is :func:`recdreamer_gs.usd.step.distill_step` on the particles themselves (z = x, one
+    view per particle), with the exact kernel score as ε_φ and the prior's template classifier."""
     g = torch.Generator().manual_seed(seed)
     P = cfg.particles
     background = torch.ones(P, 3)
@@ -62,30 +64,17 @@ def run_particles(
     x = (centre + cfg.init_noise * torch.randn(P, 3, cfg.resolution, cfg.resolution, generator=g))
     x = x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
-    stats = PoseStatistics(len(prior.class_names), cfg.n_intervals, cfg.n_ema, prior.num_train_timesteps)
+    d = distill_config(method, cfg)
+    particle_score = KernelParticleScore(prior.alphas_cumprod, cfg.s_q) if method != "sds" else None
+    rectifier = Rectifier(d.rectifier, prior.classify, prior.class_names, prior.num_train_timesteps) \
+        if method == "usd" else None
     lo, hi = int(cfg.t_min * prior.num_train_timesteps), int(cfg.t_max * prior.num_train_timesteps)
-    for _ in range(cfg.iterations):
+    for i in range(cfg.iterations):
         t = torch.randint(lo, hi, (1,), generator=g).expand(P)
-        alpha, sigma = distill.alpha_sigma(prior.alphas_cumprod, t)
-        eps = torch.randn(x.shape, generator=g)
         z = x.detach().requires_grad_(method == "usd")
-        x_t = distill.add_noise(z, eps, alpha, sigma)
-        with torch.set_grad_enabled(method == "usd"):
-            eps_hat = prior.eps(x_t, t, background=background)
-        if method == "sds":
-            grad = distill.sds_grad(eps_hat.detach(), eps, sigma)
-        else:
-            eps_phi = kernel_particle_eps(x_t.detach(), x.detach()[None], alpha.view(-1), sigma.view(-1), cfg.s_q)
-            grad = distill.vsd_grad(eps_hat.detach(), eps_phi, sigma)
-        if method == "usd":
-            x0_hat = distill.tweedie_x0(x_t, eps_hat, alpha, sigma)
-            probs = prior.classify(x0_hat, background)
-            objective = rectifier_objective(log_r(probs, stats.get(t)), alpha, sigma)
-            (g_rect,) = torch.autograd.grad(-objective, z)
-            grad = grad + clamp_per_particle(cfg.gain * g_rect, grad, cfg.norm_coef)
-            stats.update(t, probs)
+        step = distill_step(prior, particle_score, rectifier, d, z, P, t, g, background, iteration=i)
         opt.zero_grad()
-        x.grad = distill.nan_to_zero(grad)
+        x.grad = step.grad
         opt.step()
     with torch.no_grad():
         labels = prior.class_posterior(x * prior.alphas_cumprod[0].sqrt(), torch.zeros(P, dtype=torch.long),
