@@ -1,4 +1,4 @@
-"""Per-iteration time of SDS, VSD and USD at SD 2.1-base size, random weights, split into parts (DESIGN 12).
+"""Per-iteration time of SDS, VSD and USD at SD 2.1-base size, random weights, split into parts (docs/performance.md).
 
     python benchmarks/iteration.py --out bench.json                      # CUDA, 512² renders, fp16
     python benchmarks/iteration.py --device cpu --resolution 64 --tiny   # smoke run on a CPU

@@ -41,7 +41,6 @@ class RandomCameraDataset(Dataset):
         return {
             "c2w": cams.c2w, "fovy": cams.fovy, "azimuth": cams.azimuth, "elevation": cams.elevation,
             "background": sample_background(self.background, self.cfg.batch_size, g),
-            "iteration": torch.tensor(iteration),
         }
 
 

@@ -212,8 +212,9 @@ class Densifier:
     # -- hooks ------------------------------------------------------------------------------------
 
     def check(self, params: Params, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-        """gsplat's ``check_sanity``: one single-group optimizer per trainable parameter, the four core keys."""
-        if self.strategy is None:
+        """gsplat's ``check_sanity``: one single-group optimizer per trainable parameter, the four core keys
+        (a texture-only stage trains colours alone and never densifies: nothing to check)."""
+        if self.strategy is None or self.texture_only:
             return
         self._check_device(params)
         try:

@@ -231,8 +231,7 @@ def stage_config(cfg: RunConfig, stage) -> RunConfig:
     """The config of one stage of a multi-stage run: its steps and distillation settings."""
     import dataclasses
 
-    densify = cfg.densify if stage.params == "all" else dataclasses.replace(cfg.densify, strategy="none")
-    return dataclasses.replace(cfg, distill=stage.distill, densify=densify,
+    return dataclasses.replace(cfg, distill=stage.distill,
                                train=dataclasses.replace(cfg.train, steps=stage.steps), stages=[])
 
 

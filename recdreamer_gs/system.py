@@ -1,6 +1,6 @@
 """The LightningModule: wires Gaussians, renderer, prior, ε_φ and the rectifier; the maths lives elsewhere.
 
-Manual optimisation: one ``training_step`` is one iteration of DESIGN section 4, counted by
+Manual optimisation: one ``training_step`` is one iteration of docs/iteration.md, counted by
 ``self.iteration`` (``trainer.global_step`` counts every optimizer.step(), seven or so per iteration).
 """
 
@@ -14,7 +14,6 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from recdreamer_gs import schedule
-from recdreamer_gs.rng import derive_seed
 from recdreamer_gs.cameras import Cameras, orbit, preview_orbit
 from recdreamer_gs.config import RunConfig
 from recdreamer_gs.data import cameras_from_batch
@@ -24,6 +23,7 @@ from recdreamer_gs.errors import Diverged
 from recdreamer_gs.gaussians import Gaussians
 from recdreamer_gs.priors.base import ParticleScore, Prior
 from recdreamer_gs.render import RenderOut, render
+from recdreamer_gs.rng import derive_seed
 from recdreamer_gs.usd import distill
 from recdreamer_gs.usd.rectifier import Classifier, PoseStatistics, Rectifier
 from recdreamer_gs.usd.step import distill_step
@@ -67,10 +67,10 @@ class TextTo3DSystem(L.LightningModule):
         # checkpointed) whenever the run has pose classes, so a USD stage after an SDS stage continues them.
         self.rectifier = Rectifier(cfg.distill.rectifier, classifier, class_names, prior.num_train_timesteps) \
             if class_names else None
-        # BNF with n_i = 2 for one particle and 10 for several unless the config says otherwise (DESIGN 7).
-        self.bnf_intervals = cfg.distill.bnf_intervals or (2 if n == 1 else 10)
+        # BNF with n_i = 2 for one particle and 10 for several unless the config says otherwise (docs/schedules.md).
+        self.bnf_intervals = schedule.bnf_intervals(cfg.distill.bnf_intervals, n)
         self.densifiers = [Densifier(cfg.densify, scene_scale=cfg.gaussians.init_radius, total_iterations=cfg.train.steps,
-                                     n_intervals=self.bnf_intervals) for _ in range(n)]
+                                     n_intervals=self.bnf_intervals, texture_only=colour_only) for _ in range(n)]
         self.iteration = 0  # the system's own counter: one per training_step
         self.noise_generator: Optional[torch.Generator] = None  # ε, ε', LoRA draws (per rank)
         self.t_generator: Optional[torch.Generator] = None  # t (the same on every rank)

@@ -35,14 +35,17 @@ def fit(tmp_path, bad_calls: int, log_every: int = 1):
 
 
 def test_diverged_after_max_bad_iterations(tmp_path):
-    with pytest.raises(Diverged, match="at iteration 2 the last 3 iterations in a row") as err:
+    with pytest.raises(pipeline.TrainingFailed, match="at iteration 2 the last 3 iterations in a row") as err:
         fit(tmp_path, bad_calls=100)
-    assert isinstance(err.value, RuntimeError) and not isinstance(err.value, UserError)
+    cause = err.value.__cause__
+    assert isinstance(cause, Diverged) and not isinstance(cause, UserError)
+    # The Gaussians stayed finite (non-finite gradients are zeroed): the state is kept for --resume.
+    assert "--resume" in str(err.value) and (tmp_path / "model.ply").is_file()
 
 
 def test_divergence_is_checked_when_logging(tmp_path):
     # Checked every train.log_every = 4 iterations: first at iteration 3, by then 4 bad ones in a row.
-    with pytest.raises(Diverged, match="at iteration 3 the last 4 iterations"):
+    with pytest.raises(pipeline.TrainingFailed, match="at iteration 3 the last 4 iterations"):
         fit(tmp_path, bad_calls=100, log_every=4)
 
 

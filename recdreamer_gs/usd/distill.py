@@ -1,4 +1,4 @@
-"""Score-distillation gradients as pure functions (DESIGN section 4; paper eq. numbers in comments).
+"""Score-distillation gradients as pure functions (docs/iteration.md; paper eq. numbers in comments).
 
 All gradients are with respect to the diffusion-space sample ``z`` (SD latents or synthetic-prior
 pixels) and are turned into a loss on ``z`` by :func:`reparameterised_loss`.

@@ -1,4 +1,4 @@
-"""The USD rectifier: EMA pose statistics per time interval and log r (DESIGN sections 4 and 6).
+"""The USD rectifier: EMA pose statistics per time interval and log r (paper eq. 10-13, 19; docs/iteration.md, steps 6, 7 and 9).
 
 USD reweights the prior by r(x|y) = Σ_c̄ f(c̄) p(c̄|x) / p̄_t(c̄), where p̄_t is the pose marginal the
 prior currently produces at noise level t (paper eq. 10-11). With f uniform, ascending log r moves
