@@ -52,25 +52,18 @@ def command(name: Optional[str] = None, interrupted: str = "interrupted") -> Cal
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def guarded(*args, **kwargs):
-            from recdreamer_gs.pipeline import quiet_libraries
+            from recdreamer_gs.pipeline import Interrupted, quiet_libraries
 
             quiet_libraries()
             try:
                 return fn(*args, **kwargs)
             except (UserError, OSError) as err:
-                where = f"{err.filename}: " if isinstance(err, OSError) and err.filename else ""
-                message = f"{where}{err.strerror or err}" if isinstance(err, OSError) else str(err)
+                message = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
                 err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2)
-            except KeyboardInterrupt:
-                err_console.print(interrupted, highlight=False)
-                raise typer.Exit(code=130)
-            except RuntimeError as err:
-                from recdreamer_gs.pipeline import Interrupted  # a run stopped after writing its checkpoint
-
-                if not isinstance(err, Interrupted):
-                    raise
-                err_console.print(f"[yellow]{escape(str(err))}[/]", highlight=False, soft_wrap=True)
+            except (Interrupted, KeyboardInterrupt) as err:  # a stopped run says where its checkpoint is
+                text = f"[yellow]{escape(str(err))}[/]" if isinstance(err, Interrupted) else escape(interrupted)
+                err_console.print(text, highlight=False, soft_wrap=True)
                 raise typer.Exit(code=130)
 
         return app.command(name)(guarded)
@@ -92,7 +85,9 @@ def _notice(text: Optional[str]) -> None:
 
 
 def _fit(port: Optional[int], cfg, out_dir: Path, fit) -> None:
-    """``fit(extra_callbacks)``, watched in the browser with ``--viewer`` (recdreamer_gs.viewer)."""
+    """``fit(extra_callbacks)``, watched in the browser with ``--viewer`` (viewer.py: imported only then)."""
+    if port is None:
+        return fit([])
     from recdreamer_gs.viewer import fit_watched
 
     fit_watched(port, cfg, out_dir, fit, lambda text: err_console.print(text, highlight=False))
