@@ -40,7 +40,7 @@ PoseModel = Annotated[Optional[str], typer.Option(
     "--pose-model", help="DINOv2 repo id or local folder (USD and --templates).")]
 Templates = Annotated[Optional[Path], typer.Option(
     "--templates", help="Pose template folder DIR/<class>/*.png for the DINOv2 classifier (USD).")]
-Frame = Annotated[str, typer.Option(help="Frame of the PLY: viewer | y-up.")]
+Frame = Annotated[str, typer.Option(help="Frame the PLY file(s) were written in: viewer | y-up.")]
 UnusedModel = Annotated[Optional[str], typer.Option("--model", help="As for run; unused here.")]
 UnusedPoseModel = Annotated[Optional[str], typer.Option("--pose-model", help="As for run; unused here.")]
 
