@@ -274,3 +274,36 @@ class ExportAndMetrics(L.Callback):
         for logger in trainer.loggers:
             logger.save()  # the CSV is otherwise flushed only after on_train_end
         write_report(self.out_dir)
+
+
+@torch.no_grad()
+def write_orbit(gaussians: Any, out_dir: Path, views: int = 8, frames: int = 36, resolution: int = 128,
+                elevation: float = 15.0, radius: float = 2.5, fovy: float = 40.0, video: bool = False) -> list[Path]:
+    """``recdreamer-gs render``: orbit.png (a grid of ``views``), orbit.gif of ``frames`` (and orbit.mp4 with
+    ``video``) of a ``Gaussians`` on white; returns the files written."""
+    from recdreamer_gs.cameras import orbit
+    from recdreamer_gs.errors import UserError
+    from recdreamer_gs.render import render
+
+    if views < 1 or frames < 0 or resolution < 8 or radius <= 0 or not 1 <= fovy < 170:
+        raise UserError("expected --views >= 1, --frames >= 0, --resolution >= 8, --radius > 0, 1 <= --fovy < 170")
+    if video and frames < 2:
+        raise UserError(f"--video needs --frames 2 or more, got {frames}")
+    device = gaussians.means.device
+    out_dir.mkdir(parents=True, exist_ok=True)
+    upscale = preview_upscale(resolution)
+
+    def rgb(n: int) -> torch.Tensor:
+        return render(gaussians, orbit(n, elevation, radius, fovy, resolution).to(device),
+                      torch.ones(n, 3, device=device)).rgb
+
+    save_png(image_grid(rgb(views)), out_dir / "orbit.png", upscale)
+    written = [out_dir / "orbit.png"]
+    if frames > 0:
+        turn = rgb(frames)
+        save_gif(turn, out_dir / "orbit.gif", upscale=upscale)
+        written.append(out_dir / "orbit.gif")
+        if video:
+            save_mp4(turn, out_dir / "orbit.mp4", upscale=upscale)
+            written.append(out_dir / "orbit.mp4")
+    return written

@@ -497,3 +497,33 @@ def tensorboard_installed() -> bool:
     import importlib.util
 
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+# Where each command-line option lands in the config tree (the CLI's flags; every other key via --set).
+OPTION_KEYS: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt",), "steps": ("train.steps",), "seed": ("train.seed",), "device": ("train.device",),
+    "particles": ("train.particles",), "devices": ("train.devices",), "prior": ("prior.kind",),
+    "resolution": ("camera.resolution", "prior.synthetic.resolution"),  # the synthetic prior renders at its own
+    "model": ("prior.sd.model",), "init_from": ("gaussians.init_from",), "method": ("distill.method",),
+    "pose_model": ("distill.rectifier.classifier.feature_model",), "templates": ("distill.rectifier.templates",),
+    "pose_control": ("distill.rectifier.pose_control",),
+}
+
+
+def option_overrides(**options: Any) -> dict:
+    """The command-line options given (not None or empty) as one override of the config tree."""
+    out: dict = {}
+    for name, value in options.items():
+        if value is None or value == "":
+            continue
+        if name == "templates" and not Path(value).is_dir():
+            raise ConfigError(f"--templates: folder {value} does not exist")
+        if name == "init_from" and not Path(value).is_file():
+            raise ConfigError(f"--init-from: file {value} does not exist")
+        for key in OPTION_KEYS[name]:
+            *parents, leaf = key.split(".")
+            node = out
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = str(value) if isinstance(value, Path) else value
+    return out

@@ -154,15 +154,16 @@ def rotate_x180(params: Mapping[str, Tensor], inverse: bool = False) -> dict[str
     return out
 
 
-def _check_frame(frame: str) -> None:
+def check_frame(frame: str, name: str = "frame") -> None:
+    """``frame`` (the option ``name``) is one of the two PLY frames."""
     if frame not in ("viewer", "y-up"):
-        raise ValueError(f"frame must be 'viewer' or 'y-up', got {frame!r}")
+        raise PlyError(f"{name}: expected viewer or y-up, got {frame!r}")
 
 
 def prepare_for_export(params: Mapping[str, Tensor], frame: PlyFrame = "viewer") -> dict[str, Tensor]:
     """Detached float32 CPU copies in the file's frame, non-finite rows dropped, log scales clamped,
     quaternions normalised (a zero quaternion becomes identity, as gsplat renders it)."""
-    _check_frame(frame)
+    check_frame(frame)
     missing = [k for k in PARAM_KEYS if k not in params]
     if missing:
         raise ValueError(f"params must have keys {list(PARAM_KEYS)}, missing {missing}")
@@ -248,7 +249,7 @@ def read_ply(path: str | Path, frame: PlyFrame = "viewer", sh_degree: Optional[i
     """
     from plyfile import PlyData
 
-    _check_frame(frame)
+    check_frame(frame)
     path = Path(path)
     if not path.exists():
         raise PlyError(f"{path}: no such file")
@@ -299,3 +300,34 @@ def read_ply(path: str | Path, frame: PlyFrame = "viewer", sh_degree: Optional[i
     if frame == "viewer":
         p = rotate_x180(p, inverse=True)
     return p
+
+
+# -- the export command -----------------------------------------------------------------------
+
+
+def convert(source: str | Path, target: str | Path, frame_in: PlyFrame = "viewer", frame_out: PlyFrame = "viewer",
+            mesh: bool = False, faces: int = 0, resolution: int = 0, device: str = "auto") -> str:
+    """``recdreamer-gs export``: a 3DGS PLY to .ply/.splat (Gaussians) or to a triangle mesh (.glb, .obj,
+    .ply with ``mesh``); returns one line saying what was written."""
+    target = Path(target)
+    check_frame(frame_in, "--from-frame")
+    check_frame(frame_out, "--to-frame")
+    suffix = target.suffix.lower()
+    if suffix in (".glb", ".obj") or (mesh and suffix == ".ply"):
+        from recdreamer_gs.mesh import export_mesh
+        from recdreamer_gs.pipeline import resolve_device
+
+        result = export_mesh(source, target, frame_in, frame_out, faces, resolution, resolve_device(str(device)))
+        return (f"wrote {target} ({result.vertices} vertices, {result.faces} triangles from {result.views} views "
+                f"in {result.seconds:.1f} s)")
+    if mesh or faces or resolution:
+        raise PlyError(f"output {target}: a mesh (--mesh, --faces, --resolution) needs a .glb or .obj file name, "
+                       f"or .ply with --mesh; got {suffix or 'no suffix'}")
+    if suffix not in (".ply", ".splat"):
+        raise PlyError(f"output {target}: expected a .ply, .splat, .glb or .obj file name, got {suffix or 'no suffix'}")
+    params = read_ply(source, frame=frame_in)
+    try:
+        n = (write_ply if suffix == ".ply" else write_splat)(target, params, frame=frame_out)
+    except OSError as err:
+        raise PlyError(f"cannot write {target}: {err.strerror or err}") from None
+    return f"wrote {target} ({n} Gaussians)"

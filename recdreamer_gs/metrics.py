@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from recdreamer_gs.cameras import Cameras
+    from recdreamer_gs.config import CameraConfig
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 CLIP_VIEW_SUFFIXES = (", from front view", ", from side view", ", from back view")  # cEnt classes (appendix C.1.2)
@@ -41,6 +45,17 @@ def pent_views(n: int = 10) -> Float[Tensor, "n"]:
         raise ValueError(f"n: expected >= 1 views, got {n}")
     az = torch.arange(n, dtype=torch.float32) * (360.0 / n)
     return torch.remainder(az + 180.0, 360.0) - 180.0
+
+
+def metric_cameras(camera: "CameraConfig", resolution: int, n_views: int = 10) -> "Cameras":
+    """The views pEnt, cEnt and the CLIP score are measured on, by ``run`` and ``eval`` alike: ``n_views``
+    uniform azimuths from the front (:func:`pent_views`) on the preview orbit of ``camera`` (its
+    ``preview_elevation``, the mean of its radius and fovy ranges), ``resolution`` pixels square."""
+    from recdreamer_gs.cameras import preview_orbit
+
+    cameras = preview_orbit(camera, n_views)
+    cameras.width = cameras.height = resolution
+    return cameras
 
 
 def normalised_entropy(p: Float[Tensor, "C"]) -> float:
@@ -203,3 +218,42 @@ class ClipScorer:
     def view_entropy(self, images: Float[Tensor, "V 3 H W"], prompt: str) -> float:
         """cEnt of [0, 1] renders at uniform azimuths (:func:`pent_views`)."""
         return clip_view_entropy(self.model, self.tokenizer, images, prompt, self)
+
+
+@torch.no_grad()
+def view_scores(
+    rgb: Float[Tensor, "V 3 H W"], classify: Optional[Callable[..., Tensor]] = None, class_names: Sequence[str] = (),
+    clip: Optional[ClipScorer] = None, prompt: str = "",
+) -> dict[str, Any]:
+    """pEnt and the pose histogram (with a pose classifier ``classify(images in [-1, 1], background)``), cEnt
+    and the CLIP score (with a CLIP scorer) of renders in [0, 1] on white from :func:`metric_cameras`."""
+    out: dict[str, Any] = {}
+    if classify is not None:
+        probs = classify(rgb * 2 - 1, torch.ones(rgb.shape[0], 3, device=rgb.device)).float().cpu()
+        out["pEnt"] = round(pose_entropy(probs), 4) + 0.0  # + 0.0: no "-0.0"
+        out["pose_histogram"] = {n: round(float(v), 4) for n, v in zip(class_names, probs.mean(0).tolist())}
+    if clip is not None:
+        out["cEnt"] = round(clip.view_entropy(rgb, prompt), 4)
+        out["clip_score"] = round(clip.clip_score(rgb, prompt), 4)
+    return out
+
+
+def evaluate_ply(ply, cfg, device: torch.device, pose=None, clip: Optional[ClipScorer] = None, prompt: str = "",
+                 frame: str = "viewer", resolution: Optional[int] = None) -> dict[str, Any]:
+    """``recdreamer-gs eval``: :func:`view_scores` of a 3DGS PLY on the views a run with config ``cfg``
+    scores (:func:`metric_cameras`, its render settings); ``pose`` is a ``PoseSetup``. The render size
+    is the classifier's input size if it has one, else ``resolution``, else ``cfg.camera.resolution``."""
+    from recdreamer_gs.mesh import load_gaussians
+    from recdreamer_gs.render import ensure_backend, render
+
+    r = cfg.render
+    ensure_backend(r.backend, device)
+    gaussians = load_gaussians(ply, frame, device)
+    size = (pose.image_size if pose is not None else None) or resolution or cfg.camera.resolution
+    cameras = metric_cameras(cfg.camera, size).to(device)
+    with torch.no_grad():
+        rgb = render(gaussians, cameras, torch.ones(len(cameras), 3, device=device), backend=r.backend,
+                     eps2d=r.eps2d, near_plane=r.near_plane).rgb
+    if pose is None:
+        return view_scores(rgb, clip=clip, prompt=prompt)
+    return view_scores(rgb, pose.metric_classifier, pose.class_names, clip, prompt)

@@ -358,3 +358,75 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
     return system
+
+
+def prepare(cfg: RunConfig, fresh: bool = True) -> tuple[torch.device, PriorChoice, Optional[object]]:
+    """The device, prior and CLIP scorer of a run, made before its run folder exists, so that whatever
+    cannot work (no GPU, a broken gsplat build, a missing model, a bad ``--init-from`` file) stops it
+    with one error and nothing written. ``fresh=False`` (a resume) skips the init file and CLIP."""
+    from recdreamer_gs.render import ensure_backend
+
+    device = resolve_device(cfg.train.device)
+    ensure_backend(cfg.render.backend, device)  # before any model loads: a broken gsplat build fails in seconds
+    choice = build_prior(cfg, device)
+    if not fresh:
+        return device, choice, None
+    if cfg.gaussians.init_from:
+        from recdreamer_gs.gaussians import load_points
+
+        load_points(cfg.gaussians.init_from, cfg.gaussians.num_init, cfg.gaussians.init_radius)
+    return device, choice, build_clip(cfg, device)
+
+
+def prepare_resume(run_dir: Path, steps: Optional[int] = None, device: Optional[str] = None
+                   ) -> tuple[RunConfig, dict, str]:
+    """``run --resume RUN_DIR``: its config (``steps``/``device`` applied), last checkpoint, and where it
+    continues ("at iteration i of n [of stage k/K]")."""
+    import dataclasses
+
+    cfg, checkpoint = read_resume(run_dir)
+    if steps is not None:
+        if cfg.stages:
+            raise RunError("--steps cannot extend a multi-stage run; edit the stages in its config.yaml instead")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    if device is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    cfg.validate()
+    stage = int(checkpoint.get("stage", 0))
+    stage_steps = cfg.stages[stage].steps if cfg.stages else cfg.train.steps
+    done = checkpoint["iteration"]
+    if stage >= len(cfg.stages) - 1 and done >= stage_steps:
+        raise RunError(f"--resume {run_dir}: the run already finished {done} of {stage_steps} iterations; "
+                       f"pass --steps N with N > {done} to extend it")
+    where = f" of stage {stage + 1}/{len(cfg.stages)}" if cfg.stages else ""
+    return cfg, checkpoint, f"at iteration {done} of {stage_steps}{where}"
+
+
+def scoring_pose_setup(cfg: RunConfig, from_templates: bool
+                       ) -> tuple[RunConfig, torch.device, PoseSetup, Optional[str]]:
+    """The pose classifier of ``classify``/``eval``: DINOv2 on the template folder of ``cfg`` (no prior
+    loads), or the one the prior brings (``--prior synthetic``). Returns the config as the prior runs it
+    (``effective_config``), the device, the classifier and the prior's notice (see ``build_prior``)."""
+    from recdreamer_gs.pose.setup import folder_pose_setup
+
+    device = resolve_device(cfg.train.device)
+    if from_templates:
+        return cfg, device, folder_pose_setup(cfg.distill.rectifier, device), None
+    choice = build_prior(cfg, device)
+    cfg = effective_config(cfg, choice, device)
+    pose = choice.prior.pose_setup(cfg, need=False)
+    if pose.classifier is None:
+        raise RunError(f"the prior {choice.prior.name!r} brings no pose classifier of its own: give --templates DIR")
+    return cfg, device, pose, choice.notice
+
+
+def quiet_libraries() -> None:
+    """Keep Lightning's and the model libraries' chatter out of a command's own output."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -14,7 +14,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from recdreamer_gs import schedule
-from recdreamer_gs.cameras import Cameras, orbit, preview_orbit
+from recdreamer_gs.cameras import Cameras, preview_orbit
 from recdreamer_gs.config import RunConfig
 from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
@@ -290,9 +290,9 @@ class TextTo3DSystem(L.LightningModule):
     @torch.no_grad()
     def metric_views(self, particle: int = 0, n_views: int = 10) -> Float[Tensor, "V 3 H W"]:
         """Renders at n uniform azimuths on a white background, the views pEnt, cEnt and CLIP score use."""
-        c = self.cfg.camera
-        cams = orbit(n_views, c.preview_elevation, 0.5 * sum(c.radius_range), 0.5 * sum(c.fovy_range),
-                     self.render_resolution).to(self.device)
+        from recdreamer_gs.metrics import metric_cameras
+
+        cams = metric_cameras(self.cfg.camera, self.render_resolution, n_views).to(self.device)
         return self.render(cams, torch.ones(n_views, 3, device=self.device), particle=particle).rgb
 
     @torch.no_grad()

@@ -257,6 +257,23 @@ def open_plys(paths: Sequence[Path], port: int = DEFAULT_PORT, frame: str = "vie
 # -- run --viewer ---------------------------------------------------------------------------------
 
 
+def fit_watched(port: Optional[int], cfg: RunConfig, out_dir: Path, fit: Callable[[list], Any],
+                echo: Callable[[str], None] = print) -> None:
+    """``fit(extra_callbacks)`` of ``run``; with a ``port`` (``run --viewer``) a live viewer watches it from
+    rank 0 (data-parallel ranks above 0 serve nothing)."""
+    from recdreamer_gs.distributed import is_secondary_rank
+
+    if port is None or is_secondary_rank():
+        return fit([])
+    live = Viewer(port)
+    try:
+        echo(live.banner())
+        fit([live.training_callback(cfg, out_dir)])
+    finally:
+        live.stop()
+
+
+
 class TrainingViewer(L.Callback):
     """Shows the particles of a run while they train, with pause/resume and "write model.ply now".
 

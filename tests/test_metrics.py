@@ -101,3 +101,16 @@ def test_missing_clip_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ModelUnavailable, match="openai/clip-vit-base-patch32.*offline"):
         ClipScorer.load()
+
+
+def test_metric_cameras_are_the_preview_orbit_of_the_training_ranges():
+    from recdreamer_gs.config import load_config
+    from recdreamer_gs.metrics import metric_cameras, pent_views
+
+    camera = load_config("standard").camera  # elevation -10..45, radius 2.5..3, fovy 40..60
+    cams = metric_cameras(camera, 48)
+    assert len(cams) == 10 and cams.width == cams.height == 48
+    assert torch.allclose(cams.azimuth, pent_views(10))
+    assert torch.allclose(cams.elevation, torch.full((10,), camera.preview_elevation))
+    assert torch.allclose(cams.c2w[:, :3, 3].norm(dim=-1), torch.full((10,), 2.75))
+    assert torch.allclose(cams.fovy, torch.full((10,), math.radians(50.0)))

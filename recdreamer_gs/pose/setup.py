@@ -36,6 +36,18 @@ class PoseSetup:
     def metric_classifier(self) -> Optional[Classify]:
         return self.metric or self.classifier
 
+    @torch.no_grad()
+    def classify_files(self, paths: list, device: torch.device) -> Tensor:
+        """``recdreamer-gs classify``: class probabilities [N, C] of image files (PNG/JPG; alpha over white)."""
+        import torch.nn.functional as F
+
+        from recdreamer_gs.pose.templates import read_image
+
+        x = torch.stack([read_image(path, 256) for path in paths]).to(device)
+        if self.image_size is not None:
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
+        return self.classifier(x, torch.ones(len(paths), 3, device=device))
+
     def check_pose_control(self, rect: RectifierConfig) -> None:
         """``--pose-control CLASS`` must name one of this classifier's classes."""
         if rect.pose_control and rect.pose_control not in self.class_names:

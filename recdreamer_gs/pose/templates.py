@@ -62,7 +62,7 @@ def read_image(path: Path, size: int) -> Float[Tensor, "3 S S"]:
                 im = Image.alpha_composite(white, im)
             im = im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise TemplateError(f"template image {path} cannot be read: {type(err).__name__}: {err}") from err
+        raise TemplateError(f"image {path} cannot be read: {type(err).__name__}: {err}") from err
     w, h = im.size
     if w != h:  # pad to a square so the object keeps its aspect ratio
         side = max(w, h)
