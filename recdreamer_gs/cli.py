@@ -46,13 +46,14 @@ UnusedPoseModel = Annotated[Optional[str], typer.Option("--pose-model", help="As
 
 
 def command(name: Optional[str] = None, interrupted: str = "interrupted") -> Callable:
-    """Register a command: a ``UserError`` or ``OSError`` ends it with one line on stderr and exit 2,
-    Ctrl-C with ``interrupted`` (or a stopped run's own message) and exit 130."""
+    """Register a command: a ``UserError`` or ``OSError`` ends it with one line on stderr and exit 2, a failed
+    training with its one line (cause, what was kept, --resume) and its exit code, Ctrl-C with ``interrupted``
+    (or a stopped run's own message) and exit 130."""
 
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def guarded(*args, **kwargs):
-            from recdreamer_gs.pipeline import Interrupted, quiet_libraries
+            from recdreamer_gs.pipeline import Interrupted, TrainingFailed, quiet_libraries
 
             quiet_libraries()
             try:
@@ -61,6 +62,9 @@ def command(name: Optional[str] = None, interrupted: str = "interrupted") -> Cal
                 message = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
                 err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2)
+            except TrainingFailed as err:
+                err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(code=err.exit_code)
             except (Interrupted, KeyboardInterrupt) as err:  # a stopped run says where its checkpoint is
                 text = f"[yellow]{escape(str(err))}[/]" if isinstance(err, Interrupted) else escape(interrupted)
                 err_console.print(text, highlight=False, soft_wrap=True)

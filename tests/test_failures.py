@@ -75,3 +75,29 @@ def test_non_finite_gaussians_are_not_written(tmp_path):
         fit(tmp_path / "run", [FailAt(3, RuntimeError("nan everywhere"), spoil=True)])
     assert not (tmp_path / "run" / "model.ply").exists()
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_cli_reports_a_failure_in_one_line_with_the_resume_command(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from recdreamer_gs.cli import app
+    from recdreamer_gs.system import TextTo3DSystem
+
+    original = TextTo3DSystem.training_step
+
+    def fail_at_3(self, batch, batch_idx):
+        if self.iteration == 3:
+            raise RuntimeError("injected failure")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(TextTo3DSystem, "training_step", fail_at_3)
+    args = ["run", "a cat", "--out", str(tmp_path), "--steps", "6", "--device", "cpu"]
+    for s in SETTINGS[1:]:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    (run_dir,) = list(tmp_path.iterdir())
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1
+    assert "injected failure" in lines[-1] and f"recdreamer-gs run --resume {run_dir}" in " ".join(lines)
+    assert "Traceback" not in result.output
+    assert (run_dir / "model.ply").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
