@@ -256,7 +256,7 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
     # Phases of the run for metrics.json; the stages add train_s and export_s (callbacks.ExportAndMetrics).
     timings = {"load_s": choice.load_s, "templates_s": 0.0}
     start = time.perf_counter()
-    saved = out_dir / "templates" / CLASSIFIER_FILE
+    saved = out_dir / CLASSIFIER_FILE
     if resume is not None and saved.is_file():  # the classifier the run was built with, templates embedded
         pose = saved_pose_setup(cfg.first_distill("usd").rectifier, saved, device)
     else:

@@ -68,8 +68,9 @@ def test_sd_without_weights_is_one_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-def test_usd_with_tiny_sd_and_dinov2(tiny_models, tmp_path):
-    """USD on SD: templates generated with the prior's view prompts, DINOv2 classifier, rectifier, pEnt."""
+def test_usd_with_tiny_sd_and_dinov2(tiny_models, tmp_path, monkeypatch):
+    """USD on SD: templates generated with the prior's view prompts, DINOv2 classifier, rectifier, pEnt;
+    --resume reuses the classifier the run saved instead of generating templates again."""
     result = runner.invoke(app, ["run", "a red teapot", "--steps", "2", "--method", "usd", "--out", str(tmp_path),
                                  "--pose-model", str(tiny_models["dinov2"]),
                                  "--set", "distill.rectifier.classifier.n_augment=2", *fast(tiny_models)],
@@ -81,6 +82,17 @@ def test_usd_with_tiny_sd_and_dinov2(tiny_models, tmp_path):
     assert sorted(p.name for p in (run_dir / "templates").iterdir()) == ["back", "front", "left", "right"]
     header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "grad/rect_norm" in header and "pose/front" in header
+    assert (run_dir / "pose_classifier.pt").is_file()
+
+    from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
+
+    def no_templates(*args, **kwargs):
+        raise AssertionError("templates generated again on --resume")
+
+    monkeypatch.setattr(StableDiffusionPrior, "template_candidates", no_templates)
+    result = runner.invoke(app, ["run", "--resume", str(run_dir), "--steps", "3"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "metrics.json").read_text())["iterations"] == 3
 
 
 def test_run_writes_clip_metrics(tiny_models, tmp_path):

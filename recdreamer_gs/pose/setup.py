@@ -17,7 +17,7 @@ from torch import Tensor
 
 from recdreamer_gs.config import ConfigError, RectifierConfig
 
-CLASSIFIER_FILE = "classifier.pt"  # the built classifier in a run folder's templates/ (PoseClassifier.save)
+CLASSIFIER_FILE = "pose_classifier.pt"  # the built classifier in a run folder (PoseClassifier.save)
 
 # Images in [-1, 1] (and the solid background each was composited on) -> class probabilities [B, C].
 Classify = Callable[[Tensor, Optional[Tensor]], Tensor]
