@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -248,19 +247,31 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             for s in args.seeds.split(",")]
     jobs.sort(key=lambda j: -j[0])  # longest first
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda j: spawn(j, args, Path(tmp)), jobs))
-    runs.sort(key=lambda r: (r["count"], r["method"], r["seed"]))
-    report = {
-        "command": "python benchmarks/particles_3d.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "fixed_settings": BASE_SETS + ["preset=preview"] + args.set,
-        "classes": ["front", "left", "back", "right"],
-        "summary": summarise(runs),
-        "runs": runs,
-        "wall_seconds": round(time.perf_counter() - start, 1),
-    }
+    runs: list[dict[str, Any]] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+    def write() -> dict[str, Any]:  # after every run, so a stopped sweep keeps what it measured
+        done = sorted(runs, key=lambda r: (r["count"], r["method"], r["seed"]))
+        report = {
+            "command": "python benchmarks/particles_3d.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "fixed_settings": BASE_SETS + ["preset=preview"] + args.set,
+            "classes": ["front", "left", "back", "right"],
+            "complete": len(done) == len(jobs),
+            "summary": summarise(done),
+            "runs": done,
+            "wall_seconds": round(time.perf_counter() - start, 1),
+        }
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return report
+
+    def one(job: tuple[int, str, int], tmp: Path) -> None:
+        result = spawn(job, args, tmp)
+        runs.append(result)
+        write()
+
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda j: one(j, Path(tmp)), jobs))
+    report = write()
     for key, row in report["summary"].items():
         print(f"{key:8s} pEnt {row['pEnt']:.3f} pooled {row['pEnt_pooled']:.3f} per particle "
               f"{row['pEnt_per_particle']} hist {row['pose_histogram']} collapsed {row['collapsed_particles']}")
