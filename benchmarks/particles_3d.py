@@ -108,11 +108,13 @@ class Diagnostics:
         for name, value in (("matcher_x0hat", probs), ("exact_x0hat", exact_x0), ("exact_clean", exact_clean),
                             ("matcher_clean", matcher_clean)):
             row[f"probs/{name}"] = [[round(float(v), 3) for v in p] for p in per(value).mean(1)]
-        if system.pose_stats is not None:
-            k = int(interval_index(t[:1], system.pose_stats.n_intervals, system.pose_stats.T))
+        # One EMA shared by all particles (pooled) or one per particle.
+        rect = system.rectifier if d.method == "usd" else None
+        if rect is not None:
+            k = int(interval_index(t[:1], rect.stats.n_intervals, rect.stats.T))
             row["ema/interval"] = k
-            row["ema/marginal_at_t"] = [round(float(v), 3) for v in system.pose_stats.marginal[k]]
-            row["ema/marginal_all"] = [[round(float(v), 3) for v in m] for m in system.pose_stats.marginal]
+            row["ema/marginal_at_t"] = [[round(float(v), 3) for v in s.marginal[k]] for s in rect.groups]
+            row["ema/marginal_all"] = [[[round(float(v), 3) for v in m] for m in s.marginal] for s in rect.groups]
         if cfg.distill.method != "sds":
             with torch.no_grad():
                 same_camera = z.detach().view(P, B, *z.shape[1:]).transpose(0, 1).repeat(P, *[1] * z.dim())
@@ -124,12 +126,11 @@ class Diagnostics:
                 w = mixture_posterior(x_t.detach(), same_camera, torch.zeros(P), alpha.view(-1), var)
             row["kernel_weights"] = [[round(float(v), 3) for v in r] for r in per(w).mean(1)]
             row["norm/vsd"] = norms(g_vsd)
-            if system.pose_stats is not None:
-                lr = log_r(probs, system.pose_stats.get(t))
+            if rect is not None:
+                lr = log_r(probs, rect.marginal(t, P))
                 (g_rect,) = torch.autograd.grad(-rectifier_objective(lr, alpha, sigma), z)
-                g_rect = d.rectifier.gain * g_rect
-                clamped = distill.clamp_to_norm(g_rect, g_vsd, 1.0, d.rectifier.norm_coef)
-                row["norm/rect_raw"] = norms(g_rect)
+                clamped = rect.clamp(g_rect, g_vsd, P)  # gain, then the per-particle cap of the run
+                row["norm/rect_raw"] = norms(d.rectifier.gain * g_rect)
                 row["norm/rect_clamped"] = norms(clamped)
                 row["rect/log_r"] = [round(float(v), 3) for v in per(lr).mean(1)]
         row["gaussians"] = [len(gs) for gs in system.particles]

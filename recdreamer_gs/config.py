@@ -199,6 +199,8 @@ class RectifierConfig(ConfigNode):
     norm_coef: NonNegativeFloat = 1.0  # cap ‖g_rect‖ at norm_coef·‖g_vsd‖ per particle (L2 over its views)
     rectify_every: PositiveInt = 1  # apply the rectifier every k-th iteration (the EMA still updates every one)
     noise: Literal["shared", "fresh"] = "shared"  # reuse x_t of the VSD pass (Algorithm 1) or fresh ε'
+    statistics: Literal["per_particle", "pooled"] = "per_particle"  # per_particle: one EMA pose marginal per
+    # particle, so each particle's own views are driven to uniform; pooled: one EMA over all particles' views
     weight: NonNegativeFloat = 1.0  # weight of the rectifier term in the total gradient
     pose_control: Optional[str] = None  # class name: r = p(class|x̂0) only (paper appendix C.5)
     templates: Optional[str] = None  # template folder <dir>/<class>/*.png; None: generate with the prior

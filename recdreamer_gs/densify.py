@@ -65,8 +65,8 @@ class DensifyConfig(ConfigNode):
     refine_every: Annotated[int, Range(1)] = 100
     # No refine before this iteration, so the screen-space statistics cover at least this many steps.
     refine_start: Count = 100
-    # Reset opacities at the start of every expanding BNF block but the first (DefaultStrategy only: MCMC
-    # replaces resets by relocation). Lets Gaussians that are not needed fade and be pruned.
+    # Reset opacities at the start of every expanding BNF block but the first, at most once per refine period
+    # (DefaultStrategy only: MCMC replaces resets by relocation). Lets Gaussians that are not needed fade and be pruned.
     reset_at_block_boundaries: bool = True
     # The reset clamps every opacity to at most this value (the INRIA/gsplat clamp, not a factor) and zeroes
     # the opacity optimizer's moments. Must stay above prune_opa or the reset itself prunes everything.
@@ -105,6 +105,19 @@ def is_block_boundary(iteration: int, total: int, n_intervals: int) -> bool:
         return False
     phase, index, length = bnf_block(iteration, total, n_intervals)
     return phase == "expand" and iteration == index * length
+
+
+def is_reset_step(iteration: int, total: int, n_intervals: int, refine_every: int) -> bool:
+    """A block boundary (:func:`is_block_boundary`) that is the first one in its refine period.
+
+    Many short blocks (10 BNF intervals, the default with several particles, in a run of a few hundred
+    iterations) would otherwise clamp the opacities every few dozen iterations, faster than a refine can
+    prune what faded, and the particles would train under a different schedule than a single one.
+    """
+    if not is_block_boundary(iteration, total, n_intervals):
+        return False
+    _, index, length = bnf_block(iteration, total, n_intervals)
+    return index == 1 or (iteration - length) // refine_every != iteration // refine_every
 
 
 def is_refine_step(iteration: int, refine_start: int, refine_every: int) -> bool:
@@ -206,7 +219,7 @@ class Densifier:
         return (
             self.cfg.strategy == "default" and self.cfg.reset_at_block_boundaries
             and self.window(iteration) == "grow"
-            and is_block_boundary(iteration, self.total_iterations, self.n_intervals)
+            and is_reset_step(iteration, self.total_iterations, self.n_intervals, self.cfg.refine_every)
         )
 
     # -- hooks ------------------------------------------------------------------------------------

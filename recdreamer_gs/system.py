@@ -65,8 +65,8 @@ class TextTo3DSystem(L.LightningModule):
         self.class_names = class_names
         # Classifier, pose statistics and clamps of USD (usd/rectifier.py); the statistics are kept (and
         # checkpointed) whenever the run has pose classes, so a USD stage after an SDS stage continues them.
-        self.rectifier = Rectifier(cfg.distill.rectifier, classifier, class_names, prior.num_train_timesteps) \
-            if class_names else None
+        self.rectifier = Rectifier(cfg.distill.rectifier, classifier, class_names, prior.num_train_timesteps,
+                                   particles=n) if class_names else None
         # BNF with n_i = 2 for one particle and 10 for several unless the config says otherwise (docs/schedules.md).
         self.bnf_intervals = schedule.bnf_intervals(cfg.distill.bnf_intervals, n)
         self.densifiers = [Densifier(cfg.densify, scene_scale=cfg.gaussians.init_radius, total_iterations=cfg.train.steps,
@@ -119,6 +119,7 @@ class TextTo3DSystem(L.LightningModule):
             self.densifiers = [self.densifiers[i] for i in keep]
             self.particle_ids = keep
             if self.rectifier is not None:
+                self.rectifier.keep(keep)
                 self.rectifier.reduce = lambda mean: self.trainer.strategy.reduce(mean, reduce_op="mean")
 
     def on_fit_start(self) -> None:
@@ -192,9 +193,10 @@ class TextTo3DSystem(L.LightningModule):
         step = distill_step(self.prior, self.particle_score, self.rectifier if d.method == "usd" else None, d,
                             z, P, t, self.noise_generator, background, c2w, cameras.azimuth.repeat(P), self.iteration)
 
-        # 8. Reparameterised loss 0.5‖z − (z − g).detach()‖² / B (gradient g / B); step the Gaussians,
-        #    then densify in the BNF-aligned window (densify.py) and clamp the log-scales.
-        loss_distill = d.grad_weight * distill.reparameterised_loss(z, step.grad)
+        # 8. Reparameterised loss 0.5‖z − (z − g).detach()‖² / B (gradient g / B, B the views of one particle,
+        #    so each particle steps and gathers densification statistics as a single one would); step the
+        #    Gaussians, then densify in the BNF-aligned window (densify.py) and clamp the log-scales.
+        loss_distill = d.grad_weight * distill.reparameterised_loss(z, step.grad, views=len(cameras))
         dens = self.step_gaussians(loss_distill, outs)
 
         # 10. LoRA step for ε_φ on the detached renders (fresh t', ε'; docs/iteration.md step 10).

@@ -6,7 +6,7 @@ pixels) and are turned into a loss on ``z`` by :func:`reparameterised_loss`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -79,10 +79,12 @@ def nan_to_zero(grad: Tensor) -> Tensor:
     return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def reparameterised_loss(z: Float[Tensor, "B C H W"], grad: Float[Tensor, "B C H W"]) -> Tensor:
-    """0.5‖z − (z − g).detach()‖² / B, whose gradient w.r.t. z is exactly g / B."""
+def reparameterised_loss(z: Float[Tensor, "B C H W"], grad: Float[Tensor, "B C H W"], views: Optional[int] = None
+                         ) -> Tensor:
+    """0.5‖z − (z − g).detach()‖² / V, whose gradient w.r.t. z is exactly g / V; V = ``views`` (the views of
+    one particle in a particle-major batch of several), else the batch size B."""
     target = (z - grad).detach()
-    return 0.5 * ((z - target) ** 2).sum() / z.shape[0]
+    return 0.5 * ((z - target) ** 2).sum() / (views or z.shape[0])
 
 
 def v_to_eps(

@@ -119,20 +119,48 @@ class Rectifier:
     docs/iteration.md steps 6, 7 and 9 (paper eq. 10-13, 19).
 
     Callers pass the particle count ``particles`` of the particle-major batch (P·B samples) to every
-    method: the clamp is per particle; the statistics are shared by all particles (their batch mean),
-    so a per-particle variant of :class:`PoseStatistics` can later use the same calls.
+    method: the clamp is per particle. The statistics are one EMA per particle (``statistics:
+    per_particle``, ``particles`` given here) or one shared by all (``pooled``): a pooled marginal can look
+    uniform while each particle shows one pose, and then nothing pushes the particles
+    (benchmarks/results/particles_3d/NOTES.md).
     """
 
     def __init__(self, cfg: RectifierConfig, classifier: Classifier, class_names: tuple[str, ...], T: int = 1000,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", particles: int = 1):
         if cfg.pose_control is not None and cfg.pose_control not in class_names:
             raise ValueError(f"rectifier: pose_control expected one of {list(class_names)}, got {cfg.pose_control!r}")
+        if particles < 1:
+            raise ValueError(f"rectifier: particles expected >= 1, got {particles}")
         self.cfg = cfg
         self.classifier = classifier
         self.class_names = tuple(class_names)
-        self.stats = PoseStatistics(len(class_names), cfg.n_intervals, cfg.n_ema, T, device)
+        groups = particles if cfg.statistics == "per_particle" else 1
+        # One PoseStatistics per particle (per_particle) or a single shared one (pooled).
+        self.groups = [PoseStatistics(len(class_names), cfg.n_intervals, cfg.n_ema, T, device) for _ in range(groups)]
         # Pose control (appendix C.5): r = p(class|x̂0) instead of the statistics' ratio.
         self.pose_control_index = class_names.index(cfg.pose_control) if cfg.pose_control else None
+
+    @property
+    def stats(self) -> PoseStatistics:
+        """The shared statistics (pooled), or the first particle's (per_particle): what the pose EMA log shows."""
+        return self.groups[0]
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep the statistics of these particles only (the share of one data-parallel process)."""
+        if len(self.groups) > 1:
+            self.groups = [self.groups[i] for i in indices]
+
+    def marginal(self, t: Int[Tensor, "N"], particles: int = 1) -> Float[Tensor, "N C"]:
+        """p̄_t of each sample of the particle-major batch: its particle's EMA, or the shared one."""
+        if len(self.groups) == 1:
+            return self.groups[0].get(t)
+        self._check(particles)
+        return torch.cat([s.get(t_p) for s, t_p in zip(self.groups, t.chunk(particles))])
+
+    def _check(self, particles: int) -> None:
+        if particles != len(self.groups):
+            raise ValueError(f"rectifier: per-particle statistics for {len(self.groups)} particles, "
+                             f"got a batch of {particles}")
 
     def active(self, iteration: int) -> bool:
         """Whether this iteration takes the rectifier gradient (every ``rectify_every``-th one)."""
@@ -151,7 +179,7 @@ class Rectifier:
         """log r of each sample (eq. 11), or log p(class|x̂0) under pose control."""
         if self.pose_control_index is not None:
             return pose_control_log_r(probs, self.pose_control_index)
-        return log_r(probs, self.stats.get(t))
+        return log_r(probs, self.marginal(t, particles))
 
     def clamp(self, g_rect: Float[Tensor, "N C h w"], g_distill: Float[Tensor, "N C h w"], particles: int
               ) -> Float[Tensor, "N C h w"]:
@@ -161,24 +189,40 @@ class Rectifier:
 
     @torch.no_grad()
     def update(self, t: Int[Tensor, "N"], probs: Float[Tensor, "N C"], particles: int = 1) -> None:
-        """Step 9: the EMA of t's interval moves towards the mean over every particle's views (eq. 19)."""
-        self.stats.update(t, probs)
+        """Step 9: the EMA of t's interval moves towards the mean of each particle's views, or of every
+        particle's views when pooled (eq. 19)."""
+        if len(self.groups) == 1:
+            self.groups[0].update(t, probs)
+            return
+        self._check(particles)
+        for stats, t_p, probs_p in zip(self.groups, t.chunk(particles), probs.chunk(particles)):
+            stats.update(t_p, probs_p)
 
     @property
     def reduce(self) -> Optional[Callable[[Tensor], Tensor]]:
-        """Data-parallel hook of the statistics: maps a local batch mean [C] to the mean over all ranks."""
-        return self.stats.reduce
+        """Data-parallel hook of pooled statistics: maps a local batch mean [C] to the mean over all ranks."""
+        return self.groups[0].reduce
 
     @reduce.setter
     def reduce(self, fn: Optional[Callable[[Tensor], Tensor]]) -> None:
-        self.stats.reduce = fn
+        # Per-particle statistics stay on the process that owns the particle: nothing to average.
+        if len(self.groups) == 1:
+            self.groups[0].reduce = fn
 
     def state_dict(self) -> dict[str, Any]:
-        return self.stats.state_dict()
+        if len(self.groups) == 1:
+            return self.groups[0].state_dict()
+        return {"per_particle": [s.state_dict() for s in self.groups]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stats.load_state_dict(state)
+        states = state.get("per_particle", [state])
+        if len(states) != len(self.groups):
+            raise ValueError(f"rectifier statistics: expected {len(self.groups)} (statistics="
+                             f"{self.cfg.statistics}), got {len(states)} in the checkpoint")
+        for stats, s in zip(self.groups, states):
+            stats.load_state_dict(s)
 
     def to(self, device: torch.device | str) -> "Rectifier":
-        self.stats.to(device)
+        for stats in self.groups:
+            stats.to(device)
         return self

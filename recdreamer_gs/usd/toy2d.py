@@ -44,7 +44,10 @@ def make_prior(cfg: Toy2DConfig) -> SyntheticPrior:
 
 def distill_config(method: Method, cfg: Toy2DConfig) -> DistillConfig:
     """The step's settings for the 2D check: no CFG, no element clamp, the rectifier every iteration."""
-    rect = RectifierConfig(n_intervals=cfg.n_intervals, n_ema=cfg.n_ema, gain=cfg.gain, norm_coef=cfg.norm_coef)
+    # Pooled statistics: a 2D particle is one image with one pose, so the pose marginal to make uniform is
+    # that of the whole set (a single image's own marginal is one-hot by definition).
+    rect = RectifierConfig(n_intervals=cfg.n_intervals, n_ema=cfg.n_ema, gain=cfg.gain, norm_coef=cfg.norm_coef,
+                           statistics="pooled")
     return DistillConfig(method=method, guidance_scale=1.0, t_min=cfg.t_min, t_max=cfg.t_max, rectifier=rect)
 
 
