@@ -15,6 +15,7 @@ from recdreamer_gs.densify import (
     DensifyConfig,
     densify_window,
     is_block_boundary,
+    is_reset_step,
     is_refine_step,
     over_cap,
     prune_mask,
@@ -55,6 +56,14 @@ def test_block_boundaries_only_inside_expanding_phase(n):
     assert not is_block_boundary(n * length, total, n)  # shrinking starts: no reset
     # Uneven totals: blocks of total // (2n) iterations.
     assert [it for it in range(45) if is_block_boundary(it, 45, 2)] == [11]
+
+
+def test_resets_at_most_once_per_refine_period():
+    # 10 blocks of 25 iterations in a 500-iteration run: boundaries every 25, resets once per refine period.
+    assert [it for it in range(500) if is_reset_step(it, 500, 10, 100)] == [25, 100, 200]
+    # Blocks as long as a refine period or longer: every boundary resets (the single-particle schedule).
+    assert [it for it in range(500) if is_reset_step(it, 500, 2, 100)] == [125]
+    assert [it for it in range(1200) if is_reset_step(it, 1200, 3, 100)] == [200, 400]
 
 
 def test_refine_steps():

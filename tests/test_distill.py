@@ -100,6 +100,15 @@ def test_reparameterised_loss_gradient_is_g_over_batch():
     torch.testing.assert_close(z.grad, grad / 3)
 
 
+def test_reparameterised_loss_divides_by_the_views_of_one_particle():
+    # 2 particles x 3 views: each particle's gradient is g / 3, as in a single-particle run.
+    g_gen = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 4, 2, 2, generator=g_gen, requires_grad=True)
+    grad = torch.randn(6, 4, 2, 2, generator=g_gen)
+    reparameterised_loss(z, grad, views=3).backward()
+    torch.testing.assert_close(z.grad, grad / 3)
+
+
 def test_v_to_eps_and_to_eps():
     alpha, sigma = torch.tensor(0.6), torch.tensor(0.8)
     z, eps = full(0.5), full(-1.0)

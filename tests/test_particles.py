@@ -10,7 +10,7 @@ from recdreamer_gs.cli import app
 from recdreamer_gs.config import load_config, parse_override
 
 
-def test_two_particles_share_statistics_and_are_exported(tmp_path):
+def test_two_particles_have_their_own_statistics_and_are_exported(tmp_path):
     overrides = ["train.particles=2", "train.steps=4", "prior.kind=synthetic", "train.device=cpu",
                  "prior.synthetic.resolution=32", "gaussians.num_init=200", "train.progress_bar=false",
                  "output.turntable_frames=0", "train.preview_every=0", "distill.method=usd", "train.log_every=1",
@@ -21,7 +21,9 @@ def test_two_particles_share_statistics_and_are_exported(tmp_path):
     assert len(system.particles) == 2 and system.bnf_intervals == 10  # n_i = 10 for several particles
     a, b = (g.params["means"] for g in system.particles)
     assert a.shape == b.shape and not torch.allclose(a, b)  # separate sets, different seeds
-    assert int(system.pose_stats.counts.sum()) == 4  # one shared statistic, updated once per iteration
+    # One statistic per particle (distill.rectifier.statistics=per_particle), each updated once per iteration.
+    assert [int(s.counts.sum()) for s in system.rectifier.groups] == [4, 4]
+    assert not torch.equal(*(s.marginal for s in system.rectifier.groups))  # each moved by its own views
     for name in ("model_0.ply", "model_1.ply"):
         assert (tmp_path / name).stat().st_size > 200 * 248
     assert not (tmp_path / "model.ply").exists()

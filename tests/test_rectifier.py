@@ -56,3 +56,40 @@ def test_rectifier_pose_control_and_schedule():
     assert [rect.active(i) for i in range(4)] == [True, False, False, True] and rect.fresh_noise
     with np.testing.assert_raises_regex(ValueError, "pose_control expected one of"):
         Rectifier(RectifierConfig(pose_control="top"), lambda x, bg: x, CLASSES)
+
+
+def test_per_particle_statistics_see_only_their_particle():
+    """A pooled marginal of two collapsed particles (one all front, one all back) looks half uniform; per
+    particle each marginal is its own pose, so log r pushes each particle out of its own pose."""
+    from recdreamer_gs.config import RectifierConfig
+    from recdreamer_gs.usd.rectifier import Rectifier
+
+    front, back = torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0])
+    probs = torch.stack([front, front, back, back])  # particle-major: 2 particles x 2 views
+    t = torch.full((4,), 500)
+    per = Rectifier(RectifierConfig(n_ema=1), lambda x, bg: x, CLASSES, particles=2)
+    pooled = Rectifier(RectifierConfig(n_ema=1, statistics="pooled"), lambda x, bg: x, CLASSES, particles=2)
+    for rect in (per, pooled):
+        rect.update(t, probs, particles=2)
+    rate = per.stats.rate  # n_ema = 1: the EMA keeps 10% of the uniform start
+    torch.testing.assert_close(per.marginal(t, 2)[0], rate * front + (1 - rate) * 0.25)
+    torch.testing.assert_close(per.marginal(t, 2)[3], rate * back + (1 - rate) * 0.25)
+    torch.testing.assert_close(pooled.marginal(t, 2)[0], rate * (front + back) / 2 + (1 - rate) * 0.25)
+    # A view that leaves its particle's pose (front -> left) gains more log r per particle than pooled.
+    left = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    gain_per = per.log_r(left.expand(4, 4), t, 2)[0] - per.log_r(probs, t, 2)[0]
+    gain_pooled = pooled.log_r(left.expand(4, 4), t, 2)[0] - pooled.log_r(probs, t, 2)[0]
+    assert gain_per > gain_pooled + 0.5
+    # Checkpoints keep every particle's statistics; a count that does not fit is a clear error.
+    other = Rectifier(RectifierConfig(n_ema=1), lambda x, bg: x, CLASSES, particles=2)
+    other.load_state_dict(per.state_dict())
+    assert torch.equal(other.marginal(t, 2), per.marginal(t, 2))
+    with np.testing.assert_raises_regex(ValueError, "expected 1 .*got 2"):
+        Rectifier(RectifierConfig(n_ema=1), lambda x, bg: x, CLASSES).load_state_dict(per.state_dict())
+    with np.testing.assert_raises_regex(ValueError, "statistics for 2 particles, got a batch of 4"):
+        per.update(t, probs, particles=4)
+    # Per-particle statistics are not averaged over data-parallel processes; a process keeps its share.
+    per.reduce = lambda mean: torch.full_like(mean, 0.25)
+    assert per.reduce is None
+    per.keep([1])
+    torch.testing.assert_close(per.marginal(t[:2], 1)[0], rate * back + (1 - rate) * 0.25)
