@@ -91,8 +91,9 @@ def orbit(
     return Cameras(look_at(azimuth, elevation_t, radius_t), fovy, resolution, resolution, azimuth, elevation_t)
 
 
-def preview_orbit(cfg: CameraConfig, n: int | None = None) -> Cameras:
-    """The fixed orbit used for previews: mean radius and fovy of the training ranges."""
+def preview_orbit(cfg: CameraConfig, n: int | None = None, resolution: int | None = None) -> Cameras:
+    """The fixed orbit used for previews (``n`` views, default ``cfg.preview_views``, ``resolution`` pixels,
+    default ``cfg.resolution``): mean radius and fovy of the training ranges."""
     radius = 0.5 * (cfg.radius_range[0] + cfg.radius_range[1])
     fovy = 0.5 * (cfg.fovy_range[0] + cfg.fovy_range[1])
-    return orbit(n or cfg.preview_views, cfg.preview_elevation, radius, fovy, cfg.resolution)
+    return orbit(n or cfg.preview_views, cfg.preview_elevation, radius, fovy, resolution or cfg.resolution)

@@ -53,9 +53,7 @@ def metric_cameras(camera: "CameraConfig", resolution: int, n_views: int = 10) -
     ``preview_elevation``, the mean of its radius and fovy ranges), ``resolution`` pixels square."""
     from recdreamer_gs.cameras import preview_orbit
 
-    cameras = preview_orbit(camera, n_views)
-    cameras.width = cameras.height = resolution
-    return cameras
+    return preview_orbit(camera, n_views, resolution)
 
 
 def normalised_entropy(p: Float[Tensor, "C"]) -> float:
@@ -221,6 +219,26 @@ class ClipScorer:
 
 
 @torch.no_grad()
+def classify_views(rgb: Float[Tensor, "V 3 H W"], classify: Callable[..., Tensor]) -> Float[Tensor, "V C"]:
+    """Pose probabilities (on the CPU) of renders in [0, 1] on white, by ``classify(images in [-1, 1], background)``."""
+    return classify(rgb * 2 - 1, torch.ones(rgb.shape[0], 3, device=rgb.device)).float().cpu()
+
+
+def pose_scores(probs: Sequence[Float[Tensor, "V C"]], class_names: Sequence[str]) -> dict[str, Any]:
+    """pEnt (the mean over view sets, one set per particle), the pooled pose histogram, and with several sets
+    each set's pEnt as ``pEnt_per_particle``."""
+    pents = [round(pose_entropy(p), 4) + 0.0 for p in probs]  # + 0.0: no "-0.0"
+    mean = torch.stack(list(probs)).mean(dim=(0, 1))
+    out: dict[str, Any] = {
+        "pEnt": round(sum(pents) / len(pents), 4),
+        "pose_histogram": {n: round(float(v), 4) for n, v in zip(class_names, mean.tolist())},
+    }
+    if len(pents) > 1:
+        out["pEnt_per_particle"] = pents
+    return out
+
+
+@torch.no_grad()
 def view_scores(
     rgb: Float[Tensor, "V 3 H W"], classify: Optional[Callable[..., Tensor]] = None, class_names: Sequence[str] = (),
     clip: Optional[ClipScorer] = None, prompt: str = "",
@@ -229,9 +247,7 @@ def view_scores(
     and the CLIP score (with a CLIP scorer) of renders in [0, 1] on white from :func:`metric_cameras`."""
     out: dict[str, Any] = {}
     if classify is not None:
-        probs = classify(rgb * 2 - 1, torch.ones(rgb.shape[0], 3, device=rgb.device)).float().cpu()
-        out["pEnt"] = round(pose_entropy(probs), 4) + 0.0  # + 0.0: no "-0.0"
-        out["pose_histogram"] = {n: round(float(v), 4) for n, v in zip(class_names, probs.mean(0).tolist())}
+        out.update(pose_scores([classify_views(rgb, classify)], class_names))
     if clip is not None:
         out["cEnt"] = round(clip.view_entropy(rgb, prompt), 4)
         out["clip_score"] = round(clip.clip_score(rgb, prompt), 4)

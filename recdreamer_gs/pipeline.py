@@ -198,15 +198,14 @@ def training_failure(err: BaseException, system, cfg: RunConfig, out_dir: Path) 
         (out_dir / "error.log").write_text("".join(traceback.format_exception(err)))
         first = (str(err).strip().splitlines() or [""])[0]
         cause = f"{type(err).__name__}: {first} (traceback in {out_dir / 'error.log'})"
+    resume = f"continue with: recdreamer-gs run --resume {out_dir}"
     if getattr(system, "saved_on_exception", False):
-        kept = "checkpoint and model.ply written"
+        kept = f"checkpoint and model.ply written; {resume}"
     elif (out_dir / "checkpoints" / "last.ckpt").is_file():
-        kept = "the Gaussians were no longer finite; the last checkpoint on disk is kept"
+        kept = f"the Gaussians were no longer finite; the last checkpoint on disk is kept; {resume}"
     else:
-        return TrainingFailed(f"training stopped at iteration {system.iteration}: {cause}; the Gaussians were no "
-                              "longer finite and no checkpoint was written", 2 if oom else 1)
-    return TrainingFailed(f"training stopped at iteration {system.iteration}: {cause}; {kept}; continue with: "
-                          f"recdreamer-gs run --resume {out_dir}", 2 if oom else 1)
+        kept = "the Gaussians were no longer finite and no checkpoint was written"
+    return TrainingFailed(f"training stopped at iteration {system.iteration}: {cause}; {kept}", 2 if oom else 1)
 
 
 def read_resume(out_dir: Path) -> tuple[RunConfig, dict]:

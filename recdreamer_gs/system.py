@@ -282,9 +282,7 @@ class TextTo3DSystem(L.LightningModule):
     @torch.no_grad()
     def render_preview(self, n: Optional[int] = None, particle: Optional[int] = None) -> Float[Tensor, "N 3 H W"]:
         """Views on the fixed preview orbit on a white background: one particle, or all of them (particle-major)."""
-        cameras = preview_orbit(self.cfg.camera, n)
-        cameras.width = cameras.height = self.render_resolution
-        cameras = cameras.to(self.device)
+        cameras = preview_orbit(self.cfg.camera, n, self.render_resolution).to(self.device)
         background = torch.ones(len(cameras), 3, device=self.device)
         which = range(len(self.particles)) if particle is None else [particle]
         return torch.cat([self.render(cameras, background, particle=i).rgb for i in which])
@@ -301,23 +299,12 @@ class TextTo3DSystem(L.LightningModule):
     def final_metrics(self) -> dict[str, Any]:
         """pEnt per particle (entropy of the mean pose probabilities over 10 azimuths, normalised), and
         cEnt + CLIP score of the first particle when a CLIP scorer is set."""
-        from recdreamer_gs.metrics import pose_entropy
+        from recdreamer_gs.metrics import classify_views, pose_scores, view_scores
 
         views = [self.metric_views(particle=i) for i in range(len(self.particles))]
         out: dict[str, Any] = {"pEnt": None}
         if self.clip_scorer is not None:
-            out["cEnt"] = round(self.clip_scorer.view_entropy(views[0], self.cfg.prompt), 4)
-            out["clip_score"] = round(self.clip_scorer.clip_score(views[0], self.cfg.prompt), 4)
-        if self.metric_classifier is None:
-            return out
-        white = torch.ones(views[0].shape[0], 3, device=self.device)
-        probs = [self.metric_classifier(rgb * 2.0 - 1.0, white).float().cpu() for rgb in views]
-        pents = [round(pose_entropy(p), 4) + 0.0 for p in probs]  # + 0.0: no "-0.0"
-        mean = torch.stack(probs).mean(dim=(0, 1))
-        out.update({
-            "pEnt": round(sum(pents) / len(pents), 4),
-            "pose_histogram": {n: round(float(v), 4) for n, v in zip(self.class_names, mean.tolist())},
-        })
-        if len(pents) > 1:
-            out["pEnt_per_particle"] = pents
+            out.update(view_scores(views[0], clip=self.clip_scorer, prompt=self.cfg.prompt))
+        if self.metric_classifier is not None:
+            out.update(pose_scores([classify_views(rgb, self.metric_classifier) for rgb in views], self.class_names))
         return out

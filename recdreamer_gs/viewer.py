@@ -273,7 +273,6 @@ def fit_watched(port: Optional[int], cfg: RunConfig, out_dir: Path, fit: Callabl
         live.stop()
 
 
-
 class TrainingViewer(L.Callback):
     """Shows the particles of a run while they train, with pause/resume and "write model.ply now".
 

@@ -8,13 +8,7 @@ import torch
 
 from recdreamer_gs import pipeline
 from recdreamer_gs.config import load_config, parse_override
-
-SETTINGS = [
-    "train.steps=8", "train.progress_bar=false", "output.turntable_frames=0", "train.preview_every=0",
-    "gaussians.num_init=300", "prior.synthetic.resolution=32", "prior.kind=synthetic", "train.device=cpu",
-    "distill.method=usd", "densify.refine_start=0", "densify.refine_every=2", "train.seed=3",
-    "prior.synthetic.densify_grow_grad2d=0.5",
-]
+from test_resume import SETTINGS  # the same small synthetic USD run as the resume tests
 
 
 class FailAt(L.Callback):

@@ -10,30 +10,28 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from recdreamer_gs.config import ConfigError, RectifierConfig
+from recdreamer_gs.usd.rectifier import Classifier
 
 CLASSIFIER_FILE = "pose_classifier.pt"  # the built classifier in a run folder (PoseClassifier.save)
-
-# Images in [-1, 1] (and the solid background each was composited on) -> class probabilities [B, C].
-Classify = Callable[[Tensor, Optional[Tensor]], Tensor]
 
 
 @dataclass
 class PoseSetup:
-    classifier: Optional[Classify]  # the differentiable classifier the rectifier uses (None: no classifier)
+    classifier: Optional[Classifier]  # the differentiable classifier the rectifier uses (None: no classifier)
     class_names: tuple[str, ...]
     templates: Optional[dict[str, list[Tensor]]] = None  # template images the classifier was built from
-    metric: Optional[Classify] = None  # classifier for pEnt; None: ``classifier``
+    metric: Optional[Classifier] = None  # classifier for pEnt; None: ``classifier``
     module: Optional[Any] = None  # the PoseClassifier behind ``classifier``, for compiling (DINOv2 only)
     image_size: Optional[int] = None  # square size input images must have (None: any size)
 
     @property
-    def metric_classifier(self) -> Optional[Classify]:
+    def metric_classifier(self) -> Optional[Classifier]:
         return self.metric or self.classifier
 
     @torch.no_grad()
