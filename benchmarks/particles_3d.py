@@ -234,6 +234,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--diagnostics", type=int, default=0, help="record the per-particle terms every K iterations")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/particles_3d/sweep.json"))
+    parser.add_argument("--add", action="store_true",
+                        help="keep the runs already in --out (same settings) and run only the missing ones")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # COUNT,METHOD,SEED: run one in this process
     parser.add_argument("--one-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -248,19 +250,31 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             for s in args.seeds.split(",")]
     jobs.sort(key=lambda j: -j[0])  # longest first
     start = time.perf_counter()
+    command = "python benchmarks/particles_3d.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    fixed = BASE_SETS + ["preset=preview", f"train.steps={args.steps}"] + args.set
     runs: list[dict[str, Any]] = []
+    commands, wall_before = [command], 0.0
+    if args.add and args.out.exists():  # one table from several invocations, e.g. methods added later
+        earlier = json.loads(args.out.read_text())
+        if earlier["fixed_settings"] != fixed:
+            sys.exit(f"--add: {args.out} was measured with {earlier['fixed_settings']}, this sweep uses {fixed}")
+        runs = earlier["runs"]
+        commands, wall_before = earlier["commands"] + commands, earlier["wall_seconds"]
+        done = {(r["count"], r["method"], r["seed"]) for r in runs}
+        jobs = [j for j in jobs if j not in done]
+    n_jobs = len(runs) + len(jobs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def write() -> dict[str, Any]:  # after every run, so a stopped sweep keeps what it measured
         done = sorted(runs, key=lambda r: (r["count"], r["method"], r["seed"]))
         report = {
-            "command": "python benchmarks/particles_3d.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "fixed_settings": BASE_SETS + ["preset=preview"] + args.set,
+            "commands": commands,
+            "fixed_settings": fixed,
             "classes": ["front", "left", "back", "right"],
-            "complete": len(done) == len(jobs),
+            "complete": len(done) == n_jobs,
             "summary": summarise(done),
             "runs": done,
-            "wall_seconds": round(time.perf_counter() - start, 1),
+            "wall_seconds": round(wall_before + time.perf_counter() - start, 1),
         }
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         return report

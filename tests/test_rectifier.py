@@ -80,6 +80,12 @@ def test_per_particle_statistics_see_only_their_particle():
     gain_per = per.log_r(left.expand(4, 4), t, 2)[0] - per.log_r(probs, t, 2)[0]
     gain_pooled = pooled.log_r(left.expand(4, 4), t, 2)[0] - pooled.log_r(probs, t, 2)[0]
     assert gain_per > gain_pooled + 0.5
+    # The log holds every particle's EMA: particle 0 under the single-particle keys, particle 1 its own.
+    logs = per.log_dict()
+    assert len(logs) == 80 and len(pooled.log_dict()) == 40
+    assert np.isclose(float(logs["pose_ema/t500-599/front"]), rate + (1 - rate) * 0.25)
+    assert np.isclose(float(logs["pose_ema_p1/t500-599/back"]), rate + (1 - rate) * 0.25)
+    assert np.isclose(float(logs["pose_ema_p1/t500-599/front"]), (1 - rate) * 0.25)
     # Checkpoints keep every particle's statistics; a count that does not fit is a clear error.
     other = Rectifier(RectifierConfig(n_ema=1), lambda x, bg: x, CLASSES, particles=2)
     other.load_state_dict(per.state_dict())

@@ -87,15 +87,15 @@ class PoseStatistics:
         self.marginal.index_copy_(0, k, row[None])
         self.counts.index_add_(0, k, torch.ones_like(k))
 
-    def log_dict(self, class_names: tuple[str, ...]) -> dict[str, Tensor]:
-        """The EMA of every interval and class, keyed ``pose_ema/t<lo>-<hi>/<class>`` (t range of the interval)."""
+    def log_dict(self, class_names: tuple[str, ...], prefix: str = "pose_ema") -> dict[str, Tensor]:
+        """The EMA of every interval and class, keyed ``<prefix>/t<lo>-<hi>/<class>`` (t range of the interval)."""
         marginal = self.marginal.detach().clone()  # a snapshot: the next update writes in place
         width = self.T // self.n_intervals
         out = {}
         for k in range(self.n_intervals):
             hi = self.T - 1 if k == self.n_intervals - 1 else (k + 1) * width - 1
             for c, name in enumerate(class_names):
-                out[f"pose_ema/t{k * width:03d}-{hi:03d}/{name}"] = marginal[k, c]
+                out[f"{prefix}/t{k * width:03d}-{hi:03d}/{name}"] = marginal[k, c]
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -142,8 +142,16 @@ class Rectifier:
 
     @property
     def stats(self) -> PoseStatistics:
-        """The shared statistics (pooled), or the first particle's (per_particle): what the pose EMA log shows."""
+        """The shared statistics (pooled), or the first particle's (per_particle)."""
         return self.groups[0]
+
+    def log_dict(self) -> dict[str, Tensor]:
+        """Every EMA of every statistics group: ``pose_ema/...`` for the shared one or the first particle's,
+        ``pose_ema_p<i>/...`` for particle i of this process (``PoseStatistics.log_dict``)."""
+        out = {}
+        for i, stats in enumerate(self.groups):
+            out.update(stats.log_dict(self.class_names, "pose_ema" if i == 0 else f"pose_ema_p{i}"))
+        return out
 
     def keep(self, indices: list[int]) -> None:
         """Keep the statistics of these particles only (the share of one data-parallel process)."""
