@@ -1,9 +1,10 @@
 """Two-process data-parallel run on CPU (gloo), started by tests/test_distributed.py.
 
-    python tests/ddp_check.py OUTDIR
+    python tests/ddp_check.py OUTDIR [per_particle|pooled]
 
-Lightning's launcher re-runs this script for rank 1; each rank saves its rectifier statistics and
-particle indices to OUTDIR/rank<r>.pt so that the test can compare them.
+Lightning's launcher re-runs this script for rank 1; each rank saves its rectifier statistics (the EMA of
+its first particle, or the shared one) and particle indices to OUTDIR/rank<r>.pt so that the test can
+compare them.
 """
 
 import sys
@@ -26,11 +27,12 @@ class SaveStats(L.Callback):
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(out: Path) -> None:
+def main(out: Path, statistics: str) -> None:
     torch.set_num_threads(1)
     overrides = ["train.devices=2", "train.particles=2", "train.steps=5", "prior.kind=synthetic", "train.device=cpu",
                  "prior.synthetic.resolution=32", "gaussians.num_init=150", "train.progress_bar=false",
-                 "output.turntable_frames=0", "train.preview_every=0", "distill.method=usd"]
+                 "output.turntable_frames=0", "train.preview_every=0", "distill.method=usd",
+                 f"distill.rectifier.statistics={statistics}"]
     cfg = load_config("preview", overrides=[parse_override(s) for s in overrides])
     device = torch.device("cpu")
     out.mkdir(parents=True, exist_ok=True)
@@ -38,4 +40,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "per_particle")

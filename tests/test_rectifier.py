@@ -99,3 +99,6 @@ def test_per_particle_statistics_see_only_their_particle():
     assert per.reduce is None
     per.keep([1])
     torch.testing.assert_close(per.marginal(t[:2], 1)[0], rate * back + (1 - rate) * 0.25)
+    per.reduce = lambda mean: torch.full_like(mean, 0.25)  # one particle kept: still its own statistics
+    assert per.reduce is None
+    assert sorted(per.log_dict())[0].startswith("pose_ema_p1/")  # logged under its own particle's name

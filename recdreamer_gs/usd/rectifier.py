@@ -134,9 +134,12 @@ class Rectifier:
         self.cfg = cfg
         self.classifier = classifier
         self.class_names = tuple(class_names)
-        groups = particles if cfg.statistics == "per_particle" else 1
-        # One PoseStatistics per particle (per_particle) or a single shared one (pooled).
+        self.pooled = cfg.statistics == "pooled"
+        # One PoseStatistics per particle (per_particle) or a single shared one (pooled). Decide by the mode,
+        # not by len(groups): a data-parallel process may keep a single particle's statistics.
+        groups = 1 if self.pooled else particles
         self.groups = [PoseStatistics(len(class_names), cfg.n_intervals, cfg.n_ema, T, device) for _ in range(groups)]
+        self.particle_ids = list(range(groups))  # which particle each group belongs to (after keep())
         # Pose control (appendix C.5): r = p(class|x̂0) instead of the statistics' ratio.
         self.pose_control_index = class_names.index(cfg.pose_control) if cfg.pose_control else None
 
@@ -146,21 +149,22 @@ class Rectifier:
         return self.groups[0]
 
     def log_dict(self) -> dict[str, Tensor]:
-        """Every EMA of every statistics group: ``pose_ema/...`` for the shared one or the first particle's,
-        ``pose_ema_p<i>/...`` for particle i of this process (``PoseStatistics.log_dict``)."""
+        """Every EMA of every statistics group: ``pose_ema/...`` for the shared one or particle 0's,
+        ``pose_ema_p<i>/...`` for particle i (``PoseStatistics.log_dict``)."""
         out = {}
-        for i, stats in enumerate(self.groups):
+        for i, stats in zip(self.particle_ids, self.groups):
             out.update(stats.log_dict(self.class_names, "pose_ema" if i == 0 else f"pose_ema_p{i}"))
         return out
 
     def keep(self, indices: list[int]) -> None:
         """Keep the statistics of these particles only (the share of one data-parallel process)."""
-        if len(self.groups) > 1:
+        if not self.pooled:
             self.groups = [self.groups[i] for i in indices]
+            self.particle_ids = list(indices)
 
     def marginal(self, t: Int[Tensor, "N"], particles: int = 1) -> Float[Tensor, "N C"]:
         """p̄_t of each sample of the particle-major batch: its particle's EMA, or the shared one."""
-        if len(self.groups) == 1:
+        if self.pooled:
             return self.groups[0].get(t)
         self._check(particles)
         return torch.cat([s.get(t_p) for s, t_p in zip(self.groups, t.chunk(particles))])
@@ -199,7 +203,7 @@ class Rectifier:
     def update(self, t: Int[Tensor, "N"], probs: Float[Tensor, "N C"], particles: int = 1) -> None:
         """Step 9: the EMA of t's interval moves towards the mean of each particle's views, or of every
         particle's views when pooled (eq. 19)."""
-        if len(self.groups) == 1:
+        if self.pooled:
             self.groups[0].update(t, probs)
             return
         self._check(particles)
@@ -214,7 +218,7 @@ class Rectifier:
     @reduce.setter
     def reduce(self, fn: Optional[Callable[[Tensor], Tensor]]) -> None:
         # Per-particle statistics stay on the process that owns the particle: nothing to average.
-        if len(self.groups) == 1:
+        if self.pooled:
             self.groups[0].reduce = fn
 
     def state_dict(self) -> dict[str, Any]:
