@@ -27,7 +27,7 @@ def make_z(prior, seed=0, requires_grad=True):
 
 def usd_parts(prior, **rect):
     d = DistillConfig(method="usd", guidance_scale=1.0, rectifier=RectifierConfig(**rect))
-    rectifier = Rectifier(d.rectifier, prior.classify, prior.class_names, prior.num_train_timesteps)
+    rectifier = Rectifier(d.rectifier, prior.classify, prior.class_names, prior.num_train_timesteps, particles=P)
     return d, KernelParticleScore(prior.alphas_cumprod, 0.3), rectifier
 
 
