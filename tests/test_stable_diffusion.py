@@ -266,9 +266,12 @@ def test_bf16_vae_and_unet_stay_close_to_fp32(tiny_models, prior):
         grads.append((z.detach(), x.grad))
     (z32, g32), (z16, g16) = grads
     assert z16.dtype == torch.float32  # latents leave the prior in fp32 whatever it runs in
-    assert torch.isfinite(g16).all() and relative(z16, z32) < 0.03 and relative(g16, g32) < 0.05
+    # bf16 keeps 8 mantissa bits (0.4% per rounding); through the VAE's ~20 layers that adds up to about 3% on
+    # the decode and the encoder's gradient (0.026-0.033 over six inputs, diffusers 0.42). A wrong cast or an
+    # overflow gives inf/NaN or an O(1) gap, far above these bounds.
+    assert torch.isfinite(g16).all() and relative(z16, z32) < 0.03 and relative(g16, g32) < 0.06
     with torch.no_grad():
-        assert relative(low.decode(z32), prior.decode(z32)) < 0.03
+        assert relative(low.decode(z32), prior.decode(z32)) < 0.06
         x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6)), torch.tensor([100, 800])
         assert relative(low.eps(x_t, t, 1.0), prior.eps(x_t, t, 1.0)) < 0.03  # CFG 7.5 scales the gap 7.5x
 
