@@ -269,7 +269,7 @@ def test_bf16_vae_and_unet_stay_close_to_fp32(tiny_models, prior):
     # bf16 keeps 8 mantissa bits (0.4% per rounding); through the VAE's ~20 layers that adds up to about 3% on
     # the decode and the encoder's gradient (0.026-0.033 over six inputs, diffusers 0.42). A wrong cast or an
     # overflow gives inf/NaN or an O(1) gap, far above these bounds.
-    assert torch.isfinite(g16).all() and relative(z16, z32) < 0.03 and relative(g16, g32) < 0.06
+    assert torch.isfinite(g16).all() and relative(z16, z32) < 0.03 and relative(g16, g32) < 0.05
     with torch.no_grad():
         assert relative(low.decode(z32), prior.decode(z32)) < 0.06
         x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6)), torch.tensor([100, 800])
