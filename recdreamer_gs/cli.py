@@ -25,7 +25,8 @@ err_console = Console(stderr=True)
 # -- options shared by several commands ---------------------------------------------------------
 
 Preset = Annotated[str, typer.Option(help="Preset in configs/: preview (fast look), standard, paper (three "
-                                            "stages), synthetic.")]
+                                            "stages), synthetic, standin (the SD path on the learned stand-in "
+                                            "in assets/standin, CPU).")]
 ConfigFile = Annotated[Optional[Path], typer.Option(
     "--config", help="YAML file merged over the preset (a run folder's config.yaml: that run's settings).")]
 Sets = Annotated[Optional[List[str]], typer.Option(

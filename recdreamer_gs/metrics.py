@@ -257,8 +257,10 @@ def view_scores(
 def evaluate_ply(ply, cfg, device: torch.device, pose=None, clip: Optional[ClipScorer] = None, prompt: str = "",
                  frame: str = "viewer", resolution: Optional[int] = None) -> dict[str, Any]:
     """``recdreamer-gs eval``: :func:`view_scores` of a 3DGS PLY on the views a run with config ``cfg``
-    scores (:func:`metric_cameras`, its render settings); ``pose`` is a ``PoseSetup``. The render size
-    is the classifier's input size if it has one, else ``resolution``, else ``cfg.camera.resolution``."""
+    scores (:func:`metric_cameras`, its render settings); ``pose`` is a ``PoseSetup``. The orbit is the
+    classifier's own when it has one (``PoseSetup.metric_camera``: the synthetic prior's reference views,
+    whichever prior made the PLY), else the config's. The render size is the classifier's input size if it
+    has one, else ``resolution``, else ``cfg.camera.resolution``."""
     from recdreamer_gs.mesh import load_gaussians
     from recdreamer_gs.render import ensure_backend, render
 
@@ -266,7 +268,8 @@ def evaluate_ply(ply, cfg, device: torch.device, pose=None, clip: Optional[ClipS
     ensure_backend(r.backend, device)
     gaussians = load_gaussians(ply, frame, device)
     size = (pose.image_size if pose is not None else None) or resolution or cfg.camera.resolution
-    cameras = metric_cameras(cfg.camera, size).to(device)
+    camera = (pose.metric_camera if pose is not None else None) or cfg.camera
+    cameras = metric_cameras(camera, size).to(device)
     with torch.no_grad():
         rgb = render(gaussians, cameras, torch.ones(len(cameras), 3, device=device), backend=r.backend,
                      eps2d=r.eps2d, near_plane=r.near_plane).rgb

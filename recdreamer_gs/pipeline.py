@@ -190,7 +190,7 @@ def training_failure(err: BaseException, system, cfg: RunConfig, out_dir: Path) 
     if oom:
         cause = (f"out of memory; lower camera.batch_size (now {cfg.camera.batch_size}), the render size "
                  f"camera.resolution (now {cfg.camera.resolution}) or prior.sd.latent_resolution (now "
-                 f"{cfg.prior.sd.latent_resolution}), or the Gaussian cap densify.max_gaussians (now "
+                 f"{cfg.prior.sd.latent_resolution or 'the model’s own size'}), or the Gaussian cap densify.max_gaussians (now "
                  f"{cfg.densify.max_gaussians}), e.g. --set camera.batch_size=1")
     elif isinstance(err, Diverged):
         cause = str(err)
@@ -311,6 +311,7 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available" banners or tips
     system = TextTo3DSystem(cfg, choice.prior, particle_score if cfg.distill.method != "sds" else None,
                             pose.classifier, pose.class_names, particles=particles, metric_classifier=pose.metric,
+                            metric_camera=pose.metric_camera,
                             colour_only=colour_only, stage=stage)
     system.clip_scorer = clip
     start = 0

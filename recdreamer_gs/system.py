@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from recdreamer_gs import schedule
 from recdreamer_gs.cameras import Cameras, preview_orbit
-from recdreamer_gs.config import RunConfig
+from recdreamer_gs.config import CameraConfig, RunConfig
 from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
 from recdreamer_gs.distributed import average_gradients
@@ -42,6 +42,7 @@ class TextTo3DSystem(L.LightningModule):
         class_names: tuple[str, ...] = (),
         particles: Optional[list[Gaussians]] = None,
         metric_classifier: Optional[Classifier] = None,
+        metric_camera: Optional[CameraConfig] = None,
         colour_only: bool = False,
         stage: int = 0,
     ):
@@ -61,6 +62,7 @@ class TextTo3DSystem(L.LightningModule):
         object.__setattr__(self, "prior", prior)
         object.__setattr__(self, "classifier", classifier)
         object.__setattr__(self, "metric_classifier", metric_classifier or classifier)
+        self.metric_camera = metric_camera or cfg.camera  # the orbit pEnt is measured on (PoseSetup.metric_camera)
         self.particle_score = particle_score  # an nn.Module: LoRA + camera MLP are checkpointed
         self.class_names = class_names
         # Classifier, pose statistics and clamps of USD (usd/rectifier.py); the statistics are kept (and
@@ -292,7 +294,7 @@ class TextTo3DSystem(L.LightningModule):
         """Renders at n uniform azimuths on a white background, the views pEnt, cEnt and CLIP score use."""
         from recdreamer_gs.metrics import metric_cameras
 
-        cams = metric_cameras(self.cfg.camera, self.render_resolution, n_views).to(self.device)
+        cams = metric_cameras(self.metric_camera, self.render_resolution, n_views).to(self.device)
         return self.render(cams, torch.ones(n_views, 3, device=self.device), particle=particle).rgb
 
     @torch.no_grad()

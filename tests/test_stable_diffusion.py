@@ -168,6 +168,65 @@ def test_template_sampler_uses_the_pipeline_scheduler_config(tiny_models, tmp_pa
     assert images.shape == (1, 3, 64, 64) and images.abs().max() <= 1
 
 
+def test_template_sampler_never_clips_latents(tiny_models, tmp_path):
+    """A PNDM config as newer diffusers write it has no clip_sample (the stand-in's is one; SD's own says false):
+    DDIM built from it defaulted to clip_sample=True and clipped x̂0 to [-1, 1], which ruins latents (SD's span
+    about ±4) and drew templates that looked like nothing."""
+    import json
+
+    from diffusers import PNDMScheduler
+
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_models["sd"], folder)
+    shutil.rmtree(folder / "scheduler")
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                  set_alpha_to_one=False, steps_offset=1).save_pretrained(folder / "scheduler")
+    assert "clip_sample" not in json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    ddim = load(folder).ddim_scheduler(4)
+    assert ddim.config.clip_sample is False
+    # One step from far outside [-1, 1]: x̂0 is kept as it is, so the step lands where the unclipped maths says.
+    x = torch.full((1, 4, 8, 8), -3.0)
+    eps = torch.zeros_like(x)
+    t = ddim.timesteps[-1]
+    prev = ddim.step(eps, t, x).prev_sample
+    abar = ddim.alphas_cumprod[int(t)]
+    torch.testing.assert_close(prev, x / abar.sqrt() * ddim.final_alpha_cumprod.sqrt())
+
+
+def test_render_size_is_read_from_the_model(tiny_models):
+    """No SD 2.1 number is assumed: without latent_resolution the prior takes the model's own size (UNet
+    sample_size x VAE downsampling, both read from the configs), and a size the VAE cannot divide is refused."""
+    from recdreamer_gs.errors import ModelMismatch, UserError
+
+    native = StableDiffusionPrior.load(str(tiny_models["sd"]), PROMPT, AUX, device="cpu")
+    assert native.vae_downscale == 8 and native.latent_resolution == 8 * 8 and native.latent_shape == (4, 8, 8)
+    assert native.encode(torch.rand(1, 3, 40, 40)).shape == (1, 4, 8, 8)
+    with pytest.raises(ModelMismatch, match=r"expected a multiple of 8 .*got 60") as err:
+        StableDiffusionPrior.load(str(tiny_models["sd"]), PROMPT, AUX, device="cpu", latent_resolution=60)
+    assert isinstance(err.value, UserError)
+
+
+def test_a_unet_that_cannot_take_the_vae_latents_is_refused():
+    from types import SimpleNamespace
+
+    from recdreamer_gs.errors import ModelMismatch
+    from recdreamer_gs.priors.stable_diffusion import check_model_sizes
+
+    vae = SimpleNamespace(latent_channels=4)
+    good = SimpleNamespace(in_channels=4, out_channels=4, sample_size=8)
+    assert check_model_sizes(good, vae, 4, None, "m") == 32 and check_model_sizes(good, vae, 4, 48, "m") == 48
+    with pytest.raises(ModelMismatch, match="takes 16 and predicts 4 channels but the VAE's latents have 4"):
+        check_model_sizes(SimpleNamespace(in_channels=16, out_channels=4, sample_size=8), vae, 4, None, "m")
+
+
+def test_sampler_draws_the_run_prompt_or_a_view_prompt(prior):
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731 - the same start noise for both
+    run_prompt = prior.sample(None, 2, steps=2, generator=g())
+    front = prior.sample("front", 2, steps=2, generator=g())
+    assert run_prompt.shape == front.shape == (2, 3, 64, 64)
+    assert not torch.allclose(run_prompt, front)  # different text, different images
+
+
 def test_resolve_dtype(monkeypatch):
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # Ampere and newer

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from recdreamer_gs.config import ConfigError, RectifierConfig
+from recdreamer_gs.config import CameraConfig, ConfigError, RectifierConfig
 from recdreamer_gs.usd.rectifier import Classifier
 
 CLASSIFIER_FILE = "pose_classifier.pt"  # the built classifier in a run folder (PoseClassifier.save)
@@ -29,6 +29,8 @@ class PoseSetup:
     metric: Optional[Classifier] = None  # classifier for pEnt; None: ``classifier``
     module: Optional[Any] = None  # the PoseClassifier behind ``classifier``, for compiling (DINOv2 only)
     image_size: Optional[int] = None  # square size input images must have (None: any size)
+    metric_camera: Optional[CameraConfig] = None  # the orbit pEnt is measured on when ``metric`` only knows some
+    # views (the synthetic prior's exact posterior: its reference views); None: the run's own cameras
 
     @property
     def metric_classifier(self) -> Optional[Classifier]:

@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recdreamer_gs import hub
+from recdreamer_gs.errors import ModelMismatch
 from recdreamer_gs.usd.distill import alpha_sigma, cfg_combine, to_eps
 
 if TYPE_CHECKING:
@@ -49,6 +50,30 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise ValueError(f"dtype: expected one of auto, fp16, bf16, fp32, got {dtype!r}")
     return table[dtype]
+
+
+def check_model_sizes(unet_config, vae_config, vae_downscale: int, latent_resolution: Optional[int],
+                      name: str) -> int:
+    """The render size the VAE takes (``latent_resolution``, or the model's own: the UNet's ``sample_size`` times
+    the VAE's downsampling), after checking that the model's parts and that size fit together. Nothing here is
+    SD 2.1's: 8x downsampling, 4 latent channels and 512 px are read from the configs.
+
+    Raises:
+        ModelMismatch: the UNet does not take the VAE's latents, or the size is not a multiple of the downsampling.
+    """
+    channels = int(vae_config.latent_channels)
+    if int(unet_config.in_channels) != channels or int(unet_config.out_channels) != channels:
+        raise ModelMismatch(f"{name}: the UNet takes {unet_config.in_channels} and predicts {unet_config.out_channels} "
+                            f"channels but the VAE's latents have {channels}; expected a text-to-image pipeline "
+                            "whose UNet matches its VAE")
+    if latent_resolution is None:
+        return int(unet_config.sample_size) * vae_downscale
+    if latent_resolution % vae_downscale:
+        raise ModelMismatch(f"prior.sd.latent_resolution: expected a multiple of {vae_downscale} (the VAE of {name} "
+                            f"downsamples {vae_downscale}x), got {latent_resolution}; e.g. "
+                            f"--set prior.sd.latent_resolution={int(unet_config.sample_size) * vae_downscale} "
+                            "(the model's own size), or null")
+    return latent_resolution
 
 
 def _read_unet(where: hub.Resolved, spec: hub.ModelSpec, device: torch.device | str, dtype: torch.dtype,
@@ -121,7 +146,7 @@ class StableDiffusionPrior:
         uncond_embedding: Float[Tensor, "1 L D"],
         cond_embedding: Float[Tensor, "1 L D"],
         name: str,
-        latent_resolution: int = 512,
+        latent_resolution: Optional[int] = None,
         prompt: str = "",
         scheduler_config: Optional[dict] = None,
         tiny_decoder=None,
@@ -144,7 +169,6 @@ class StableDiffusionPrior:
         self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
         self.prediction_type = prediction_type
-        self.latent_resolution = latent_resolution
         self.uncond_embedding = uncond_embedding.to(self.device, self.dtype)
         self.cond_embedding = cond_embedding.to(self.device, self.dtype)
         self.view_embeddings = self.cond_embedding.expand(len(VIEWS), -1, -1)  # replaced by load()
@@ -152,6 +176,8 @@ class StableDiffusionPrior:
         shift = getattr(vae.config, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
         self.vae_downscale = 2 ** (len(vae.config.block_out_channels) - 1)  # image side / latent side (8 for SD)
+        self.latent_channels = int(vae.config.latent_channels)  # 4 for SD
+        self.latent_resolution = check_model_sizes(unet.config, vae.config, self.vae_downscale, latent_resolution, name)
         # The pipeline's own scheduler settings (final ᾱ, timestep spacing, offset) for the template sampler;
         # a prior built without a pipeline folder gets its betas from ᾱ_t itself.
         self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
@@ -168,7 +194,7 @@ class StableDiffusionPrior:
         aux_prompt: str = ", from side view, from back view",
         device: torch.device | str = "cpu",
         dtype: DType = "auto",
-        latent_resolution: int = 512,
+        latent_resolution: Optional[int] = None,
         tiny_decoder: Optional[str] = None,
         channels_last: bool = False,
     ) -> "StableDiffusionPrior":
@@ -179,12 +205,14 @@ class StableDiffusionPrior:
             prompt: the user's prompt; ``aux_prompt`` is appended verbatim (USD's view phrase, docs/iteration.md).
             device: where the networks run.
             dtype: ``auto`` = bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU.
-            latent_resolution: renders are resized to this square size before the VAE (512 for SD 2.1-base).
+            latent_resolution: renders are resized to this square size before the VAE; None: the model's own
+                (UNet sample_size x VAE downsampling, 512 for SD 2.1-base).
             tiny_decoder: an ``AutoencoderTiny`` repo id or folder that decodes x̂0 for the rectifier.
             channels_last: convolution weights in channels-last memory format (faster on CUDA).
 
         Raises:
             ModelUnavailable: the weights cannot be had (offline, not found, gated, incomplete folder) or load.
+            ModelMismatch: ``latent_resolution`` does not fit the model, or its parts do not fit each other.
         """
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -247,8 +275,7 @@ class StableDiffusionPrior:
         as in the release (``posterior.sample() * 0.18215``)."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        side = self.latent_resolution // self.vae_downscale
-        shape = (images.shape[0], int(self.vae.config.latent_channels), side, side)
+        shape = (images.shape[0], *self.latent_shape)
         # The posterior's noise, drawn as diffusers' DiagonalGaussianDistribution.sample draws it.
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         return self._encode(images, noise)
@@ -361,20 +388,27 @@ class StableDiffusionPrior:
 
     # ---- helpers ----------------------------------------------------------------------------
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, side, side) of the latents of one render."""
+        side = self.latent_resolution // self.vae_downscale
+        return self.latent_channels, side, side
+
     @torch.no_grad()
     def sample(
-        self, view: str, n: int, steps: int = 30, guidance_scale: float = 7.5,
+        self, view: Optional[str], n: int, steps: int = 30, guidance_scale: float = 7.5,
         generator: Optional[torch.Generator] = None,
     ) -> Float[Tensor, "N 3 H W"]:
         """Text-to-image samples for "PROMPT, <view> view" (DDIM from diffusers), images in [-1, 1].
 
-        Used to generate pose templates; ``view`` is one of front, side, back.
+        Used to generate pose templates; ``view`` is one of front, side, back, or None for the run's own
+        conditioning (the prompt with ``aux_prompt``, what score distillation sees).
         """
         scheduler = self.ddim_scheduler(steps)
-        h = self.latent_resolution // self.vae_downscale
-        x = torch.randn(n, 4, h, h, generator=generator, device=generator.device if generator else "cpu")
+        x = torch.randn(n, *self.latent_shape, generator=generator, device=generator.device if generator else "cpu")
         x = x.to(self.device)
-        cond = self.view_embeddings[VIEWS.index(view)][None].expand(n, -1, -1)
+        embedding = self.cond_embedding[0] if view is None else self.view_embeddings[VIEWS.index(view)]
+        cond = embedding[None].expand(n, -1, -1)
         text = torch.cat([self.uncond_embedding.expand(n, -1, -1), cond])
         for t in scheduler.timesteps:
             tt = torch.full((2 * n,), int(t), device=self.device, dtype=torch.long)
@@ -383,7 +417,13 @@ class StableDiffusionPrior:
         return self.decode_full(x).clamp(-1, 1)
 
     def ddim_scheduler(self, steps: int):
-        """A diffusers ``DDIMScheduler`` from the pipeline's scheduler config, set to ``steps`` steps."""
+        """A diffusers ``DDIMScheduler`` from the pipeline's scheduler config, set to ``steps`` steps.
+
+        Never clipping x̂0: DDIM's default ``clip_sample=True`` clips x̂0 to [-1, 1], right for pixels but not for
+        latents (SD's span about ±4). SD's own config says ``clip_sample: false``; the PNDM and Euler configs newer
+        diffusers write do not say it (those schedulers have no such field), so they would get the default
+        (docs/stable-diffusion.md).
+        """
         from diffusers import DDIMScheduler
 
         config = self.scheduler_config
@@ -391,8 +431,8 @@ class StableDiffusionPrior:
             ac = self.alphas_cumprod.double().cpu()
             betas = 1.0 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
             config = dict(num_train_timesteps=self.num_train_timesteps, trained_betas=betas.tolist(),
-                          prediction_type=self.prediction_type, clip_sample=False, set_alpha_to_one=False)
-        scheduler = DDIMScheduler.from_config(config)
+                          prediction_type=self.prediction_type, set_alpha_to_one=False)
+        scheduler = DDIMScheduler.from_config(config, clip_sample=False)
         scheduler.set_timesteps(steps)
         return scheduler
 

@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recdreamer_gs.cameras import orbit
-from recdreamer_gs.config import GaussiansConfig, SyntheticPriorConfig
+from recdreamer_gs.config import CameraConfig, GaussiansConfig, SyntheticPriorConfig
 from recdreamer_gs.gaussians import Gaussians, rgb_to_sh0
 from recdreamer_gs.render import render
 
@@ -333,11 +333,16 @@ class SyntheticPrior:
 
     def pose_setup(self, cfg: "RunConfig", need: bool = True, timings: Optional[dict] = None) -> "PoseSetup":
         """Training uses the soft template matcher (docs/synthetic-prior.md); pEnt uses the exact, sharp
-        class posterior of the clean renders, so the metric measures poses, not the matcher's softness."""
+        class posterior of the clean renders, so the metric measures poses, not the matcher's softness. The
+        posterior knows the reference views only, so pEnt is measured on their orbit (elevation, radius, field
+        of view), whatever the run's cameras: that is what lets ``eval --prior synthetic`` score any PLY."""
         from recdreamer_gs.pose.setup import PoseSetup
 
+        s = self.cfg
+        reference = CameraConfig(resolution=s.resolution, radius_range=(s.radius, s.radius),
+                                 fovy_range=(s.fovy, s.fovy), preview_elevation=s.elevation)
         setup = PoseSetup(self.classify, POSE_CLASSES, metric=self.clean_class_posterior,
-                          image_size=self.cfg.resolution)
+                          image_size=s.resolution, metric_camera=reference)
         setup.check_pose_control(cfg.first_distill("usd").rectifier)
         return setup
 
