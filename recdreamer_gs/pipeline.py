@@ -322,7 +322,8 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     callbacks: list = [
         PreviewImages(out_dir, cfg.train.preview_every, prefix),
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
-        ExportAndMetrics(cfg, out_dir, timings=timings),
+        ExportAndMetrics(cfg, out_dir, timings=timings,
+                         stage=f"{stage + 1}/{len(run_cfg.stages)}" if run_cfg.stages else None),
         PoseEMALog(max(cfg.train.log_every, 1)),
         *(extra_callbacks or []),
     ]
