@@ -357,7 +357,7 @@ def run_one(spec: RunSpec, threads: int, device: str, board: Any = None, batch_i
     torch.set_num_threads(max(1, threads))
     start = time.perf_counter()
     record = _Record(run_dir)
-    attempt = record.start(batch_id, device, spec.order)
+    attempt = record.start(spec, batch_id, device)
     if board is not None:
         board.started.remote(spec.name, attempt["attempt"])
     status, cause = "failed", ""
@@ -399,9 +399,6 @@ def _run(spec: RunSpec, run_dir: Path, device: str, board: Any, record: "_Record
             print(choice.notice, flush=True)
         callbacks = [_progress_callback(board, spec.name, cfg)] if board is not None else []
         pipeline.fit(cfg, run_dir, choice, dev, resume=checkpoint, clip=clip, extra_callbacks=callbacks)
-        if spec.state() != "done":  # a checkpoint of a finished run without its export: nothing left to train
-            return "failed", ("training ended without metrics.json (its export was interrupted after the last "
-                              f"checkpoint); remove {run_dir / 'checkpoints'} to run it again")
         return "done", ""
     except (pipeline.Interrupted, KeyboardInterrupt):
         return "interrupted", "stopped; the next batch continues from its checkpoint"
@@ -465,8 +462,9 @@ class _Record:
         self.path = run_dir / BATCH_FILE
         self.data = read_record(run_dir)
 
-    def start(self, batch_id: str, device: str, order: int) -> dict[str, Any]:
-        self.data["order"] = order  # the run's place in its set: the summary's row order
+    def start(self, spec: RunSpec, batch_id: str, device: str) -> dict[str, Any]:
+        # What the summary lists even when the run failed before its config.yaml was written, and its row order.
+        self.data.update(prompt=spec.prompt, method=spec.method, seed=spec.seed, order=spec.order)
         attempt = {"attempt": len(self.data["attempts"]) + 1, "batch": batch_id, "host": socket.gethostname(),
                    "pid": os.getpid(), "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "status": "running"}

@@ -263,7 +263,8 @@ class ExportAndMetrics(L.Callback):
             "gaussians": sum(len(g) for g in pl_module.particles),
             "gaussians_written": rows,
             "train_seconds": round(seconds, 3),
-            "ms_per_iteration": round(1000.0 * seconds / max(iterations, 1), 2),
+            # None when no iteration ran here (the export of a run that stopped after its last iteration).
+            "ms_per_iteration": round(1000.0 * seconds / iterations, 2) if iterations else None,
             "device": str(pl_module.device),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }

@@ -196,13 +196,9 @@ def _prompt_set(entries, out: Path, preset: str, config: Optional[Path], sets: L
                            batch.parse_methods(methods) if methods else None,
                            batch.parse_seeds(seeds) if seeds else None)
     console = Console(stderr=True)
-    if dry_run:
-        from rich.table import Table
-
-        table = Table("run folder", "prompt", "method", "seed", "state")
+    if dry_run:  # one line a run: what a batch would do with it (new, resume, done) and its folder
         for run in runs:
-            table.add_row(run.name, run.prompt, run.method, str(run.seed), run.state())
-        Console().print(table)
+            typer.echo(f"{run.state():<6}  {run.name}")
         err_console.print(f"{len(runs)} runs in {out}", highlight=False)
         return
     code = batch.batch(runs, out, address, gpus_per_run, cpus_per_run, num_cpus, retries, console)

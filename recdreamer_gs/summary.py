@@ -50,19 +50,22 @@ class Row:
 
 
 def read_run(folder: Path) -> Optional[Row]:
-    """The row of a run folder (one with config.yaml), or None for any other folder."""
+    """The row of a run folder (one with config.yaml, or a batch.json of a run that failed before it wrote one),
+    or None for any other folder."""
     from recdreamer_gs.batch import method_label, read_record, run_state
     from recdreamer_gs.config import ConfigError, config_from_data, read_yaml
 
+    record = read_record(folder)
     try:
         cfg = config_from_data(read_yaml(folder / "config.yaml"))
+        prompt, method, seed, stages = cfg.prompt, method_label(cfg), cfg.train.seed, len(cfg.stages)
     except ConfigError:
-        return None
-    record = read_record(folder)
-    state = run_state(folder, len(cfg.stages))
-    row = Row(folder.name, cfg.prompt, method_label(cfg), cfg.train.seed, "done" if state == "done" else
-              record["status"] or "incomplete", cause=record["cause"] if state != "done" else "",
-              order=record.get("order", math.inf))
+        if "prompt" not in record:
+            return None
+        prompt, method, seed, stages = record["prompt"], record.get("method", "?"), record.get("seed"), 0
+    state = run_state(folder, stages)
+    row = Row(folder.name, prompt, method, seed, "done" if state == "done" else record["status"] or "incomplete",
+              cause=record["cause"] if state != "done" else "", order=record.get("order", math.inf))
     walls = [a["wall_s"] for a in record["attempts"] if a.get("wall_s") is not None]
     if state == "done":
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -228,7 +231,7 @@ def write_summary(out: Path, size: int = 96, device: Optional[str] = None) -> li
         raise UserError(f"--summary {out}: expected the output folder of a batch, got no folder there")
     rows = collect(out)
     if not rows:
-        raise UserError(f"--summary {out}: no run folder (a folder with config.yaml) there")
+        raise UserError(f"--summary {out}: no run folder (a folder with config.yaml or batch.json) there")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     atomic_write_bytes(out / "summary.csv", summary_csv(rows).encode())
