@@ -298,13 +298,14 @@ def plan_runs(entries: Sequence[Entry], out: Path, preset: str = "preview", conf
                 name = f"{entry.name or slugify(entry.prompt)}-{label}-s{cfg.train.seed}"
                 runs.append(RunSpec(name, len(runs), cfg.prompt, label, cfg.train.seed, str(Path(out) / name),
                                     to_dict(cfg)))
-    _check_names(runs, entries)
+    _check_names(runs)
     for run in runs:
         _check_folder(run)
     return runs
 
 
-def _check_names(runs: Sequence[RunSpec], entries: Sequence[Entry]) -> None:
+def _check_names(runs: Sequence[RunSpec]) -> None:
+    """Every run of the set needs a folder of its own."""
     seen: dict[str, RunSpec] = {}
     for run in runs:
         if run.name in seen:
@@ -413,7 +414,8 @@ def _run(spec: RunSpec, run_dir: Path, device: str, board: Any, record: "_Record
 
 
 def _progress_callback(board: Any, name: str, cfg):
-    """A Lightning callback that tells the board (and the log) how far the run is, every tenth of a stage."""
+    """A Lightning callback that tells the board how far the run is (every 1% of its iterations, all stages
+    together) and writes a line to the log every tenth."""
     import lightning as L
 
     plan = cfg.stage_plan()
@@ -620,8 +622,10 @@ def run_set(runs: Sequence[RunSpec], cluster: Cluster, slot: Slots, retries: int
 
     batch_id = uuid.uuid4().hex[:12]
     board = ray.remote(num_cpus=0)(Board).remote()
-    task = ray.remote(run_one).options(num_cpus=slot.cpus, num_gpus=slot.gpus, max_retries=retries,
-                                       retry_exceptions=False)
+    # A GPU run in a fresh worker process each time (max_calls=1): nothing of one run's GPU memory (CUDA caches,
+    # compiled graphs) stays for the next; CPU workers are reused (0: no limit), saving the imports.
+    task = ray.remote(num_cpus=slot.cpus, num_gpus=slot.gpus, max_retries=retries, retry_exceptions=False,
+                      max_calls=1 if slot.gpus else 0)(run_one)
     pending = {task.remote(run, slot.cpus, slot.device, board, batch_id): run for run in runs}
     results: dict[str, dict] = {}
     try:
@@ -797,6 +801,8 @@ def batch(runs: Sequence[RunSpec], out: Path, address: Optional[str], gpus_per_r
                   f"{sum(r.state() == 'new' for r in todo)} to start", highlight=False)
     results: dict[str, dict] = {}
     code = 0
+    if gpus_per_run is None and all(run.config["train"]["device"] == "cpu" for run in todo):
+        gpus_per_run = 0  # every run asks for the CPU (--set train.device=cpu): CPU tasks, GPUs or not
     if todo:
         ray = ray_module()
         cluster = connect(address, num_cpus)

@@ -102,10 +102,12 @@ def test_bench_plans_the_paper_prompts_with_every_method(tmp_path):
     (None, [], "prompt file {p} does not exist"),
     ("# only a comment\n\n", [], "prompt file {p} holds no prompt"),  # (a text file: see below)
     ('{"prompt": "a"}\n\n{"prompt": "b"}\n', [], "{p} line 2: empty line"),
-    ('{"prompt": "a"}\n{"prompt": "b", "method": "dreamfusion"}\n', [], "line 2: 'method': unknown method 'dreamfusion'"),
+    ('{"prompt": "a"}\n{"prompt": "b", "method": "dreamfusion"}\n', [],
+     "line 2: 'method': unknown method 'dreamfusion'"),
     ('{"prompt": "a", "colour": "red"}\n', [], "line 1: unknown key 'colour'"),
     ('{"prompt": "a"}\n', ["--methods", "usd,nerf"], "--methods: unknown method 'nerf'"),
-    ('{"prompt": "a"}\n{"prompt": "b", "set": ["distill.nope=1"]}\n', [], "line 2 ('b'): unknown config key distill.nope"),
+    ('{"prompt": "a"}\n{"prompt": "b", "set": ["distill.nope=1"]}\n', [],
+     "line 2 ('b'): unknown config key distill.nope"),
     ('{"prompt": "a"}\n', ["--set", "train.steps=0"], "train.steps: expected a positive number, got 0"),
     ('{"prompt": "a"}\n', ["--set", "nerf:train.steps=3"], "expected METHOD:KEY=VALUE"),
     ('{"prompt": "a"}\n', ["--seeds", "0,x"], "--seeds: expected seeds as integers"),
@@ -300,7 +302,7 @@ def test_second_batch_runs_nothing(namespace, first_set):
 def test_ctrl_c_stops_runs_with_checkpoints_and_the_next_batch_continues(namespace, tmp_path):
     (tmp_path / "p.txt").write_text("a slow cube\n")
     args = [str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--methods", "usd", "--cpus-per-run", "1",
-            *[a for s in SMALL for a in ("--set", s)], "--set", "train.steps=80", "--set", "train.checkpoint_every=8"]
+            *[a for s in SMALL for a in ("--set", s)], "--set", "train.steps=40", "--set", "train.checkpoint_every=4"]
     run = tmp_path / "out" / "a-slow-cube-usd-s0"
     proc = namespace.batch(*args)
     while not (run / "checkpoints" / "last.ckpt").is_file() and proc.poll() is None:
@@ -310,11 +312,11 @@ def test_ctrl_c_stops_runs_with_checkpoints_and_the_next_batch_continues(namespa
     assert proc.returncode == 130, output
     assert "stopping" in output and batch.read_record(run)["status"] == "interrupted"
     stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["iteration"]
-    assert 8 <= stopped_at < 80 and (run / "model.ply").is_file()  # written when it stopped
+    assert 4 <= stopped_at < 40 and (run / "model.ply").is_file()  # written when it stopped
     proc = namespace.batch(*args)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output
     assert "1 to continue from a checkpoint" in output
     second = batch.read_record(run)["attempts"][-1]
     assert second["resumed_from"] == f"iteration {stopped_at}"
-    assert json.loads((run / "metrics.json").read_text())["iterations"] == 80
+    assert json.loads((run / "metrics.json").read_text())["iterations"] == 40
