@@ -544,8 +544,8 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None) -> Cluster:
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
                                   logging_level="ERROR")
     try:
-        if address is None:
-            ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+        if address is None:  # "local": a new instance, never one that Ray would find running on this machine
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RaySystemError) as err:
@@ -787,6 +787,7 @@ def batch(runs: Sequence[RunSpec], out: Path, address: Optional[str], gpus_per_r
     is done, 1 when any failed, 130 after Ctrl-C (the summary is written in every case)."""
     from recdreamer_gs.summary import write_summary
 
+    address = address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself: RAY_ADDRESS names the cluster
     if retries < 0:
         raise BatchError(f"--retries: expected 0 or more, got {retries}")
     if num_cpus is not None and (num_cpus < 1 or address is not None):

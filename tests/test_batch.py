@@ -164,10 +164,13 @@ class Namespace:
     def command(self, *argv: str) -> list[str]:
         return ["nsenter", f"--net=/proc/{self.pid}/ns/net", "--", *argv]
 
-    def batch(self, *args: str) -> subprocess.Popen:
-        argv = self.command(sys.executable, "-m", "recdreamer_gs.cli", "batch", *args, "--address", self.address)
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
-                                cwd=self.root)
+    def batch(self, *args: str, local: bool = False) -> subprocess.Popen:
+        """``recdreamer-gs batch ARGS`` on the shared head, or with ``local`` on a local instance of its own (one
+        CPU) that it starts and stops, in the same namespace."""
+        where = ["--num-cpus", "1"] if local else ["--address", self.address]
+        argv = self.command(sys.executable, "-m", "recdreamer_gs.cli", "batch", *args, *where)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.root,
+                                env=dict(self.env, RAY_TMPDIR=self.temp))
 
     def sockets(self) -> list[str]:
         """Every TCP/UDP socket in the namespace (all of them belong to the test's processes)."""
@@ -313,10 +316,10 @@ def test_ctrl_c_stops_runs_with_checkpoints_and_the_next_batch_continues(namespa
     assert "stopping" in output and batch.read_record(run)["status"] == "interrupted"
     stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["iteration"]
     assert 4 <= stopped_at < 40 and (run / "model.ply").is_file()  # written when it stopped
-    proc = namespace.batch(*args)
+    proc = namespace.batch(*args, local=True)  # continued by a local Ray instance (the path without --address)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output
-    assert "1 to continue from a checkpoint" in output
+    assert "1 to continue from a checkpoint" in output and "local Ray instance: 0 GPUs, 1 CPUs" in output
     second = batch.read_record(run)["attempts"][-1]
     assert second["resumed_from"] == f"iteration {stopped_at}"
     assert json.loads((run / "metrics.json").read_text())["iterations"] == 40
