@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -813,11 +814,15 @@ def batch(runs: Sequence[RunSpec], out: Path, address: Optional[str], gpus_per_r
             where = "local Ray instance" if cluster.local else f"Ray cluster {cluster.address}"
             console.print(f"{where}: {cluster.gpus:g} GPUs, {cluster.cpus:g} CPUs; {text}", highlight=False)
             display = Display(console, len(runs), skipped, text)
+            # SIGTERM (a job scheduler stopping the driver) stops the set as Ctrl-C does.
+            previous = signal.signal(signal.SIGTERM, _interrupt)
             try:
                 with display:
                     results = run_set(todo, cluster, slot, retries, display)
             except KeyboardInterrupt:
                 results, code = display.interrupted_results, 130
+            finally:
+                signal.signal(signal.SIGTERM, previous)
         finally:
             ray.shutdown()
     written = write_summary(out)
@@ -830,6 +835,10 @@ def batch(runs: Sequence[RunSpec], out: Path, address: Optional[str], gpus_per_r
     if code == 0 and any(r["status"] == "interrupted" for r in results.values()):
         code = 130
     return code
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _writable(out: Path) -> None:
