@@ -195,7 +195,7 @@ def _prompt_set(entries, out: Path, preset: str, config: Optional[Path], sets: L
     runs = batch.plan_runs(entries, out, preset, config, [batch.parse_set(s) for s in sets],
                            batch.parse_methods(methods) if methods else None,
                            batch.parse_seeds(seeds) if seeds else None)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # whole lines in a log, however long the paths
     if dry_run:  # one line a run: what a batch would do with it (new, resume, done) and its folder
         for run in runs:
             typer.echo(f"{run.state():<6}  {run.name}")
