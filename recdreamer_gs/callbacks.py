@@ -225,8 +225,10 @@ class ExportAndMetrics(L.Callback):
     """At the end: ``model.ply`` (+ ``model.splat``), the turntable GIF and MP4, the mesh if asked for,
     ``metrics.json`` and ``report.png``."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, timings: Optional[dict[str, float]] = None):
+    def __init__(self, cfg: RunConfig, out_dir: Path, timings: Optional[dict[str, float]] = None,
+                 stage: Optional[str] = None):
         self.cfg, self.out_dir = cfg, out_dir
+        self.stage = stage  # "k/K" in a multi-stage run (every stage writes metrics.json; the last one stays)
         # Seconds per phase of the run, shared by the stages of a multi-stage run (they add train_s, export_s).
         self.timings = timings if timings is not None else {}
         self.start_time = 0.0
@@ -253,6 +255,7 @@ class ExportAndMetrics(L.Callback):
         iterations = pl_module.iteration - self.start_iteration
         metrics = {
             "prompt": self.cfg.prompt,
+            **({"stage": self.stage} if self.stage else {}),
             "prior": getattr(pl_module.prior, "name", "?"),
             "method": self.cfg.distill.method,
             "iterations": pl_module.iteration,
@@ -260,7 +263,8 @@ class ExportAndMetrics(L.Callback):
             "gaussians": sum(len(g) for g in pl_module.particles),
             "gaussians_written": rows,
             "train_seconds": round(seconds, 3),
-            "ms_per_iteration": round(1000.0 * seconds / max(iterations, 1), 2),
+            # None when no iteration ran here (the export of a run that stopped after its last iteration).
+            "ms_per_iteration": round(1000.0 * seconds / iterations, 2) if iterations else None,
             "device": str(pl_module.device),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }

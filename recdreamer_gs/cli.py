@@ -1,4 +1,5 @@
-"""Command line: ``recdreamer-gs run | templates | classify | eval | render | view | export | report | models``.
+"""Command line: ``recdreamer-gs run | batch | bench | templates | classify | eval | render | view | export | report |
+models | doctor``.
 
 The commands map options to the config tree and call the modules that do the work. Every known failure
 (a ``recdreamer_gs.errors.UserError`` or an ``OSError``) ends as one line on stderr and exit code 2.
@@ -164,6 +165,122 @@ def run(
         cfg, out_dir, choice, dev, resume=checkpoint, clip=clip, extra_callbacks=callbacks))
     names = "model.ply" if cfg.train.particles == 1 else f"model_0.ply ... model_{cfg.train.particles - 1}.ply"
     pipeline.progress_echo(f"wrote {out_dir / names}")
+
+
+# -- prompt sets (batch.py: Ray is imported only when runs start) ------------------------------
+
+Address = Annotated[Optional[str], typer.Option(
+    "--address", help="auto | HOST:PORT: join a running Ray cluster (`ray start --head` on the head node). "
+    "Default: a local Ray instance on every GPU and CPU of this machine.")]
+GpusPerRun = Annotated[Optional[float], typer.Option(
+    "--gpus-per-run", help="GPUs a run takes (default 1 where the cluster has GPUs; 0.5: two runs share one; "
+    "0: CPU runs).")]
+CpusPerRun = Annotated[Optional[int], typer.Option(
+    "--cpus-per-run", help="CPUs a run takes, and its torch thread budget (default 1 with a GPU, else 2).")]
+NumCpus = Annotated[Optional[int], typer.Option(
+    "--num-cpus", help="CPUs the local Ray instance offers (default: all of them; not with --address).")]
+Retries = Annotated[int, typer.Option(
+    "--retries", help="Times Ray retries a run whose worker died (it continues from its checkpoint).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="List the runs and what each would do, start nothing.")]
+SetSets = Annotated[Optional[List[str]], typer.Option(
+    "--set", help="Any config value for every run, e.g. --set train.steps=1000; METHOD:KEY=VALUE for one "
+    "method's runs, e.g. --set sds:distill.guidance_scale=100.")]
+
+
+def _prompt_set(entries, out: Path, preset: str, config: Optional[Path], sets: List[str], methods: Optional[str],
+                seeds: Optional[str], address: Optional[str], gpus_per_run: Optional[float],
+                cpus_per_run: Optional[int], num_cpus: Optional[int], retries: int, dry_run: bool) -> None:
+    """``batch`` and ``bench``: validate every run, then run the set (or list it) and exit with its code."""
+    from recdreamer_gs import batch
+
+    runs = batch.plan_runs(entries, out, preset, config, [batch.parse_set(s) for s in sets],
+                           batch.parse_methods(methods) if methods else None,
+                           batch.parse_seeds(seeds) if seeds else None)
+    console = Console(stderr=True, soft_wrap=True)  # whole lines in a log, however long the paths
+    if dry_run:  # one line a run: what a batch would do with it (new, resume, done) and its folder
+        for run in runs:
+            typer.echo(f"{run.state():<6}  {run.name}")
+        err_console.print(f"{len(runs)} runs in {out}", highlight=False)
+        return
+    code = batch.batch(runs, out, address, gpus_per_run, cpus_per_run, num_cpus, retries, console)
+    if code:
+        raise typer.Exit(code=code)
+
+
+@command("batch", interrupted="interrupted; the next batch continues the runs from their checkpoints")
+def batch_cmd(
+    prompts: Optional[Path] = typer.Argument(None, help="Prompt file: text (one prompt a line, # comments), or "
+                                             ".jsonl / .yaml whose entries may carry their own method, seed, "
+                                             "templates and set values (docs/batch.md)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the set: one run folder per (prompt, "
+                                       "method, seed), summary.csv, summary.md, sheet.png."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Methods, each a run: e.g. usd,vsd,sds "
+                                          "(default: the preset's)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds, each a run: e.g. 0,1 (default: the "
+                                        "preset's)."),
+    preset: Preset = "preview",
+    config: ConfigFile = None,
+    set_: SetSets = None,
+    address: Address = None,
+    gpus_per_run: GpusPerRun = None,
+    cpus_per_run: CpusPerRun = None,
+    num_cpus: NumCpus = None,
+    retries: Retries = 3,
+    dry_run: DryRun = False,
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Only rebuild summary.csv, summary.md and "
+                                           "sheet.png of this folder from its run folders."),
+) -> None:
+    """Run every (prompt, method, seed) of PROMPTS as Ray tasks, locally or on a cluster, and summarise them.
+
+    Each run is an ordinary run folder OUT/<prompt>-<method>-s<seed>/: a second batch skips the runs with
+    metrics.json and continues the others from their checkpoint. Exit code 1 when a run failed.
+    """
+    from recdreamer_gs import batch
+
+    if summary is not None:
+        if prompts is not None or out is not None:
+            raise UserError("--summary DIR rebuilds the summary of DIR alone; drop PROMPTS and --out")
+        from recdreamer_gs.summary import write_summary
+
+        err_console.print("wrote " + ", ".join(str(p) for p in write_summary(summary)), highlight=False)
+        return
+    if prompts is None or out is None:
+        raise UserError("expected PROMPTS and --out DIR (or --summary DIR), e.g. recdreamer-gs batch prompts.txt "
+                        "--out sets/first")
+    _prompt_set(batch.read_prompts(prompts), out, preset, config, set_ or [], methods, seeds, address, gpus_per_run,
+                cpus_per_run, num_cpus, retries, dry_run)
+
+
+@command("bench", interrupted="interrupted; the next bench continues the runs from their checkpoints")
+def bench_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder of the set (as batch --out)."),
+    methods: str = typer.Option("sds,vsd,usd", "--methods", help="Methods compared."),
+    seeds: str = typer.Option("0", "--seeds", help="Seeds, each a run."),
+    preset: Preset = "standard",
+    config: ConfigFile = None,
+    set_: SetSets = None,
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP repo id or folder for cEnt and the "
+                                             "CLIP score (default: openai/clip-vit-base-patch32, listed and "
+                                             "fetched by `models --bench`)."),
+    address: Address = None,
+    gpus_per_run: GpusPerRun = None,
+    cpus_per_run: CpusPerRun = None,
+    num_cpus: NumCpus = None,
+    retries: Retries = 3,
+    dry_run: DryRun = False,
+) -> None:
+    """The paper's comparison: its 22 prompts (Table 7) x SDS, VSD, USD, with pEnt, cEnt and the CLIP score.
+
+    Runs as batch does (Ray, locally or --address) and writes the same summary (the per-method means in the
+    form of the paper's Table 1; FID/uFID are not computed). SDS runs at CFG 100 as the paper's SDS baseline
+    (--set sds:distill.guidance_scale=V to change it).
+    """
+    from recdreamer_gs import batch
+    from recdreamer_gs.metrics import DEFAULT_CLIP_MODEL
+
+    sets = ["sds:distill.guidance_scale=100", f"output.clip_model={clip_model or DEFAULT_CLIP_MODEL}", *(set_ or [])]
+    _prompt_set(batch.read_prompts(batch.paper_prompts()), out, preset, config, sets, methods, seeds, address,
+                gpus_per_run, cpus_per_run, num_cpus, retries, dry_run)
 
 
 @command("templates")
@@ -347,6 +464,8 @@ def models_cmd(
     device: Optional[str] = typer.Option(None, help="Device of the run: auto | cpu | cuda. Default: a CUDA run, "
                                          "also on a machine without GPU (a cluster's login node)."),
     download: bool = typer.Option(False, "--download", help="Fetch the missing models into the Hugging Face cache."),
+    bench: bool = typer.Option(False, "--bench", help="Also the CLIP model of `recdreamer-gs bench` (cEnt, CLIP "
+                               "score)."),
 ) -> None:
     """List the models a run with these options loads: source, complete here or not, size.
 
@@ -354,7 +473,10 @@ def models_cmd(
     HF_HUB_OFFLINE=1 on the same cache).
     """
     from recdreamer_gs.doctor import models_report
+    from recdreamer_gs.metrics import DEFAULT_CLIP_MODEL
 
+    if bench:
+        set_ = [f"output.clip_model={DEFAULT_CLIP_MODEL}", *(set_ or [])]
     cfg = _config(preset, config, set_, prompt="models", prior=prior, device=device, method=method, model=model,
                   pose_model=pose_model, templates=templates)
     models_report(cfg, cuda=cfg.train.device != "cpu", download=download, console=Console())

@@ -323,7 +323,8 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     callbacks: list = [
         PreviewImages(out_dir, cfg.train.preview_every, prefix),
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
-        ExportAndMetrics(cfg, out_dir, timings=timings),
+        ExportAndMetrics(cfg, out_dir, timings=timings,
+                         stage=f"{stage + 1}/{len(run_cfg.stages)}" if run_cfg.stages else None),
         PoseEMALog(max(cfg.train.log_every, 1)),
         *(extra_callbacks or []),
     ]
@@ -345,6 +346,8 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    if resume is not None and start >= cfg.train.steps and stage >= len(run_cfg.stages) - 1:
+        return _end_only(trainer, system, callbacks, device)
     try:
         trainer.fit(system, datamodule=data)
     except SystemExit:
@@ -357,6 +360,20 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
         raise training_failure(err, system, cfg, out_dir) from err
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
+    return system
+
+
+def _end_only(trainer, system, callbacks: list, device: torch.device):
+    """The end of a run whose iterations all ran before it stopped (during its export, e.g. a batch task lost
+    there): final previews, PLY, metrics.json and report from the last checkpoint, without a fit."""
+    from recdreamer_gs.callbacks import ExportAndMetrics, PreviewImages
+
+    system.to(device)
+    ends = [cb for cb in callbacks if isinstance(cb, (PreviewImages, ExportAndMetrics))]
+    for cb in ends:
+        cb.on_train_start(trainer, system)
+    for cb in ends:
+        cb.on_train_end(trainer, system)
     return system
 
 

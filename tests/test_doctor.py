@@ -116,6 +116,8 @@ def test_models_lists_what_a_run_loads(env, tiny_models, monkeypatch):
     text = output(runner.invoke(app, ["models", "--model", str(tiny_models["sd"]), "--set",
                                       f"output.clip_model={tiny_models['clip']}", "--device", "cpu", "--prior", "sd"]))
     assert f"complete: local folder {tiny_models['sd']}" in text and "CLIP model" in text
+    text = output(runner.invoke(app, ["models", "--bench"]))  # what `bench` loads: its CLIP model too
+    assert "CLIP model: openai/clip-vit-base-patch32" in text and "2 model(s) missing" in text
 
 
 def test_models_download_fetches_the_missing_ones(env, tiny_models, monkeypatch):

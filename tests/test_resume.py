@@ -1,5 +1,6 @@
 """Checkpoints and resume: an interrupted and resumed run ends where an uninterrupted one does."""
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -55,6 +56,13 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     for name, value in full.gaussians.params.items():
         assert torch.allclose(resumed.gaussians.params[name], value, atol=1e-5), name
     assert torch.allclose(resumed.pose_stats.marginal, full.pose_stats.marginal, atol=1e-6)
+    # Stopped after its last checkpoint, during the export (a batch task lost there): resuming only exports.
+    (cut / "metrics.json").unlink()
+    cfg, checkpoint = pipeline.read_resume(cut)
+    pipeline.fit(cfg, cut, pipeline.build_prior(cfg, torch.device("cpu")), torch.device("cpu"), resume=checkpoint)
+    metrics = json.loads((cut / "metrics.json").read_text())
+    assert metrics["iterations"] == 8 and metrics["gaussians"] == len(full.gaussians)
+    assert metrics["ms_per_iteration"] is None  # no iteration ran in that attempt
 
 
 def test_resume_cli_errors(tmp_path):
