@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
     from recdreamer_gs.config import RunConfig
 
-PACKAGES = ("torch", "gsplat", "diffusers", "transformers", "peft", "lightning", "open3d", "huggingface_hub")
+PACKAGES = ("torch", "gsplat", "diffusers", "transformers", "peft", "lightning", "open3d", "huggingface_hub", "gsply",
+            "sogpy")
 
 
 def version(package: str) -> str:

@@ -370,11 +370,21 @@ def non_finite_summary(params: Mapping[str, Tensor]) -> str:
     return ", ".join(parts)
 
 
-def read_splats(path: str | Path, frame: PlyFrame = "viewer", sh_degree: Optional[int] = None) -> dict[str, Tensor]:
-    """``read_ply`` for the commands that use the Gaussians (render, view, eval, export): Gaussians with a
-    NaN or infinite parameter are left out with a warning that says which; a file with none left is an error."""
+def trim_sh(sh_n: Float[Tensor, "N K 3"]) -> Float[Tensor, "N L 3"]:
+    """The SH coefficients up to the highest degree that has a non-zero one (the INRIA layout pads every
+    file to degree 3: a model of degree 0 reads back as 15 zero coefficients)."""
+    for k, lower in ((15, 8), (8, 3), (3, 0)):
+        if sh_n.shape[1] == k and not sh_n[:, lower:].any():
+            sh_n = sh_n[:, :lower]
+    return sh_n
 
-    params = read_ply(path, frame=frame, sh_degree=sh_degree)
+
+def read_splats(path: str | Path, frame: PlyFrame = "viewer") -> dict[str, Tensor]:
+    """``read_ply`` for the commands that use the Gaussians (render, view, eval, export, --init-from): SH bands
+    that are all zero are dropped (``trim_sh``); Gaussians with a NaN or infinite parameter are left out with
+    a warning that says which; a file with none left is an error."""
+    params = read_ply(path, frame=frame)
+    params["shN"] = trim_sh(params["shN"])
     n = int(params["means"].shape[0])
     if n == 0:
         raise PlyError(f"{path}: the file holds no Gaussians (its vertex element is empty)")
