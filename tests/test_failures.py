@@ -159,3 +159,25 @@ def test_disk_full_while_writing_the_model_keeps_what_was_written_and_resume_wri
     resumed = fit(run, resume=True)
     assert resumed.iteration == 8 and (run / "model.ply").read_bytes() == ply
     assert (run / "model.spz").is_file() and (run / "metrics.json").is_file()
+
+
+def test_what_is_said_when_permission_is_lost_or_the_folder_is_gone(tmp_path):
+    import errno
+
+    from recdreamer_gs.errors import os_cause
+
+    class Stopped:  # a system that stopped on a failed write
+        iteration = 3
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.spz").write_bytes(b"kept")
+    denied = PermissionError(errno.EACCES, "Permission denied", str(run / "model.ply"))
+    assert os_cause(denied) == "permission to write there was denied (Permission denied)"
+    assert pipeline.kept_state(Stopped(), run, denied) == (
+        "nothing more could be written; no checkpoint was written (kept model.spz); restore write permission on the "
+        "folder, then start the run again")
+    gone = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "removed" / "model.ply"))
+    assert os_cause(gone) == "the folder no longer exists (removed or unmounted) (No such file or directory)"
+    assert pipeline.kept_state(Stopped(), tmp_path / "removed", gone) == (
+        "nothing was kept: the run folder is gone; start the run again")
