@@ -190,9 +190,9 @@ OUTPUTS: tuple[Output, ...] = (
     Output("splat", ".splat", "gaussians", write_splat, "antimatter15/splat, gsplat.js, Spark, SuperSplat "
            "(32 bytes per Gaussian, colour without SH bands)"),
     Output("spz", ".spz", "gaussians", write_spz, "Spark, Niantic Scaniverse and its spz tools "
-           "(about 18 bytes per Gaussian)"),
+           "(about 17-18 bytes per Gaussian)"),
     Output("sog", ".sog", "gaussians", write_sog, "SuperSplat, the PlayCanvas engine and splat-transform "
-           "(about 15-22 bytes per Gaussian)"),
+           "(about 15-20 bytes per Gaussian)"),
     Output("glb", ".glb", "mesh", write_glb, "glTF viewers: Blender, three.js, Windows 3D Viewer"),
     Output("obj", ".obj", "mesh", write_open3d_mesh, "Blender, MeshLab (vertex colours as v x y z r g b)"),
     Output("ply", ".ply", "mesh", write_open3d_mesh, "MeshLab, Blender, CloudCompare"),
