@@ -139,6 +139,30 @@ def test_missing_and_corrupt_ply(tmp_path):
     assert not (tmp_path / "x.splat").exists()
 
 
+def test_every_command_that_reads_a_ply_refuses_one_without_finite_gaussians(tmp_path):
+    import numpy as np
+    import torch
+    from plyfile import PlyData, PlyElement
+
+    from recdreamer_gs.export import ply_rows, prepare_for_export
+
+    n = 12
+    params = {"means": torch.randn(n, 3), "scales": torch.full((n, 3), -3.0), "quats": torch.randn(n, 4),
+              "opacities": torch.zeros(n), "sh0": torch.zeros(n, 1, 3), "shN": torch.zeros(n, 0, 3)}
+    rows = ply_rows(prepare_for_export(params))
+    rows["opacity"][:] = np.nan
+    ply = tmp_path / "nan.ply"
+    PlyData([PlyElement.describe(rows, "vertex")]).write(str(ply))
+    said = f"{ply}: all {n} Gaussians have NaN or infinite values (opacities: {n} Gaussians)"
+    for args in (["render", str(ply), "--device", "cpu"], ["view", str(ply), "--port", "0"],
+                 ["export", str(ply), str(tmp_path / "m.spz")], ["eval", str(ply), "--prior", "synthetic",
+                                                                 "--device", "cpu"]):
+        result = invoke(args)
+        assert_clean_error(result, said)
+        assert result.output.count("error:") == 1, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.ply"]
+
+
 def test_cuda_requested_without_gpu(tmp_path):
     import torch
 
