@@ -295,7 +295,7 @@ class TrainingViewer(L.Callback):
         self.info = gui.add_markdown("starting…", order=1)
         self.pose_html = gui.add_html("", order=2)
         self.pause_button = gui.add_button("Pause training", order=3)
-        self.write_button = gui.add_button("Write model.ply now", order=4)
+        self.write_button = gui.add_button("Write model files now", order=4)
         self.status = gui.add_markdown("", order=5)
         self.pause_button.on_click(lambda _: self._toggle_pause())
         self.write_button.on_click(lambda _: self._request_write())
