@@ -21,32 +21,39 @@ class Diverged(RuntimeError):
     a row (not a UserError: the run folder keeps the last good state and the message says how to resume)."""
 
 
-# What a failed write means, in words (errno -> cause, what to do about it).
-_OS_CAUSES: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: ("the disk is full", "free some space"),
-    errno.EDQUOT: ("the disk quota is used up", "free some space or raise the quota"),
-    errno.EFBIG: ("the file is larger than this file system or the process's file size limit allows",
-                  "write to another disk or raise the limit (ulimit -f)"),
-    errno.EROFS: ("the file system is read-only", "remount it writable or write elsewhere"),
-    errno.EACCES: ("permission to write there was denied", "restore write permission on the folder"),
-    errno.EPERM: ("the operation is not permitted there", "restore write permission on the folder"),
-    errno.ENOENT: ("the folder no longer exists (removed or unmounted)", "restore the folder"),
-    errno.ENOTDIR: ("a part of the path is not a folder", "restore the folder"),
-    errno.EIO: ("the disk reported an input/output error", "check the disk or network share"),
-    errno.ESTALE: ("the network share went away (stale file handle)", "remount the share"),
+# Causes said in words (true of a read and of a write), and what to do about a failed write.
+_OS_WORDS: dict[int, str] = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than the file system or the file size limit (ulimit -f) allows",
+    errno.EROFS: "the file system is read-only",
+    errno.EIO: "the disk reported an input/output error",
+    errno.ESTALE: "the network share went away (stale file handle)",
+}
+_OS_REMEDIES: dict[int, str] = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space or raise the quota",
+    errno.EFBIG: "write to another disk or raise the limit",
+    errno.EROFS: "remount it writable or write elsewhere",
+    errno.EIO: "check the disk or network share",
+    errno.ESTALE: "remount the share",
+    errno.EACCES: "restore write permission on the folder",
+    errno.EPERM: "restore write permission on the folder",
+    errno.ENOENT: "restore the folder",
 }
 
 
 def os_cause(err: OSError) -> str:
-    """The cause of a failed file operation in words, e.g. "the disk is full (No space left on device)"."""
-    words = _OS_CAUSES.get(err.errno or -1)
+    """The cause of a failed file operation, in words where the system's own are terse, e.g.
+    "the disk is full (No space left on device)"; else the system's text ("Permission denied")."""
     detail = err.strerror or str(err)
-    return f"{words[0]} ({detail})" if words else detail
+    words = _OS_WORDS.get(err.errno or -1)
+    return f"{words} ({detail})" if words else detail
 
 
 def os_remedy(err: OSError) -> str:
-    """What to do about a failed file operation, e.g. "free some space" (empty when there is no known step)."""
-    return _OS_CAUSES.get(err.errno or -1, ("", ""))[1]
+    """What to do about a failed write, e.g. "free some space" (empty when there is no known step)."""
+    return _OS_REMEDIES.get(err.errno or -1, "")
 
 
 def warn(text: str) -> None:
