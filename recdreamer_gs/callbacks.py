@@ -6,19 +6,23 @@ import io
 import json
 import math
 import os
-import sys
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 import yaml
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from PIL import Image
 
 from recdreamer_gs.config import RunConfig, to_dict
-from recdreamer_gs.export import atomic_path, atomic_write_bytes, write_ply, write_splat
+from recdreamer_gs.errors import warn
+from recdreamer_gs.export import Written, atomic_path, atomic_write_bytes
 
 
 def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> Image.Image:
@@ -78,12 +82,40 @@ def preview_upscale(resolution: int) -> int:
     return max(1, 256 // resolution)
 
 
+class AtomicCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, but each save rewrites ``metrics.csv`` through a temp file: Lightning appends to
+    it, or rewrites it in place when new keys appear, so a full disk would leave it cut short or empty."""
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        target = self.metrics_file_path
+        with atomic_path(target) as tmp:
+            if os.path.isfile(target):
+                shutil.copyfile(target, tmp)
+            self.metrics_file_path = str(tmp)
+            try:
+                super().save()  # appends to (or rewrites) the copy
+            finally:
+                self.metrics_file_path = target
+
+
+class CSVLog(CSVLogger):
+    """``CSVLogger`` with :class:`AtomicCSVWriter`."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AtomicCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AtomicCSVWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def make_loggers(cfg: RunConfig, out_dir: Path, version: str) -> list:
     """CSV logs in ``logs/<stage>/metrics.csv`` (what ``report`` reads), plus TensorBoard events in
     ``tensorboard/<stage>/`` with ``output.logger=tensorboard``."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    loggers: list = [CSVLogger(save_dir=str(out_dir), name="logs", version=version)]
+    loggers: list = [CSVLog(save_dir=str(out_dir), name="logs", version=version)]
     if cfg.output.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -151,24 +183,47 @@ class PreviewImages(L.Callback):
             self.write(pl_module, "final")
 
 
-def write_particles(pl_module: Any, out_dir: Path, cfg: RunConfig) -> int:
-    """This process's particles as ``model.ply`` (one particle) or ``model_<i>.ply`` (and .splat if
-    configured); returns the rows written."""
-    rows = 0
-    names = ["model"] if cfg.train.particles == 1 else [f"model_{i}" for i in pl_module.particle_ids]
-    for name, gaussians in zip(names, pl_module.particles):
+def model_stems(cfg: RunConfig, particle_ids: Sequence[int]) -> list[str]:
+    """``model`` for one particle, else ``model_<i>`` for each particle id."""
+    return ["model"] if cfg.train.particles == 1 else [f"model_{i}" for i in particle_ids]
+
+
+def model_names(cfg: RunConfig) -> list[str]:
+    """File names of the run's final Gaussians: each stem (``model_stems``) with each ``output.formats`` suffix."""
+    from recdreamer_gs.outputs import output_named
+
+    suffixes = [output_named(name).suffix for name in cfg.output.formats]
+    return [stem + suffix for stem in model_stems(cfg, range(cfg.train.particles)) for suffix in suffixes]
+
+
+def write_particles(pl_module: Any, out_dir: Path, cfg: RunConfig) -> list[Written]:
+    """This process's particles in every format of ``output.formats`` (outputs.OUTPUTS), in the frame of
+    ``output.ply_frame``; what was written. A format that cannot hold these Gaussians (e.g. a SOG of too few)
+    is a warning; a failed write (``OSError``) stops here, leaving earlier files whole."""
+    from recdreamer_gs.outputs import FormatError, output_named
+
+    out: list[Written] = []
+    for stem, gaussians in zip(model_stems(cfg, pl_module.particle_ids), pl_module.particles):
         params = {k: v.detach().cpu() for k, v in gaussians.params.items()}
-        rows += write_ply(out_dir / f"{name}.ply", params, frame=cfg.output.ply_frame)
-        if cfg.output.write_splat:
-            write_splat(out_dir / f"{name}.splat", params, frame=cfg.output.ply_frame)
-    return rows
+        for name in cfg.output.formats:
+            output = output_named(name)
+            try:
+                result = output.write(out_dir / f"{stem}{output.suffix}", params, cfg.output.ply_frame)
+            except FormatError as err:
+                warn(f"no {stem}{output.suffix}: {err}")
+                continue
+            if result.dropped or result.note:
+                warn(f"wrote {result.describe()}")
+            out.append(result)
+    return out
 
 
 def write_meshes(pl_module: Any, out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """``mesh.<ext>`` (or ``mesh_<i>.<ext>`` per particle) in the PLY's frame; sizes and time for metrics.json."""
-    from recdreamer_gs.mesh import MeshError, MeshOptions, extract_mesh, write_mesh
+    from recdreamer_gs.mesh import MeshError, MeshOptions, extract_mesh
+    from recdreamer_gs.outputs import output_named
 
-    ext = cfg.output.mesh
+    output = output_named(cfg.output.mesh, kind="mesh")
     names = ["mesh"] if cfg.train.particles == 1 else [f"mesh_{i}" for i in pl_module.particle_ids]
     info: dict[str, Any] = {}
     for name, gaussians in zip(names, pl_module.particles):
@@ -177,19 +232,20 @@ def write_meshes(pl_module: Any, out_dir: Path, cfg: RunConfig) -> dict[str, Any
         try:
             result = extract_mesh(gaussians, MeshOptions(faces=cfg.output.mesh_faces, resolution=resolution))
         except MeshError as err:  # e.g. a run stopped while still a cloud: the model and metrics still count
-            print(f"warning: no {name}.{ext}: {err}", file=sys.stderr)
+            warn(f"no {name}{output.suffix}: {err}")
             info[name] = {"file": None, "error": str(err)}
             continue
-        write_mesh(out_dir / f"{name}.{ext}", result.mesh, frame=cfg.output.ply_frame)
-        info[name] = {"file": f"{name}.{ext}", "vertices": result.vertices, "faces": result.faces,
+        output.write(out_dir / f"{name}{output.suffix}", result.mesh, cfg.output.ply_frame)
+        info[name] = {"file": f"{name}{output.suffix}", "vertices": result.vertices, "faces": result.faces,
                       "views": result.views, "voxel_size": round(result.voxel_size, 6),
                       "seconds": round(result.seconds, 2)}
     return info
 
 
 class Checkpointer(L.Callback):
-    """``checkpoints/last.ckpt`` every ``every`` iterations, at the end, and when Ctrl-C stops the run
-    (then also ``model.ply``), so that ``run --resume`` can continue. Written atomically."""
+    """``checkpoints/last.ckpt`` every ``every`` iterations, at the end, and when Ctrl-C or an error stops the
+    run (then also the model files), so that ``run --resume`` can continue. Written through a temp file: a
+    failed write leaves the previous checkpoint whole and no partial file behind."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, every: int):
         self.cfg, self.out_dir, self.every = cfg, out_dir, every
@@ -199,9 +255,8 @@ class Checkpointer(L.Callback):
         if trainer.world_size > 1:
             return  # each rank holds other particles: resuming a data-parallel run is not supported yet
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(str(tmp))
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            trainer.save_checkpoint(str(tmp))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.every > 0 and pl_module.iteration % self.every == 0:
@@ -211,19 +266,33 @@ class Checkpointer(L.Callback):
         self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
-        """Ctrl-C or a failure: keep what the run has reached (checkpoint and PLY) for ``--resume``. Gaussians
-        that are no longer finite are not written: the checkpoint already on disk stays the last good one."""
+        """Ctrl-C or a failure: keep what the run has reached (checkpoint and model files) for ``--resume``.
+
+        Nothing is written when the failure was itself a failed write (``OSError``: a full disk, a lost
+        folder), nor when the Gaussians are no longer finite: the files on disk stay the last good state.
+        A save that fails here is kept as ``pl_module.save_error`` for the message (pipeline.kept_state).
+        """
         pl_module.interrupted = isinstance(exception, KeyboardInterrupt)
-        finite = all(bool(torch.isfinite(p).all()) for g in pl_module.particles for p in g.params.values())
-        pl_module.saved_on_exception = finite
-        if finite:
+        pl_module.saved_on_exception = False
+        if isinstance(exception, OSError):
+            return
+        pl_module.non_finite = not all(bool(torch.isfinite(p).all()) for g in pl_module.particles
+                                       for p in g.params.values())
+        if pl_module.non_finite:
+            return
+        try:
             self.save(trainer)
             write_particles(pl_module, self.out_dir, self.cfg)
+        except OSError as err:
+            pl_module.save_error = err
+            return
+        pl_module.saved_on_exception = True
 
 
 class ExportAndMetrics(L.Callback):
-    """At the end: ``model.ply`` (+ ``model.splat``), the turntable GIF and MP4, the mesh if asked for,
-    ``metrics.json`` and ``report.png``."""
+    """At the end: the model files (``output.formats``), the turntable GIF and MP4, the mesh if asked for,
+    ``metrics.json`` and ``report.png``. ``metrics.json`` is written after the model files and the mesh: a
+    run folder that has it is complete (``run --resume`` of a folder without it writes them again)."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, timings: Optional[dict[str, float]] = None,
                  stage: Optional[str] = None):
@@ -239,11 +308,16 @@ class ExportAndMetrics(L.Callback):
         self.start_iteration = pl_module.iteration
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.finish(pl_module, trainer.is_global_zero, trainer.loggers)
+
+    def finish(self, pl_module: Any, global_zero: bool = True, loggers: Sequence[Any] = ()) -> None:
+        """Write the files of the end of a run (also called without a Trainer by ``pipeline`` for a resumed
+        run whose training was done but whose files were not all written)."""
         export_start = time.perf_counter()
         # Time spent paused from the live viewer (viewer.TrainingViewer) is not training time.
         seconds = export_start - self.start_time - getattr(pl_module, "paused_seconds", 0.0)
-        rows = write_particles(pl_module, self.out_dir, self.cfg)  # every rank writes its own particles
-        if not trainer.is_global_zero:
+        written = write_particles(pl_module, self.out_dir, self.cfg)  # every rank writes its own particles
+        if not global_zero:
             return
         if self.cfg.output.turntable_frames > 0:
             frames = pl_module.render_preview(self.cfg.output.turntable_frames, particle=0)
@@ -261,7 +335,10 @@ class ExportAndMetrics(L.Callback):
             "iterations": pl_module.iteration,
             "particles": len(pl_module.particles),
             "gaussians": sum(len(g) for g in pl_module.particles),
-            "gaussians_written": rows,
+            # Gaussians in the files of the first format (non-finite ones are left out) and every file's size.
+            "gaussians_written": sum(w.gaussians for w in written if w.path.suffix == written[0].path.suffix)
+            if written else 0,
+            "files": {w.path.name: w.path.stat().st_size for w in written},
             "train_seconds": round(seconds, 3),
             # None when no iteration ran here (the export of a run that stopped after its last iteration).
             "ms_per_iteration": round(1000.0 * seconds / iterations, 2) if iterations else None,
@@ -276,7 +353,7 @@ class ExportAndMetrics(L.Callback):
         atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
         from recdreamer_gs.report import write_report
 
-        for logger in trainer.loggers:
+        for logger in loggers:
             logger.save()  # the CSV is otherwise flushed only after on_train_end
         write_report(self.out_dir)
 

@@ -61,7 +61,11 @@ def command(name: Optional[str] = None, interrupted: str = "interrupted") -> Cal
             try:
                 return fn(*args, **kwargs)
             except (UserError, OSError) as err:
-                message = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
+                message = str(err)
+                if isinstance(err, OSError):
+                    from recdreamer_gs.errors import os_cause
+
+                    message = f"{err.filename}: {os_cause(err)}" if err.filename else os_cause(err)
                 err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2)
             except TrainingFailed as err:
@@ -111,7 +115,8 @@ def run(
     resolution: Optional[int] = typer.Option(None, help="Render size in pixels (square)."),
     prior: PriorKind = None,
     device: Device = None,
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Point cloud or mesh to start from (open3d)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Point cloud or mesh to start from (open3d), "
+                                             "or a 3DGS PLY (its centres and colours)."),
     method: Optional[str] = typer.Option(None, help="usd | vsd | sds (score distillation flavour)."),
     particles: Optional[int] = typer.Option(None, help="Gaussian sets optimised together (model_0.ply, ...)."),
     devices: Optional[int] = typer.Option(None, help="Processes/GPUs for data-parallel training (particles split)."),
@@ -125,9 +130,10 @@ def run(
     viewer: bool = typer.Option(False, "--viewer", help="Watch the Gaussians form in a browser (viser, localhost)."),
     port: int = typer.Option(8080, "--port", help="Port of --viewer (the next free one if taken)."),
 ) -> None:
-    """Optimise Gaussians for PROMPT and write model.ply, previews and metrics.json.
+    """Optimise Gaussians for PROMPT and write model.ply (and .spz/.sog/.splat with output.formats), previews
+    and metrics.json.
 
-    Ctrl-C writes a checkpoint and model.ply first; continue with --resume OUTDIR.
+    Ctrl-C writes a checkpoint and the model files first; continue with --resume OUTDIR.
     """
     from recdreamer_gs import pipeline
     from recdreamer_gs.distributed import is_secondary_rank
@@ -163,8 +169,11 @@ def run(
         pipeline.progress_echo(f"run folder: {out_dir}  (prior: {choice.prior.name}, device: {dev})")
     _fit(viewer_port, cfg, out_dir, lambda callbacks: pipeline.fit(
         cfg, out_dir, choice, dev, resume=checkpoint, clip=clip, extra_callbacks=callbacks))
-    names = "model.ply" if cfg.train.particles == 1 else f"model_0.ply ... model_{cfg.train.particles - 1}.ply"
-    pipeline.progress_echo(f"wrote {out_dir / names}")
+    from recdreamer_gs.callbacks import model_names
+
+    names = model_names(cfg)
+    shown = names if len(names) <= 4 else [names[0], "...", names[-1]]
+    pipeline.progress_echo(f"wrote {', '.join(shown)} in {out_dir}")
 
 
 # -- prompt sets (batch.py: Ray is imported only when runs start) ------------------------------
@@ -434,8 +443,8 @@ def view_cmd(
 @command("export")
 def export_cmd(
     ply: Path = typer.Argument(..., help="Input 3DGS .ply."),
-    target: Path = typer.Argument(..., help="Output: .ply or .splat (Gaussians), .glb or .obj (mesh), "
-                                  ".ply with --mesh (mesh)."),
+    target: Path = typer.Argument(..., help="Output: .ply, .splat, .spz or .sog (Gaussians), .glb or .obj "
+                                  "(mesh), .ply with --mesh (mesh)."),
     frame_in: str = typer.Option("viewer", "--from-frame", help="Frame of the input: viewer | y-up."),
     frame_out: str = typer.Option("viewer", "--to-frame", help="Frame of the output (Gaussians or mesh): viewer "
                                   "(as model.ply) | y-up (the internal frame; glTF viewers assume +y up)."),
@@ -445,8 +454,9 @@ def export_cmd(
                                    "(0: 256 on CUDA, 128 on CPU)."),
     device: str = typer.Option("auto", help="Mesh: device for the renders (auto | cpu | cuda)."),
 ) -> None:
-    """Convert a PLY to .splat or between frames, or extract a coloured triangle mesh (.glb/.obj/.ply)."""
-    from recdreamer_gs.export import convert
+    """Convert a PLY to .splat, .spz (Spark), .sog (SuperSplat, PlayCanvas) or between frames, or extract a
+    coloured triangle mesh (.glb/.obj/.ply)."""
+    from recdreamer_gs.convert import convert
 
     err_console.print(convert(ply, target, frame_in, frame_out, mesh, faces, resolution, device), highlight=False)
 

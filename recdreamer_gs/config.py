@@ -265,8 +265,10 @@ class TrainConfig(ConfigNode):
 @dataclass
 class OutputConfig(ConfigNode):
     root: str = "outputs"  # parent folder of the run folders
-    ply_frame: Literal["viewer", "y-up"] = "viewer"  # viewer: COLMAP-style y-down frame (docs/frames.md)
-    write_splat: bool = False  # also write model.splat (antimatter15 format)
+    ply_frame: Literal["viewer", "y-up"] = "viewer"  # frame of every model and mesh file; viewer: y down (docs/frames.md)
+    # Files of the final Gaussians, model.<name>: any of ply, splat, spz, sog (the table in outputs.py;
+    # docs/outputs.md says which viewer reads which). Written at the end, on Ctrl-C and by the viewer.
+    formats: list[str] = field(default_factory=lambda: ["ply"])
     turntable_frames: Count = 24  # frames of the final turntable.gif and turntable.mp4 (0: none)
     clip_model: Optional[str] = None  # CLIP repo id or folder: adds cEnt and the CLIP score to metrics.json
     mesh: Literal["none", "glb", "obj", "ply"] = "none"  # also write mesh.<ext>: TSDF-fused mesh, vertex colours
@@ -274,6 +276,12 @@ class OutputConfig(ConfigNode):
     logger: Literal["csv", "tensorboard"] = "csv"  # tensorboard: TensorBoard event files too (optional extra)
 
     def check(self, path: str) -> None:
+        from recdreamer_gs.outputs import names
+
+        known = names("gaussians")
+        if not self.formats or any(f not in known for f in self.formats) or len(set(self.formats)) < len(self.formats):
+            raise ConfigError(f"{join(path, 'formats')}: expected a list of distinct names out of {', '.join(known)}, "
+                              f"e.g. [ply, spz]; got {self.formats!r}")
         if self.logger == "tensorboard" and not tensorboard_installed():
             raise ConfigError(f"{join(path, 'logger')}=tensorboard needs the tensorboard package: pip install "
                               "'recdreamer-gs[tensorboard]' (or pip install tensorboard), or use output.logger=csv")
@@ -468,6 +476,12 @@ def load_config(
 
 def config_from_data(data: dict) -> RunConfig:
     """A validated RunConfig from a YAML-shaped mapping; each stage's ``distill`` is merged over the run's."""
+    output = data.get("output")
+    if isinstance(output, dict) and "write_splat" in output:
+        # Run folders written before output.formats (it replaced output.write_splat) resume as they were.
+        upgraded = {k: v for k, v in output.items() if k != "write_splat"}
+        upgraded.setdefault("formats", ["ply", "splat"] if output["write_splat"] else ["ply"])
+        data = dict(data, output=upgraded)
     stages = data.get("stages") or []
     if isinstance(stages, list):
         data = dict(data, stages=[

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
     from recdreamer_gs.config import RunConfig
 
-PACKAGES = ("torch", "gsplat", "diffusers", "transformers", "peft", "lightning", "open3d", "huggingface_hub",
-            "ray")
+PACKAGES = ("torch", "gsplat", "diffusers", "transformers", "peft", "lightning", "open3d", "huggingface_hub", "ray",
+            "gsply", "sogpy")
 
 
 def version(package: str) -> str:

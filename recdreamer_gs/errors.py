@@ -8,6 +8,9 @@ traceback. Everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import sys
+
 
 class UserError(Exception):
     """Input or environment the user can fix; ``str()`` is one line: what was wrong and what to do."""
@@ -21,3 +24,43 @@ class Diverged(RuntimeError):
 class ModelMismatch(UserError, ValueError):
     """A model's parts do not fit each other or the run's settings (a VAE whose latents the UNet cannot take, a
     render size the VAE cannot divide); the message names the model, the two values and the setting to change."""
+
+
+# Causes said in words (true of a read and of a write), and what to do about a failed write.
+_OS_WORDS: dict[int, str] = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than the file system or the file size limit (ulimit -f) allows",
+    errno.EROFS: "the file system is read-only",
+    errno.EIO: "the disk reported an input/output error",
+    errno.ESTALE: "the network share went away (stale file handle)",
+}
+_OS_REMEDIES: dict[int, str] = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space or raise the quota",
+    errno.EFBIG: "write to another disk or raise the limit",
+    errno.EROFS: "remount it writable or write elsewhere",
+    errno.EIO: "check the disk or network share",
+    errno.ESTALE: "remount the share",
+    errno.EACCES: "restore write permission on the folder",
+    errno.EPERM: "restore write permission on the folder",
+    errno.ENOENT: "restore the folder",
+}
+
+
+def os_cause(err: OSError) -> str:
+    """The cause of a failed file operation, in words where the system's own are terse, e.g.
+    "the disk is full (No space left on device)"; else the system's text ("Permission denied")."""
+    detail = err.strerror or str(err)
+    words = _OS_WORDS.get(err.errno or -1)
+    return f"{words} ({detail})" if words else detail
+
+
+def os_remedy(err: OSError) -> str:
+    """What to do about a failed write, e.g. "free some space" (empty when there is no known step)."""
+    return _OS_REMEDIES.get(err.errno or -1, "")
+
+
+def warn(text: str) -> None:
+    """One warning line on stderr: something the user should know that does not stop the command."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)

@@ -1,5 +1,8 @@
 """Standard 3DGS ``.ply`` / antimatter15 ``.splat`` writers, the PLY reader and atomic file writes.
 
+The bottom of the package's file handling (it imports only ``errors``): ``outputs.py`` builds the table of
+every output format on it, and the ``export`` command (``convert.py``) sits above both.
+
 The PLY is the INRIA 3DGS layout (README, "What a run makes"): ``binary_little_endian``, one ``vertex``
 element of 62 float32 properties (248 bytes per Gaussian), normals zero, ``f_rest`` channel-major
 and zero-padded to 45, no header comments. Stored values are the raw parameters (log scales,
@@ -13,9 +16,11 @@ assume; quaternions and SH bands are rotated with it. ``frame="y-up"`` writes th
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 import shutil
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Iterator, Literal, Mapping, Optional
@@ -25,7 +30,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from recdreamer_gs.errors import UserError
+from recdreamer_gs.errors import UserError, warn
 
 PlyFrame = Literal["viewer", "y-up"]
 
@@ -33,13 +38,17 @@ LOG_SCALE_CLAMP = 20.0  # |log scale| limit on export: exp(±20) covers any sane
 MAX_SH_REST = 15  # SH degree 3: (3+1)^2 - 1 coefficients beyond DC, the most the INRIA layout holds
 PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 
-# The INRIA property order (graphdeco-inria/gaussian-splatting, GaussianModel.save_ply).
-PLY_PROPERTIES: tuple[str, ...] = (
-    ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2")
-    + tuple(f"f_rest_{i}" for i in range(3 * MAX_SH_REST))
-    + ("opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
-)
-_PLY_DTYPE = np.dtype([(name, "<f4") for name in PLY_PROPERTIES])  # 62 x float32 = 248 bytes
+
+
+def ply_properties(sh_rest: int = MAX_SH_REST) -> tuple[str, ...]:
+    """The INRIA property order (graphdeco-inria/gaussian-splatting, GaussianModel.save_ply) with ``sh_rest``
+    SH coefficients per channel beyond DC."""
+    return (("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2")
+            + tuple(f"f_rest_{i}" for i in range(3 * sh_rest))
+            + ("opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"))
+
+
+PLY_PROPERTIES = ply_properties()  # 62 x float32 = 248 bytes per Gaussian
 _REQUIRED = ("x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
              "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
 
@@ -53,6 +62,26 @@ class PlyError(UserError, ValueError):
     """A PLY file is missing, unreadable or lacks the 3DGS properties."""
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a Gaussian writer put into one file."""
+
+    path: Path
+    gaussians: int  # rows written
+    dropped: int = 0  # Gaussians left out because a parameter was NaN or infinite
+    note: str = ""  # anything else the format changed, in words (e.g. SH bands it could not hold)
+
+    def details(self) -> str:
+        """E.g. ``1,024 Gaussians; 3 with non-finite values left out``."""
+        extra = [f"{self.dropped:,} with non-finite values left out"] if self.dropped else []
+        extra += [self.note] if self.note else []
+        return "; ".join([f"{self.gaussians:,} Gaussians", *extra])
+
+    def describe(self) -> str:
+        """E.g. ``model.spz (1,024 Gaussians; 3 with non-finite values left out)``."""
+        return f"{self.path.name} ({self.details()})"
+
+
 # -- atomic writes ----------------------------------------------------------------------------
 
 
@@ -61,16 +90,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temp path with ``path``'s name (for writers that pick the format from it or print the name),
     in a fresh hidden folder next to ``path``; on success it is renamed onto ``path``.
 
-    Same folder, same file system: ``os.replace`` is an atomic rename. On any error the temp file
-    is removed and an existing ``path`` is left untouched.
+    Same folder, same file system: ``os.replace`` is an atomic rename. On any error the temp folder
+    is removed and an existing ``path`` is left untouched; an ``OSError`` is raised again with
+    ``path`` as its file name (not the temp name), so that messages name the file the user knows.
     """
     path = Path(path)
     folder = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    folder.mkdir()
-    tmp = folder / path.name
     try:
+        folder.mkdir()
+        tmp = folder / path.name
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err  # the subclass follows errno
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # whatever a failed writer left there
 
@@ -199,42 +233,55 @@ def finite_rows(params: Mapping[str, Tensor]) -> Bool[Tensor, "N"]:
 # -- writers ----------------------------------------------------------------------------------
 
 
-def ply_rows(p: Mapping[str, Tensor]) -> np.ndarray:
-    """Structured array in the INRIA layout from prepared params (see ``prepare_for_export``)."""
+def ply_rows(p: Mapping[str, Tensor], sh_rest: int = MAX_SH_REST) -> np.ndarray:
+    """Structured array in the INRIA layout from prepared params (see ``prepare_for_export``), with
+    ``sh_rest`` coefficients per channel beyond DC (zero-padded)."""
     n = p["means"].shape[0]
-    sh_n = p["shN"]
-    padded = torch.zeros(n, MAX_SH_REST, 3)
+    sh_n = p["shN"][:, :sh_rest]
+    padded = torch.zeros(n, sh_rest, 3)
     padded[:, : sh_n.shape[1]] = sh_n
-    f_rest = padded.permute(0, 2, 1).reshape(n, 3 * MAX_SH_REST)  # channel-major: index c*15 + k
+    f_rest = padded.permute(0, 2, 1).reshape(n, 3 * sh_rest)  # channel-major: index c*K + k
     flat = torch.cat([
         p["means"], torch.zeros(n, 3), p["sh0"].reshape(n, 3), f_rest,
         p["opacities"].reshape(n, 1), p["scales"], p["quats"],
     ], dim=1)
     data = np.ascontiguousarray(flat.numpy().astype("<f4"))
-    return data.view(_PLY_DTYPE).reshape(n)
+    dtype = np.dtype([(name, "<f4") for name in ply_properties(sh_rest)])
+    return data.view(dtype).reshape(n)
 
 
-def write_ply(path: str | Path, params: Mapping[str, Tensor], frame: PlyFrame = "viewer") -> int:
-    """Write the standard 3DGS PLY atomically; returns the number of Gaussians written."""
+def ply_bytes(p: Mapping[str, Tensor], sh_rest: int = MAX_SH_REST) -> bytes:
+    """The 3DGS PLY of prepared params (see ``prepare_for_export``) with ``sh_rest`` SH coefficients
+    per channel beyond DC (the INRIA layout's 15, zero-padded; or only those the Gaussians have)."""
     from plyfile import PlyData, PlyElement
 
+    buffer = io.BytesIO()
+    PlyData([PlyElement.describe(ply_rows(p, sh_rest), "vertex")], text=False, byte_order="<").write(buffer)
+    return buffer.getvalue()
+
+
+def write_ply(path: str | Path, params: Mapping[str, Tensor], frame: PlyFrame = "viewer") -> Written:
+    """Write the standard 3DGS PLY atomically (non-finite Gaussians left out)."""
     p = prepare_for_export(params, frame)
-    rows = ply_rows(p)
-    ply = PlyData([PlyElement.describe(rows, "vertex")], text=False, byte_order="<")
-    with _atomic_open(path) as f:
-        ply.write(f)
-    return int(rows.shape[0])
+    atomic_write_bytes(path, ply_bytes(p))
+    return written(path, params, p)
 
 
-def write_splat(path: str | Path, params: Mapping[str, Tensor], frame: PlyFrame = "viewer") -> int:
-    """Write the antimatter15 ``.splat`` (32 bytes per Gaussian) atomically; returns rows written."""
+def write_splat(path: str | Path, params: Mapping[str, Tensor], frame: PlyFrame = "viewer") -> Written:
+    """Write the antimatter15 ``.splat`` (32 bytes per Gaussian) atomically (non-finite Gaussians left out)."""
     from gsplat import export_splats
 
     p = prepare_for_export(params, frame)
     data = export_splats(p["means"], p["scales"], p["quats"], p["opacities"], p["sh0"], p["shN"],
                          format="splat")
     atomic_write_bytes(path, data)
-    return len(data) // 32
+    return written(path, params, p)
+
+
+def written(path: str | Path, params: Mapping[str, Tensor], prepared: Mapping[str, Tensor], note: str = "") -> Written:
+    """The ``Written`` of a file made from ``prepared = prepare_for_export(params)``."""
+    n = int(prepared["means"].shape[0])
+    return Written(Path(path), n, int(params["means"].shape[0]) - n, note)
 
 
 # -- reader -----------------------------------------------------------------------------------
@@ -302,32 +349,52 @@ def read_ply(path: str | Path, frame: PlyFrame = "viewer", sh_degree: Optional[i
     return p
 
 
-# -- the export command -----------------------------------------------------------------------
-
-
-def convert(source: str | Path, target: str | Path, frame_in: PlyFrame = "viewer", frame_out: PlyFrame = "viewer",
-            mesh: bool = False, faces: int = 0, resolution: int = 0, device: str = "auto") -> str:
-    """``recdreamer-gs export``: a 3DGS PLY to .ply/.splat (Gaussians) or to a triangle mesh (.glb, .obj,
-    .ply with ``mesh``); returns one line saying what was written."""
-    target = Path(target)
-    check_frame(frame_in, "--from-frame")
-    check_frame(frame_out, "--to-frame")
-    suffix = target.suffix.lower()
-    if suffix in (".glb", ".obj") or (mesh and suffix == ".ply"):
-        from recdreamer_gs.mesh import export_mesh
-        from recdreamer_gs.pipeline import resolve_device
-
-        result = export_mesh(source, target, frame_in, frame_out, faces, resolution, resolve_device(str(device)))
-        return (f"wrote {target} ({result.vertices} vertices, {result.faces} triangles from {result.views} views "
-                f"in {result.seconds:.1f} s)")
-    if mesh or faces or resolution:
-        raise PlyError(f"output {target}: a mesh (--mesh, --faces, --resolution) needs a .glb or .obj file name, "
-                       f"or .ply with --mesh; got {suffix or 'no suffix'}")
-    if suffix not in (".ply", ".splat"):
-        raise PlyError(f"output {target}: expected a .ply, .splat, .glb or .obj file name, got {suffix or 'no suffix'}")
-    params = read_ply(source, frame=frame_in)
+def is_splat_ply(path: str | Path) -> bool:
+    """Whether a ``.ply`` holds 3DGS Gaussians: its header names their properties (read from the header only)."""
     try:
-        n = (write_ply if suffix == ".ply" else write_splat)(target, params, frame=frame_out)
-    except OSError as err:
-        raise PlyError(f"cannot write {target}: {err.strerror or err}") from None
-    return f"wrote {target} ({n} Gaussians)"
+        with open(path, "rb") as f:
+            head = f.read(64 * 1024)
+    except OSError:
+        return False
+    header = head.split(b"end_header", 1)[0].decode("ascii", "replace").split()
+    return head.startswith(b"ply") and all(name in header for name in _REQUIRED)
+
+
+def non_finite_summary(params: Mapping[str, Tensor]) -> str:
+    """Which parameters are NaN or infinite and in how many Gaussians, e.g. ``scales: 3, opacities: 1``."""
+    parts = []
+    for key, v in params.items():
+        bad = ~torch.isfinite(v.flatten(1) if v.ndim > 1 else v[:, None]).all(dim=1)
+        if bool(bad.any()):
+            parts.append(f"{key}: {int(bad.sum()):,}")
+    return ", ".join(parts)
+
+
+def trim_sh(sh_n: Float[Tensor, "N K 3"]) -> Float[Tensor, "N L 3"]:
+    """The SH coefficients up to the highest degree that has a non-zero one (the INRIA layout pads every
+    file to degree 3: a model of degree 0 reads back as 15 zero coefficients)."""
+    for k, lower in ((15, 8), (8, 3), (3, 0)):
+        if sh_n.shape[1] == k and not sh_n[:, lower:].any():
+            sh_n = sh_n[:, :lower]
+    return sh_n
+
+
+def read_splats(path: str | Path, frame: PlyFrame = "viewer") -> dict[str, Tensor]:
+    """``read_ply`` for the commands that use the Gaussians (render, view, eval, export, --init-from): SH bands
+    that are all zero are dropped (``trim_sh``); Gaussians with a NaN or infinite parameter are left out with
+    a warning that says which; a file with none left is an error."""
+    params = read_ply(path, frame=frame)
+    params["shN"] = trim_sh(params["shN"])
+    n = int(params["means"].shape[0])
+    if n == 0:
+        raise PlyError(f"{path}: the file holds no Gaussians (its vertex element is empty)")
+    keep = finite_rows(params)
+    kept = int(keep.sum())
+    if kept == n:
+        return params
+    what = f"NaN or infinite values ({non_finite_summary(params)} Gaussians)"
+    if kept == 0:
+        raise PlyError(f"{path}: all {n:,} Gaussians have {what}; the file holds nothing to show or convert "
+                       "(was it written by a run that diverged?)")
+    warn(f"{path}: {n - kept:,} of {n:,} Gaussians have {what}; they are left out")
+    return {k: v[keep] for k, v in params.items()}

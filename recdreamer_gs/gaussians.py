@@ -50,20 +50,31 @@ def random_sphere_points(n: int, radius: float, generator: torch.Generator) -> F
 
 
 def load_points(path: str | Path, n: int, radius: float) -> tuple[Tensor, Optional[Tensor]]:
-    """Points (and colours if present) from a point cloud or mesh, centred and scaled into ``radius``.
+    """Points (and colours if present) from a point cloud, mesh or 3DGS splat PLY, centred and scaled into
+    ``radius``.
 
-    Meshes are sampled uniformly on their surface (open3d); point clouds are subsampled to ``n``.
+    Meshes are sampled uniformly on their surface (open3d); point clouds are subsampled to ``n``. A 3DGS PLY
+    (e.g. a ``model.ply``) gives its Gaussians' centres and DC colours, read in the viewer frame as the
+    other commands read it (open3d would take it for a point cloud in the file's y-down frame).
     """
     import numpy as np
     import open3d as o3d
+
+    from recdreamer_gs.export import is_splat_ply, read_splats
 
     path = Path(path)
     if not path.is_file():
         raise InitError(f"--init-from: file {path} does not exist")
     suffix = path.suffix.lower()
     points = colors = None
-    if suffix in {".obj", ".glb", ".gltf", ".off", ".stl", ".fbx"} or suffix == ".ply":
-        mesh = o3d.io.read_triangle_mesh(str(path))
+    if suffix == ".ply" and is_splat_ply(path):
+        params = read_splats(path)
+        points, colors = params["means"].numpy(), sh0_to_rgb(params["sh0"].reshape(-1, 3)).clamp(0, 1).numpy()
+    # open3d's own console warnings (e.g. "appears to be a PointCloud") stay quiet: what matters is raised below.
+    quiet = o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error)
+    if points is None and (suffix in {".obj", ".glb", ".gltf", ".off", ".stl", ".fbx"} or suffix == ".ply"):
+        with quiet:
+            mesh = o3d.io.read_triangle_mesh(str(path))
         if len(mesh.triangles) > 0:
             cloud = mesh.sample_points_uniformly(number_of_points=n)
             points = np.asarray(cloud.points)
@@ -74,14 +85,15 @@ def load_points(path: str | Path, n: int, radius: float) -> tuple[Tensor, Option
                 f"--init-from: cannot read {path.name}; expected a mesh (.obj .ply .glb .off .stl) "
                 "or a point cloud (.ply .pcd .xyz .pts)"
             )
-        cloud = o3d.io.read_point_cloud(str(path))
+        with quiet:
+            cloud = o3d.io.read_point_cloud(str(path))
         points = np.asarray(cloud.points)
         colors = np.asarray(cloud.colors) if cloud.has_colors() else None
-        if len(points) > n:
-            keep = np.random.default_rng(0).choice(len(points), n, replace=False)
-            points = points[keep]
-            colors = colors[keep] if colors is not None else None
-    if points is None or len(points) == 0 or not np.isfinite(points).all():
+    if len(points) > n:
+        keep = np.random.default_rng(0).choice(len(points), n, replace=False)
+        points = points[keep]
+        colors = colors[keep] if colors is not None else None
+    if len(points) == 0 or not np.isfinite(points).all():
         raise InitError(f"--init-from: {path} holds no readable points (empty or corrupt file)")
     pts = torch.as_tensor(points, dtype=torch.float32)
     pts = pts - pts.mean(dim=0)

@@ -5,7 +5,7 @@ from rings of cameras around the object, cut the background out by alpha, fuse t
 truncated signed distance volume (open3d's sparse voxel-block grid; voxel size from the object's
 extent), run marching cubes, keep the largest connected piece and optionally decimate it, then colour
 the vertices from the renders that see them. The mesh is written in the same frame as the splat PLY
-(viewer frame by default, see ``export.py``).
+(viewer frame by default, see ``export.py``); the files are written by ``outputs.py``.
 
 Depth: the renderer returns the alpha-normalised expected z-depth along the camera axis (not the
 distance along the ray), which is what open3d's integration expects. It averages the Gaussians'
@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,10 +36,8 @@ from torch import Tensor
 
 from recdreamer_gs.cameras import Cameras, look_at
 from recdreamer_gs.errors import UserError
-from recdreamer_gs.export import X180_AXES, PlyFrame, atomic_path, atomic_write_bytes, read_ply
-
-MeshFormat = Literal["glb", "obj", "ply"]
-MESH_SUFFIXES = (".glb", ".obj", ".ply")
+from recdreamer_gs.export import PlyFrame, read_splats
+from recdreamer_gs.outputs import check_writable, output_for, write_mesh
 
 
 class MeshError(UserError, ValueError):
@@ -261,71 +259,7 @@ def colour_vertices(mesh, rgb: Tensor, alpha: Tensor, cameras: Cameras, alpha_th
     mesh.vertex_colors = o3d.utility.Vector3dVector(np.clip(colours, 0.0, 1.0))
 
 
-# -- frames and files ------------------------------------------------------------------------
-
-
-def to_frame(mesh, frame: PlyFrame):
-    """A copy of ``mesh`` (internal y-up) in the file's frame: ``viewer`` rotates 180° about x."""
-    import copy
-
-    out = copy.deepcopy(mesh)
-    if frame == "viewer":
-        out.rotate(np.diag(X180_AXES), center=np.zeros(3))  # a rotation: winding and normals stay valid
-    elif frame != "y-up":
-        raise ValueError(f"frame must be 'viewer' or 'y-up', got {frame!r}")
-    return out
-
-
-def _matte_material(tree: dict) -> None:
-    """glTF's default material is fully metallic (dark under most lights): give the primitives a matte
-    white one, which the vertex colours (COLOR_0) multiply."""
-    tree.setdefault("materials", []).append(
-        {"name": "vertex colours", "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0],
-                                                            "metallicFactor": 0.0, "roughnessFactor": 1.0}})
-    for mesh in tree.get("meshes", []):
-        for primitive in mesh["primitives"]:
-            primitive["material"] = len(tree["materials"]) - 1
-
-
-def glb_bytes(mesh) -> bytes:
-    """A binary glTF 2.0 of an open3d mesh (positions, unit normals, RGBA8 vertex colours, uint32 indices).
-
-    trimesh writes it: open3d's own GLB writer puts the buffer in a data URI inside the container and
-    declares a wrong index maximum, which strict importers and the Khronos validator reject.
-    """
-    import trimesh
-    from trimesh.exchange.gltf import export_glb
-
-    colours = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else np.full((len(mesh.vertices), 3), 0.7)
-    if not mesh.has_vertex_normals():
-        mesh.compute_vertex_normals()
-    rgba = np.concatenate([np.round(np.clip(colours, 0, 1) * 255), np.full((len(colours), 1), 255)], axis=1)
-    tm = trimesh.Trimesh(vertices=np.asarray(mesh.vertices), faces=np.asarray(mesh.triangles),
-                         vertex_normals=np.asarray(mesh.vertex_normals), vertex_colors=rgba.astype(np.uint8),
-                         process=False)
-    return export_glb(tm, include_normals=True, tree_postprocessor=_matte_material)
-
-
-def write_mesh(path: str | Path, mesh, frame: PlyFrame = "viewer") -> None:
-    """Write ``.glb``, ``.obj`` or binary ``.ply`` with vertex colours and normals, atomically."""
-    import open3d as o3d
-
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in MESH_SUFFIXES:
-        raise MeshError(f"{path}: expected a mesh file name ending in {', '.join(MESH_SUFFIXES)}, "
-                        f"got {suffix or 'no suffix'}")
-    out = to_frame(mesh, frame)
-    if suffix == ".glb":
-        atomic_write_bytes(path, glb_bytes(out))
-        return
-    with atomic_path(path) as tmp, o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
-        # OBJ: "v x y z r g b" lines (the common vertex-colour extension), no material file.
-        ok = o3d.io.write_triangle_mesh(str(tmp), out, write_ascii=False, compressed=False,
-                                        write_vertex_normals=True, write_vertex_colors=True,
-                                        write_triangle_uvs=False, print_progress=False)
-        if not ok or not tmp.is_file():
-            raise OSError(f"open3d could not write {path.name}")
+# -- files ------------------------------------------------------------------------------------
 
 
 def load_gaussians(ply: str | Path, frame: PlyFrame = "viewer", device: str | torch.device = "cpu"):
@@ -333,31 +267,17 @@ def load_gaussians(ply: str | Path, frame: PlyFrame = "viewer", device: str | to
     from recdreamer_gs.config import GaussiansConfig
     from recdreamer_gs.gaussians import Gaussians
 
-    params = read_ply(ply, frame=frame)
+    params = read_splats(ply, frame=frame)
     degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(params["shN"].shape[1], 0)
     return Gaussians(params, GaussiansConfig(sh_degree=degree)).to(device)
-
-
-def check_writable(path: Path) -> None:
-    """Fail before the (slow) extraction when the target cannot be written."""
-    import os
-
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise MeshError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise MeshError(f"cannot write {path}: no permission to write in {folder}")
-    if path.is_dir():
-        raise MeshError(f"cannot write {path}: it is a folder")
 
 
 def export_mesh(ply: str | Path, target: str | Path, frame_in: PlyFrame = "viewer", frame_out: PlyFrame = "viewer",
                 faces: int = 0, resolution: int = 0, device: str | torch.device = "cpu") -> MeshResult:
     """``recdreamer-gs export model.ply mesh.glb``: read the splat PLY, extract, write ``target``."""
     target = Path(target)
-    if target.suffix.lower() not in MESH_SUFFIXES:
-        raise MeshError(f"{target}: expected a mesh file name ending in {', '.join(MESH_SUFFIXES)}, "
-                        f"got {target.suffix or 'no suffix'}")
+    if output_for(target, mesh=True).kind != "mesh":
+        raise MeshError(f"{target}: expected a mesh file name ending in .glb, .obj or .ply, got {target.suffix}")
     if faces < 0:
         raise MeshError(f"--faces: expected 0 (keep all) or a positive number of triangles, got {faces}")
     if resolution != 0 and not 16 <= resolution <= 2048:

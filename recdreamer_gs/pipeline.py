@@ -180,13 +180,15 @@ class TrainingFailed(RuntimeError):
 
 
 def training_failure(err: BaseException, system, cfg: RunConfig, out_dir: Path) -> TrainingFailed:
-    """The one-line report of an error raised while training: OOM names the settings to lower, other errors
-    keep their traceback in ``error.log`` of the run folder."""
+    """The one-line report of an error raised while training: OOM names the settings to lower, a failed write
+    names the file and the cause in words (exit code 2 for both), other errors keep their traceback in
+    ``error.log`` of the run folder. Each ends with what was kept and how to go on (``kept_state``)."""
     import traceback
 
-    from recdreamer_gs.errors import Diverged
+    from recdreamer_gs.errors import Diverged, os_cause
 
     oom = isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+    failed_write = first_os_error(err)
     if oom:
         cause = (f"out of memory; lower camera.batch_size (now {cfg.camera.batch_size}), the render size "
                  f"camera.resolution (now {cfg.camera.resolution}) or prior.sd.latent_resolution (now "
@@ -194,18 +196,74 @@ def training_failure(err: BaseException, system, cfg: RunConfig, out_dir: Path) 
                  f"{cfg.densify.max_gaussians}), e.g. --set camera.batch_size=1")
     elif isinstance(err, Diverged):
         cause = str(err)
+    elif failed_write is not None:
+        cause = f"cannot write {failed_write.filename or out_dir}: {os_cause(failed_write)}"
     else:
-        (out_dir / "error.log").write_text("".join(traceback.format_exception(err)))
+        from recdreamer_gs.export import atomic_write_bytes
+
         first = (str(err).strip().splitlines() or [""])[0]
-        cause = f"{type(err).__name__}: {first} (traceback in {out_dir / 'error.log'})"
-    resume = f"continue with: recdreamer-gs run --resume {out_dir}"
-    if getattr(system, "saved_on_exception", False):
-        kept = f"checkpoint and model.ply written; {resume}"
-    elif (out_dir / "checkpoints" / "last.ckpt").is_file():
-        kept = f"the Gaussians were no longer finite; the last checkpoint on disk is kept; {resume}"
-    else:
-        kept = "the Gaussians were no longer finite and no checkpoint was written"
-    return TrainingFailed(f"training stopped at iteration {system.iteration}: {cause}; {kept}", 2 if oom else 1)
+        log = out_dir / "error.log"
+        try:
+            atomic_write_bytes(log, "".join(traceback.format_exception(err)).encode())
+            where = f"traceback in {log}"
+        except OSError as log_err:
+            where = f"the traceback could not be saved: {os_cause(log_err)}"
+        cause = f"{type(err).__name__}: {first} ({where})"
+    kept = kept_state(system, out_dir, failed_write)
+    return TrainingFailed(f"training stopped at iteration {system.iteration}: {cause}; {kept}",
+                          2 if oom or failed_write is not None else 1)
+
+
+def first_os_error(err: BaseException) -> Optional[OSError]:
+    """The write that failed first when ``err`` is an ``OSError``. Lightning flushes the loggers after the
+    callbacks ran, so on a full disk their failure is raised with the first one as its ``__context__``; a write
+    through ``export.atomic_path`` is raised again with the target's name, its raw error as context."""
+    chain: list[OSError] = []
+    while isinstance(err, OSError) and err not in chain:
+        chain.append(err)
+        err = err.__context__
+    named = [e for e in chain if e.filename]
+    return (named or chain or [None])[-1]
+
+
+def kept_files(out_dir: Path) -> str:
+    """The files of a run folder that ``--resume`` and the viewers use, e.g. ``checkpoints/last.ckpt
+    (iteration 40) and model.ply``; empty when there are none."""
+    from recdreamer_gs.outputs import OUTPUTS
+
+    parts = []
+    ckpt = out_dir / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        try:  # mmap: only the small entries are read, not the tensors
+            saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+            stage = f" of stage {saved['stage'] + 1}" if saved.get("stage") else ""
+            parts.append(f"checkpoints/last.ckpt (iteration {saved['iteration']}{stage})")
+        except Exception:  # noqa: BLE001 - a foreign or damaged file is still named
+            parts.append("checkpoints/last.ckpt")
+    suffixes = {o.suffix for o in OUTPUTS if o.kind == "gaussians"}
+    parts += sorted(p.name for p in out_dir.glob("model*") if p.suffix in suffixes and p.is_file())
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)
+
+
+def kept_state(system, out_dir: Path, failed_write: Optional[OSError] = None) -> str:
+    """What a stopped run left in its folder and how to go on: the ``--resume`` command, after what to fix first
+    when a write failed (e.g. "free some space"), or to start again when no checkpoint was written."""
+    from recdreamer_gs.errors import os_remedy
+
+    failed_write = failed_write or getattr(system, "save_error", None)
+    if not out_dir.is_dir():
+        return "nothing was kept: the run folder is gone; start the run again"
+    fix = os_remedy(failed_write) if failed_write is not None else ""
+    then = f"{fix}, then " if fix else ""
+    why = ""
+    if failed_write is not None and not getattr(system, "saved_on_exception", False):
+        why = "nothing more could be written; "
+    elif getattr(system, "non_finite", False):
+        why = "the Gaussians were no longer finite; "
+    files = kept_files(out_dir)
+    if (out_dir / "checkpoints" / "last.ckpt").is_file():
+        return f"{why}kept {files}; {then}continue with: recdreamer-gs run --resume {out_dir}"
+    return f"{why}no checkpoint was written{f' (kept {files})' if files else ''}; {then}start the run again"
 
 
 def read_resume(out_dir: Path) -> tuple[RunConfig, dict]:
@@ -318,6 +376,17 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     if resume is not None:
         system.restore(resume)
         start = system.iteration
+    if resume is not None and start >= cfg.train.steps:
+        # Training was done but the files of its end were not all written (no metrics.json, e.g. the disk filled
+        # up): write them now. Not through Trainer.fit, which skips its end hooks when nothing is left to train.
+        system.to(device)
+        export = ExportAndMetrics(cfg, out_dir, timings=timings)
+        export.start_time, export.start_iteration = time.perf_counter(), start
+        try:
+            export.finish(system)
+        except OSError as err:
+            raise training_failure(err, system, cfg, out_dir) from err
+        return system
     data = CameraDataModule(cfg.camera, cfg.train.steps, derive_seed(cfg.train.seed, "stage", stage),
                             cfg.render.background, start=start)
     callbacks: list = [
@@ -353,8 +422,7 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     except SystemExit:
         # Lightning turns Ctrl-C into sys.exit(1) after the callbacks ran (Checkpointer saved).
         if system.interrupted:
-            raise Interrupted(f"interrupted at iteration {system.iteration}; checkpoint and model.ply are in "
-                              f"{out_dir}; continue with: recdreamer-gs run --resume {out_dir}") from None
+            raise Interrupted(f"interrupted at iteration {system.iteration}; {kept_state(system, out_dir)}") from None
         raise
     except Exception as err:  # noqa: BLE001 - every failure after training started: Checkpointer kept the state
         raise training_failure(err, system, cfg, out_dir) from err
@@ -389,9 +457,13 @@ def prepare(cfg: RunConfig, fresh: bool = True) -> tuple[torch.device, PriorChoi
     if not fresh:
         return device, choice, None
     if cfg.gaussians.init_from:
+        from recdreamer_gs.export import is_splat_ply
         from recdreamer_gs.gaussians import load_points
 
-        load_points(cfg.gaussians.init_from, cfg.gaussians.num_init, cfg.gaussians.init_radius)
+        points, _ = load_points(cfg.gaussians.init_from, cfg.gaussians.num_init, cfg.gaussians.init_radius)
+        if is_splat_ply(cfg.gaussians.init_from):
+            progress_echo(f"--init-from {cfg.gaussians.init_from}: a 3DGS splat file; starting from the centres and "
+                          f"colours of {len(points):,} of its Gaussians (viewer frame, as model.ply is written)")
     return device, choice, build_clip(cfg, device)
 
 
@@ -412,11 +484,14 @@ def prepare_resume(run_dir: Path, steps: Optional[int] = None, device: Optional[
     stage = int(checkpoint.get("stage", 0))
     stage_steps = cfg.stages[stage].steps if cfg.stages else cfg.train.steps
     done = checkpoint["iteration"]
-    if stage >= len(cfg.stages) - 1 and done >= stage_steps:
+    finished = stage >= len(cfg.stages) - 1 and done >= stage_steps
+    if finished and (Path(run_dir) / "metrics.json").is_file():
         raise RunError(f"--resume {run_dir}: the run already finished {done} of {stage_steps} iterations; "
                        f"pass --steps N with N > {done} to extend it")
     where = f" of stage {stage + 1}/{len(cfg.stages)}" if cfg.stages else ""
-    return cfg, checkpoint, f"at iteration {done} of {stage_steps}{where}"
+    # A run whose final files were not all written (no metrics.json, e.g. the disk filled up) writes them now.
+    return cfg, checkpoint, f"at iteration {done} of {stage_steps}{where}" + (
+        " (training done; writing its files)" if finished else "")
 
 
 def scoring_pose_setup(cfg: RunConfig, from_templates: bool

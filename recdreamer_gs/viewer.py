@@ -234,15 +234,10 @@ def ply_paths(paths: Sequence[Path]) -> list[Path]:
 
 def open_plys(paths: Sequence[Path], port: int = DEFAULT_PORT, frame: str = "viewer") -> Viewer:
     """A viewer showing these 3DGS PLY files side by side (read first: a bad file starts no server)."""
-    from recdreamer_gs.export import PlyError, read_ply
+    from recdreamer_gs.export import read_splats
 
     files = ply_paths(paths)
-    sets = []
-    for path in files:
-        s = splats_from_params(read_ply(path, frame=frame))
-        if len(s) == 0:
-            raise PlyError(f"{path}: the file holds no Gaussians (none with finite values)")
-        sets.append(s)
+    sets = [splats_from_params(read_splats(path, frame=frame)) for path in files]
     labels = [p.name for p in files]
     if len(set(labels)) < len(labels):  # e.g. two runs' model.ply: name them by folder too
         labels = [f"{p.parent.name}/{p.name}" for p in files]
@@ -300,7 +295,7 @@ class TrainingViewer(L.Callback):
         self.info = gui.add_markdown("starting…", order=1)
         self.pose_html = gui.add_html("", order=2)
         self.pause_button = gui.add_button("Pause training", order=3)
-        self.write_button = gui.add_button("Write model.ply now", order=4)
+        self.write_button = gui.add_button("Write model files now", order=4)
         self.status = gui.add_markdown("", order=5)
         self.pause_button.on_click(lambda _: self._toggle_pause())
         self.write_button.on_click(lambda _: self._request_write())
@@ -381,18 +376,19 @@ class TrainingViewer(L.Callback):
         self.update_info(trainer, pl_module, "training")
 
     def write_now(self, pl_module: Any) -> None:
-        """This process's particles to model.ply (or model_<i>.ply) with the end-of-run writer (atomic)."""
+        """This process's particles in the run's output formats with the end-of-run writer (atomic)."""
         from recdreamer_gs.callbacks import write_particles
+        from recdreamer_gs.errors import os_cause
 
         self.write_requested.clear()
         try:
-            rows = write_particles(pl_module, self.out_dir, self.cfg)
+            written = write_particles(pl_module, self.out_dir, self.cfg)
         except OSError as err:
-            self.status.content = f"could not write into {html.escape(str(self.out_dir))}: {err.strerror or err}"
+            self.status.content = html.escape(f"could not write {err.filename or self.out_dir}: {os_cause(err)}; "
+                                              "the files written before are unchanged")
             return
-        name = "model.ply" if self.cfg.train.particles == 1 else "model_<i>.ply"
-        self.status.content = (f"wrote {name} ({rows:,} Gaussians) at iteration {pl_module.iteration} "
-                               f"into {html.escape(str(self.out_dir))}")
+        files = ", ".join(w.describe() for w in written)
+        self.status.content = html.escape(f"wrote {files} at iteration {pl_module.iteration} into {self.out_dir}")
 
     def _track_pose(self, trainer: L.Trainer, pl_module: Any) -> None:
         """EMA of the logged pose/<class> batch means (read with the info, so no host sync per iteration)."""

@@ -26,9 +26,11 @@ def test_save_mp4_writes_h264_with_even_sizes(tmp_path):
 
 
 def test_loggers(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
     cfg = load_config("preview")
     (csv_logger,) = make_loggers(cfg, tmp_path, "stage1")
-    assert type(csv_logger).__name__ == "CSVLogger" and csv_logger.log_dir == str(tmp_path / "logs" / "stage1")
+    assert isinstance(csv_logger, CSVLogger) and csv_logger.log_dir == str(tmp_path / "logs" / "stage1")
     cfg = load_config("preview", overrides=[parse_override("output.logger=tensorboard")])
     csv_logger, tb = make_loggers(cfg, tmp_path, "")
     assert type(tb).__name__ == "TensorBoardLogger"

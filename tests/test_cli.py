@@ -28,8 +28,9 @@ def assert_clean_error(result, fragment):
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     result = invoke(["run", "a kangaroo wearing boxing gloves", "--steps", "3", "--out", str(out), *FAST,
-                     "--set", "train.log_every=1"])
+                     "--set", "train.log_every=1", "--set", "output.formats=[ply,spz]"])
     assert result.exit_code == 0, result.output
+    assert "wrote model.ply, model.spz in" in result.output
     (run_dir,) = list(out.iterdir())
     return run_dir
 
@@ -53,6 +54,8 @@ def test_run_writes_outputs(finished_run):
     (log,) = read_logs(finished_run)  # logged every iteration, with the rectifier's pose EMA
     assert log.iteration.tolist() == [1.0, 2.0, 3.0] and "pose_ema/t900-999/front" in log.columns
     assert (finished_run / "model.ply").stat().st_size > 200 * 248
+    assert metrics["gaussians_written"] == 200 and set(metrics["files"]) == {"model.ply", "model.spz"}
+    assert metrics["files"]["model.spz"] * 8 < metrics["files"]["model.ply"]
     assert not list(finished_run.rglob("*.tmp*"))
 
 
@@ -76,6 +79,10 @@ def test_render_and_export_commands(finished_run, tmp_path):
     result = invoke(["export", str(ply), str(tmp_path / "m.splat")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m.splat").stat().st_size == 200 * 32
+    for suffix in (".spz", ".sog"):  # Spark; SuperSplat and PlayCanvas
+        result = invoke(["export", str(ply), str(tmp_path / f"m{suffix}")])
+        assert result.exit_code == 0, result.output
+        assert f"wrote {tmp_path / f'm{suffix}'} (200 Gaussians)" in " ".join(result.output.split())
 
 
 def test_empty_prompt(tmp_path):
@@ -130,6 +137,30 @@ def test_missing_and_corrupt_ply(tmp_path):
     assert_clean_error(invoke(["render", str(bad), "--device", "cpu"]), "bad.ply")
     assert_clean_error(invoke(["export", str(bad), str(tmp_path / "x.splat")]), "bad.ply")
     assert not (tmp_path / "x.splat").exists()
+
+
+def test_every_command_that_reads_a_ply_refuses_one_without_finite_gaussians(tmp_path):
+    import numpy as np
+    import torch
+    from plyfile import PlyData, PlyElement
+
+    from recdreamer_gs.export import ply_rows, prepare_for_export
+
+    n = 12
+    params = {"means": torch.randn(n, 3), "scales": torch.full((n, 3), -3.0), "quats": torch.randn(n, 4),
+              "opacities": torch.zeros(n), "sh0": torch.zeros(n, 1, 3), "shN": torch.zeros(n, 0, 3)}
+    rows = ply_rows(prepare_for_export(params))
+    rows["opacity"][:] = np.nan
+    ply = tmp_path / "nan.ply"
+    PlyData([PlyElement.describe(rows, "vertex")]).write(str(ply))
+    said = f"{ply}: all {n} Gaussians have NaN or infinite values (opacities: {n} Gaussians)"
+    for args in (["render", str(ply), "--device", "cpu"], ["view", str(ply), "--port", "0"],
+                 ["export", str(ply), str(tmp_path / "m.spz")], ["eval", str(ply), "--prior", "synthetic",
+                                                                 "--device", "cpu"]):
+        result = invoke(args)
+        assert_clean_error(result, said)
+        assert result.output.count("error:") == 1, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.ply"]
 
 
 def test_cuda_requested_without_gpu(tmp_path):

@@ -107,6 +107,19 @@ def test_perf_compile_reads_yaml_on_off(tmp_path):
         load_config("preview", overrides=[parse_override("distill.method=true")])  # only on/off Literals map
 
 
+def test_output_formats_name_entries_of_the_output_table():
+    from recdreamer_gs.config import config_from_data, preset_path, read_yaml
+
+    cfg = load_config("preview", overrides=[parse_override("output.formats=[ply,spz,sog]")])
+    assert cfg.output.formats == ["ply", "spz", "sog"]
+    for bad in ("[ply,las]", "[]", "[ply,ply]", "spz"):
+        with pytest.raises(ConfigError, match="output.formats"):
+            load_config("preview", overrides=[parse_override(f"output.formats={bad}")])
+    old = read_yaml(preset_path("preview"))  # a run folder's config.yaml from before output.formats
+    old.setdefault("output", {})["write_splat"] = True
+    assert config_from_data(old).output.formats == ["ply", "splat"]
+
+
 # ---- every field of the tree, generated from the dataclasses ----------------------------------
 
 
@@ -121,7 +134,7 @@ def _leaf_fields(cls, path=""):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from _leaf_fields(tp, key)
-        elif typing.get_origin(tp) is list:
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             yield from _leaf_fields(typing.get_args(tp)[0], f"{key}[0]")
         else:
             yield key, tp

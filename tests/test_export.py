@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def same_rotation(q1: torch.Tensor, q2: torch.Tensor) -> None:
 def test_round_trip_keeps_values(tmp_path: Path, frame: str, sh_degree: int) -> None:
     params = make_params(sh_degree=sh_degree)
     path = tmp_path / "model.ply"
-    assert write_ply(path, params, frame=frame) == 64
+    assert write_ply(path, params, frame=frame).gaussians == 64
     back = read_ply(path, frame=frame, sh_degree=sh_degree)
     assert set(back) == set(params)
     for key in ("means", "scales", "opacities", "sh0", "shN"):
@@ -119,13 +118,14 @@ def test_non_finite_rows_are_dropped_and_scales_clamped(tmp_path: Path) -> None:
     params["quats"][5, 0] = float("nan")
     params["scales"][6] = torch.tensor([-50.0, 0.0, 50.0])
     path = tmp_path / "m.ply"
-    assert write_ply(path, params, frame="y-up") == 5
+    written = write_ply(path, params, frame="y-up")
+    assert (written.gaussians, written.dropped) == (5, 5)
     back = read_ply(path, frame="y-up")
     keep = [0, 6, 7, 8, 9]
     torch.testing.assert_close(back["means"], params["means"][keep])
     torch.testing.assert_close(back["scales"][1], torch.tensor([-20.0, 0.0, 20.0]))
     assert all(torch.isfinite(v).all() for v in back.values())
-    assert write_splat(tmp_path / "m.splat", params) == 5
+    assert write_splat(tmp_path / "m.splat", params).gaussians == 5
     assert (tmp_path / "m.splat").stat().st_size == 5 * 32
 
 
@@ -218,19 +218,29 @@ def test_corrupt_files_raise_ply_error(tmp_path: Path) -> None:
         read_ply(tmp_path / "absent.ply")
 
 
-def test_failed_write_leaves_target_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = tmp_path / "model.ply"
-    target.write_bytes(b"previous contents")
+def test_read_splats_leaves_out_non_finite_gaussians_and_refuses_none(tmp_path: Path, capsys) -> None:
+    from plyfile import PlyData, PlyElement
 
-    def broken_write(self, stream):  # writes half a header, then fails like a full disk would
-        stream.write(b"ply\nformat binary")
-        raise OSError("disk full")
+    from recdreamer_gs.export import ply_rows, prepare_for_export, read_splats
 
-    monkeypatch.setattr(plyfile.PlyData, "write", broken_write)
-    with pytest.raises(OSError, match="disk full"):
-        write_ply(target, make_params(8))
-    assert target.read_bytes() == b"previous contents"
-    assert leftovers(tmp_path, {"model.ply"}) == []
+    rows = ply_rows(prepare_for_export(make_params(6, sh_degree=0), "y-up"))  # raw rows: the writer drops NaNs
+    rows["scale_1"][[1, 4]] = np.inf
+    rows["opacity"][4] = np.nan
+    path = tmp_path / "some.ply"
+    PlyData([PlyElement.describe(rows, "vertex")]).write(str(path))
+    assert read_splats(path, frame="y-up")["means"].shape == (4, 3)
+    assert capsys.readouterr().err.strip() == (f"warning: {path}: 2 of 6 Gaussians have NaN or infinite values "
+                                               "(scales: 2, opacities: 1 Gaussians); they are left out")
+    rows["x"][:] = np.nan
+    PlyData([PlyElement.describe(rows, "vertex")]).write(str(path))
+    with pytest.raises(PlyError, match=r"all 6 Gaussians have NaN or infinite values \(means: 6, scales: 2"):
+        read_splats(path)
+    PlyData([PlyElement.describe(rows[:0], "vertex")]).write(str(path))
+    with pytest.raises(PlyError, match="holds no Gaussians"):
+        read_splats(path)
+    for degree, k in ((0, 0), (1, 3), (2, 8)):  # the file pads to 45 f_rest; the zero bands are dropped
+        write_ply(path, make_params(5, sh_degree=degree))
+        assert read_splats(path)["shN"].shape == (5, k, 3)
 
 
 def test_atomic_write_bytes(tmp_path: Path) -> None:
@@ -250,7 +260,7 @@ def test_atomic_write_bytes(tmp_path: Path) -> None:
 def test_write_splat_is_32_bytes_per_gaussian(tmp_path: Path) -> None:
     params = make_params(12, sh_degree=3)
     path = tmp_path / "model.splat"
-    assert write_splat(path, params, frame="viewer") == 12
+    assert write_splat(path, params, frame="viewer").gaussians == 12
     data = path.read_bytes()
     assert len(data) == 12 * 32
     # Positions are the viewer-frame means (rows are Morton-sorted, so compare as sets).
@@ -269,5 +279,5 @@ def test_rejects_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shN"):
         write_ply(tmp_path / "m.ply", bad)
     assert not (tmp_path / "m.ply").exists()
-    assert math.isclose(write_ply(tmp_path / "empty.ply", {k: v[:0] for k, v in params.items()}), 0)
+    assert write_ply(tmp_path / "empty.ply", {k: v[:0] for k, v in params.items()}).gaussians == 0
     assert read_ply(tmp_path / "empty.ply")["means"].shape == (0, 3)

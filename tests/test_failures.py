@@ -25,8 +25,8 @@ class FailAt(L.Callback):
             raise self.error
 
 
-def fit(out: Path, callbacks=(), resume=None):
-    cfg = load_config("preview", overrides=[parse_override(s) for s in SETTINGS])
+def fit(out: Path, callbacks=(), resume=None, settings=()):
+    cfg = load_config("preview", overrides=[parse_override(s) for s in [*SETTINGS, *settings]])
     if resume is not None:
         cfg, resume = pipeline.read_resume(out)
     else:
@@ -65,7 +65,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path):
 
 
 def test_non_finite_gaussians_are_not_written(tmp_path):
-    with pytest.raises(pipeline.TrainingFailed, match="no longer finite and no checkpoint"):
+    with pytest.raises(pipeline.TrainingFailed, match="no longer finite; no checkpoint was written; start the run again"):
         fit(tmp_path / "run", [FailAt(3, RuntimeError("nan everywhere"), spoil=True)])
     assert not (tmp_path / "run" / "model.ply").exists()
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
@@ -95,3 +95,89 @@ def test_cli_reports_a_failure_in_one_line_with_the_resume_command(tmp_path, mon
     assert "injected failure" in lines[-1] and f"recdreamer-gs run --resume {run_dir}" in " ".join(lines)
     assert "Traceback" not in result.output
     assert (run_dir / "model.ply").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+class FillDiskAt(L.Callback):
+    """The disk fills up when iteration ``k`` starts."""
+
+    def __init__(self, k: int, disk):
+        self.k, self.disk = k, disk
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.iteration == self.k:
+            self.disk.fill()
+
+
+def no_partial_files(run: Path) -> None:
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name], "a temporary file was left behind"
+    assert not (run / "error.log").exists()  # a full disk is not a bug: no (empty) traceback file
+
+
+def test_disk_full_in_the_middle_of_a_run_keeps_the_last_checkpoint_and_resumes(tmp_path, full_disk):
+    run = tmp_path / "run"
+    settings = ["train.checkpoint_every=2", "output.formats=[ply,spz]"]
+    with pytest.raises(pipeline.TrainingFailed) as info:  # the checkpoint of iteration 6 is the first write that fails
+        fit(run, [FillDiskAt(5, full_disk)], settings=settings)
+    full_disk.free()
+    assert info.value.exit_code == 2
+    assert str(info.value) == (
+        f"training stopped at iteration 6: cannot write {run / 'checkpoints' / 'last.ckpt'}: the disk is full (No "
+        "space left on device); nothing more could be written; kept checkpoints/last.ckpt (iteration 4); free some "
+        f"space, then continue with: recdreamer-gs run --resume {run}")
+    no_partial_files(run)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["iteration"] == 4
+    resumed = fit(run, resume=True)
+    assert resumed.iteration == 8
+    assert (run / "model.ply").is_file() and (run / "model.spz").is_file() and (run / "metrics.json").is_file()
+
+
+def test_disk_full_while_writing_the_model_keeps_what_was_written_and_resume_writes_the_rest(
+        tmp_path, full_disk, monkeypatch):
+    import dataclasses
+
+    from recdreamer_gs import outputs
+
+    def fill_then_write(path, params, frame):  # the disk fills up after model.ply, as model.spz is written
+        full_disk.fill()
+        return outputs.write_spz(path, params, frame)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m, pytest.raises(pipeline.TrainingFailed) as info:
+        m.setattr(outputs, "OUTPUTS", tuple(dataclasses.replace(o, write=fill_then_write) if o.name == "spz" else o
+                                            for o in outputs.OUTPUTS))
+        fit(run, settings=["output.formats=[ply,spz]"])
+    full_disk.free()
+    assert str(info.value) == (
+        f"training stopped at iteration 8: cannot write {run / 'model.spz'}: the disk is full (No space left on "
+        "device); nothing more could be written; kept checkpoints/last.ckpt (iteration 8) and model.ply; free some "
+        f"space, then continue with: recdreamer-gs run --resume {run}")
+    no_partial_files(run)
+    assert not (run / "model.spz").exists() and not (run / "metrics.json").exists()
+    ply = (run / "model.ply").read_bytes()
+    cfg, checkpoint, where = pipeline.prepare_resume(run)
+    assert where == "at iteration 8 of 8 (training done; writing its files)"
+    resumed = fit(run, resume=True)
+    assert resumed.iteration == 8 and (run / "model.ply").read_bytes() == ply
+    assert (run / "model.spz").is_file() and (run / "metrics.json").is_file()
+
+
+def test_what_is_said_when_permission_is_lost_or_the_folder_is_gone(tmp_path):
+    import errno
+
+    from recdreamer_gs.errors import os_cause
+
+    class Stopped:  # a system that stopped on a failed write
+        iteration = 3
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.spz").write_bytes(b"kept")
+    denied = PermissionError(errno.EACCES, "Permission denied", str(run / "model.ply"))
+    assert os_cause(denied) == "Permission denied"
+    assert pipeline.kept_state(Stopped(), run, denied) == (
+        "nothing more could be written; no checkpoint was written (kept model.spz); restore write permission on the "
+        "folder, then start the run again")
+    gone = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "removed" / "model.ply"))
+    assert os_cause(gone) == "No such file or directory"
+    assert pipeline.kept_state(Stopped(), tmp_path / "removed", gone) == (
+        "nothing was kept: the run folder is gone; start the run again")

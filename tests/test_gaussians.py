@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recdreamer_gs.config import GaussiansConfig
-from recdreamer_gs.gaussians import Gaussians, InitError, load_points, sh0_to_rgb
+from recdreamer_gs.gaussians import Gaussians, InitError, load_points, rgb_to_sh0, sh0_to_rgb
 
 
 def test_sphere_init_layout_and_optimizers():
@@ -44,7 +44,7 @@ def test_clamp_keeps_scales_finite_and_bounded():
     assert g.params["scales"].max() <= cfg.max_log_scale and g.params["scales"].min() >= cfg.min_log_scale
 
 
-def test_init_from_point_cloud_and_mesh(tmp_path):
+def test_init_from_point_cloud_and_mesh(tmp_path, capfd):
     import open3d as o3d
 
     pts = np.random.default_rng(0).normal(size=(300, 3)) * 3 + 10
@@ -56,6 +56,7 @@ def test_init_from_point_cloud_and_mesh(tmp_path):
     assert points.mean(0).abs().max() < 0.1  # centred
     assert points.norm(dim=-1).max() == pytest.approx(0.6, rel=1e-4)  # scaled into the radius
     assert torch.allclose(rgb, torch.tensor([1.0, 0.0, 0.0]).expand(200, 3))
+    assert "Open3D" not in "".join(capfd.readouterr())  # "appears to be a PointCloud" stays out of the terminal
 
     mesh = o3d.geometry.TriangleMesh.create_box(2.0, 2.0, 2.0)
     o3d.io.write_triangle_mesh(str(tmp_path / "box.obj"), mesh)
@@ -67,6 +68,28 @@ def test_init_from_point_cloud_and_mesh(tmp_path):
     gap = torch.minimum(m - m.min(0).values, m.max(0).values - m).min(dim=-1).values
     on_face = gap < 1e-4
     assert on_face.float().mean() > 0.99
+
+
+def test_init_from_a_splat_ply_takes_its_centres_and_colours(tmp_path, capfd):
+    from plyfile import PlyData, PlyElement
+
+    from recdreamer_gs.export import ply_rows, prepare_for_export
+
+    n = 50
+    means, colours = torch.randn(n, 3), torch.rand(n, 3)
+    params = {"means": means, "scales": torch.full((n, 3), -3.0), "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+              "opacities": torch.zeros(n), "sh0": rgb_to_sh0(colours).reshape(n, 1, 3), "shN": torch.zeros(n, 0, 3)}
+    rows = ply_rows(prepare_for_export(params, "viewer"))  # as model.ply holds them: y down
+    rows["scale_0"][7] = np.inf  # left out with a warning, as by every command that reads a PLY
+    PlyData([PlyElement.describe(rows, "vertex")]).write(str(tmp_path / "model.ply"))
+    points, rgb = load_points(tmp_path / "model.ply", 1000, 0.6)
+    keep = torch.arange(n) != 7
+    expected = means[keep] - means[keep].mean(0)
+    expected = expected * (0.6 / expected.norm(dim=-1).max())
+    torch.testing.assert_close(points, expected, atol=1e-5, rtol=0)  # upright: back in the y-up frame
+    torch.testing.assert_close(rgb, colours[keep], atol=1e-5, rtol=0)
+    out, err = capfd.readouterr()
+    assert "Open3D" not in out + err and "1 of 50 Gaussians have NaN or infinite values" in err
 
 
 def test_init_from_missing_or_corrupt_file(tmp_path):

@@ -19,7 +19,8 @@ from recdreamer_gs.cli import app
 from recdreamer_gs.config import GaussiansConfig
 from recdreamer_gs.export import write_ply
 from recdreamer_gs.gaussians import Gaussians, rgb_to_sh0
-from recdreamer_gs.mesh import MeshError, MeshOptions, extract_mesh, render_mesh, to_frame, write_mesh
+from recdreamer_gs.mesh import MeshError, MeshOptions, extract_mesh, render_mesh
+from recdreamer_gs.outputs import to_frame, write_mesh
 from recdreamer_gs.render import render
 
 RADIUS = 0.5
@@ -203,10 +204,27 @@ def ball_ply(tmp_path_factory) -> Path:
     return path
 
 
-def test_export_command_writes_a_glb(ball_ply, tmp_path):
+def write_raw_ply(path: Path, params, bad_scales) -> None:
+    """A 3DGS PLY whose rows ``bad_scales`` have an infinite scale (our writer would leave them out)."""
+    from plyfile import PlyData, PlyElement
+
+    from recdreamer_gs.export import ply_rows, prepare_for_export
+
+    rows = ply_rows(prepare_for_export(params, "viewer"))
+    rows["scale_0"][bad_scales] = np.inf
+    PlyData([PlyElement.describe(rows, "vertex")]).write(str(path))
+
+
+def test_export_command_writes_a_glb(tmp_path):
+    params = ball_params()
+    source = tmp_path / "some_infinite.ply"
+    write_raw_ply(source, params, bad_scales=[0, 5, 9])  # said in a warning; the rest makes the mesh
     target = tmp_path / "mesh.glb"
-    result = invoke(["export", str(ball_ply), str(target), "--resolution", "32", "--device", "cpu"])
+    result = invoke(["export", str(source), str(target), "--resolution", "32", "--device", "cpu"])
     assert result.exit_code == 0, result.output
+    n = len(params["means"])
+    assert (f"warning: {source}: 3 of {n:,} Gaussians have NaN or infinite values (scales: 3 Gaussians); "
+            "they are left out") in " ".join(result.output.split())
     assert "vertices" in result.output and "views" in result.output
     doc = glb_json(target)
     count = doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["POSITION"]]["count"]
@@ -215,7 +233,7 @@ def test_export_command_writes_a_glb(ball_ply, tmp_path):
     y_min, y_max = (doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["POSITION"]][k][1]
                     for k in ("min", "max"))
     assert y_min < -0.45 and y_max > 0.45
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh.glb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh.glb", "some_infinite.ply"]
 
 
 def test_export_bad_input(ball_ply, tmp_path):
@@ -228,16 +246,23 @@ def test_export_bad_input(ball_ply, tmp_path):
     write_ply(empty, {k: v[:0] for k, v in ball_params().items()})
     one_line_error(invoke(["export", str(empty), str(tmp_path / "m.glb")]), "holds no Gaussians")
 
-    one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.stl")]), "expected a .ply, .splat, .glb or .obj")
-    one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.stl"), "--mesh"]), "needs a .glb or .obj file name")
+    infinite = tmp_path / "infinite.ply"  # every Gaussian has an infinite scale: nothing to render
+    write_raw_ply(infinite, ball_params(), bad_scales=slice(None))
+    one_line_error(invoke(["export", str(infinite), str(tmp_path / "m.glb")]),
+                   f"all {len(ball_params()['means']):,} Gaussians have NaN or infinite values (scales:")
+
+    suffixes = "ending in .glb, .obj, .ply, .sog, .splat, .spz, got .stl"
+    one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.stl")]), suffixes)
+    one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.stl"), "--mesh"]), suffixes)
+    one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.spz"), "--mesh"]), "a mesh (--mesh) needs a .glb")
     one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.ply"), "--faces", "100"]), "or .ply with --mesh")
     one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "no" / "such" / "m.glb")]), "does not exist")
-    one_line_error(invoke(["export", str(ball_ply), str(tmp_path), "--mesh"]), "needs a .glb or .obj file name")
+    one_line_error(invoke(["export", str(ball_ply), str(tmp_path), "--mesh"]), "got no suffix")
     (tmp_path / "dir.glb").mkdir()
     one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "dir.glb")]), "it is a folder")
     one_line_error(invoke(["export", str(ball_ply), str(tmp_path / "m.glb"), "--faces", "-1"]), "--faces")
     one_line_error(invoke(["export", str(tmp_path / "missing.ply"), str(tmp_path / "m.glb")]), "no such file")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cloud.ply", "dir.glb", "empty.ply"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cloud.ply", "dir.glb", "empty.ply", "infinite.ply"]
 
 
 def test_run_writes_a_mesh(tmp_path):

@@ -266,7 +266,7 @@ def test_training_viewer_shows_the_run_and_its_controls_act(tmp_path, no_leaked_
             page.click(pause["uuid"])
             page.wait_for(lambda m: m["type"] == "GuiUpdateMessage" and "· paused" in str(m["updates"]), timeout=240)
             assert not (out / "model.ply").exists()
-            page.click(page.gui("GuiButtonMessage", label="Write model.ply now")["uuid"])
+            page.click(page.gui("GuiButtonMessage", label="Write model files now")["uuid"])
             deadline = time.time() + 120
             while not (out / "model.ply").exists() and time.time() < deadline:
                 time.sleep(0.05)
