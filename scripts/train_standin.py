@@ -58,6 +58,7 @@ class Settings:
     vae_steps: int = 800
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6  # weight of the KL term (SD's VAE: a tiny KL, latents rescaled by scaling_factor)
+    stats_images: int = 1024  # images that set the latents' centring and scaling_factor and measure the VAE's PSNR
     unet_steps: int = 3000
     unet_lr: float = 2e-3
     unet_ema: float = 0.999  # the saved UNet is the exponential moving average of its weights
@@ -239,13 +240,13 @@ def train_vae(r: Renders, weights: Tensor, s: Settings, g: torch.Generator, repo
             log("vae ", step, s.vae_steps, rec.item(), start)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        x, _ = draw(r, weights, 1024, s, g)
+        x, _ = draw(r, weights, s.stats_images, s, g)
         centre_latents(vae, x)
         # SD's convention: latents are multiplied by scaling_factor so that they have unit variance.
         z = vae.encode(x).latent_dist.sample(generator=g)
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
         psnr = -10 * math.log10(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1), x).item() / 4)
-    report["vae"] = {"seconds": round(time.perf_counter() - start, 1), "final_mse": round(sum(losses[-50:]) / 50, 5),
+    report["vae"] = {"seconds": round(time.perf_counter() - start, 1), "final_mse": round(sum(losses[-50:]) / len(losses[-50:]), 5),
                      "psnr_db": round(psnr, 2), "scaling_factor": round(vae.config.scaling_factor, 5),
                      "parameters": sum(p.numel() for p in vae.parameters())}
     return vae
@@ -324,7 +325,7 @@ def train_unet(r: Renders, weights: Tensor, vae, tokenizer, encoder, scheduler, 
         if step % 250 == 0 or step == s.unet_steps - 1:
             log("unet", step, s.unet_steps, sum(losses[-50:]) / len(losses[-50:]), start)
     ema.copy_to(unet.parameters())
-    report["unet"] = {"seconds": round(time.perf_counter() - start, 1), "final_loss": round(sum(losses[-200:]) / 200, 5),
+    report["unet"] = {"seconds": round(time.perf_counter() - start, 1), "final_loss": round(sum(losses[-200:]) / len(losses[-200:]), 5),
                       "parameters": sum(p.numel() for p in unet.parameters())}
     return unet.eval().requires_grad_(False)
 
@@ -370,16 +371,17 @@ def train_dino(r: Renders, s: Settings, g: torch.Generator, report: dict):
     opt = torch.optim.AdamW(params, lr=s.dino_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, s.dino_lr, total_steps=s.dino_steps, pct_start=0.05)
     uniform = torch.ones(r.azimuth.shape[0])
+    batch = min(s.batch, r.azimuth.shape[0])  # distinct renders per batch: each is the other's negative
     start, losses = time.perf_counter(), []
     for step in range(s.dino_steps):
-        index = torch.multinomial(uniform, s.batch, replacement=False, generator=g)
+        index = torch.multinomial(uniform, batch, replacement=False, generator=g)
         views = torch.cat([augment_for_dino(r, index, g), augment_for_dino(r, index, g)])
         # The classifier's own preprocessing (ImageNet normalisation) so that features match at use.
         cls = model(pixel_values=preprocess(views, s.resolution)).last_hidden_state[:, 0]
         z = F.normalize(head(cls), dim=-1)
         logits = z @ z.T / s.dino_temperature
-        logits = logits - 1e9 * torch.eye(2 * s.batch)
-        target = torch.cat([torch.arange(s.batch) + s.batch, torch.arange(s.batch)])
+        logits = logits - 1e9 * torch.eye(2 * batch)
+        target = torch.cat([torch.arange(batch) + batch, torch.arange(batch)])
         loss = F.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -388,7 +390,7 @@ def train_dino(r: Renders, s: Settings, g: torch.Generator, report: dict):
         losses.append(loss.item())
         if step % 250 == 0 or step == s.dino_steps - 1:
             log("dino", step, s.dino_steps, sum(losses[-50:]) / len(losses[-50:]), start)
-    report["dino"] = {"seconds": round(time.perf_counter() - start, 1), "final_loss": round(sum(losses[-100:]) / 100, 4),
+    report["dino"] = {"seconds": round(time.perf_counter() - start, 1), "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4),
                       "parameters": sum(p.numel() for p in model.parameters())}
     return model.eval().requires_grad_(False)
 
@@ -480,16 +482,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("all", "sd", "dinov2"), default="all")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply every step count (e.g. 0.002 for a seconds-long smoke test)")
+                        help="multiply every step count and the statistics' images (0.001: a smoke test)")
     parser.add_argument("--views", type=int, default=None, help="distinct renders (default: the settings' 1440)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     args = parser.parse_args(argv)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        return train(args)
+    finally:  # as the caller had them (the tests call main in their own process)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def train(args) -> dict:
     s = Settings(seed=args.seed)
     s.views = args.views or s.views
-    for name in ("vae_steps", "unet_steps", "dino_steps"):
-        setattr(s, name, max(1, round(getattr(s, name) * args.scale)))
+    for name in ("vae_steps", "unet_steps", "dino_steps", "stats_images"):
+        setattr(s, name, max(2, round(getattr(s, name) * args.scale)))
     report: dict = {"settings": asdict(s), "threads": args.threads, "torch": torch.__version__}
     start = time.perf_counter()
     g = torch.Generator().manual_seed(s.seed)
