@@ -116,6 +116,11 @@ def test_models_lists_what_a_run_loads(env, tiny_models, monkeypatch):
     text = output(runner.invoke(app, ["models", "--model", str(tiny_models["sd"]), "--set",
                                       f"output.clip_model={tiny_models['clip']}", "--device", "cpu", "--prior", "sd"]))
     assert f"complete: local folder {tiny_models['sd']}" in text and "CLIP model" in text
+    text = output(runner.invoke(app, ["models", "--prior", "synthetic", "--init", "shap-e"]))
+    assert "Shap-E model: openai/shap-e" in text and "1 model(s) missing" in text
+    text = output(runner.invoke(app, ["models", "--prior", "synthetic", "--init", "shap-e", "--set",
+                                      f"gaussians.shap_e.model={tiny_models['shap_e']}"]))
+    assert f"complete: local folder {tiny_models['shap_e']}" in text and "size: " in text
 
 
 def test_models_download_fetches_the_missing_ones(env, tiny_models, monkeypatch):

@@ -3,14 +3,20 @@ tiny random-weight Shap-E folder of make_fixtures and on meshes built here."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.shap_e.camera import create_pan_cameras
 from diffusers.pipelines.shap_e.renderer import _convert_srgb_to_linear
+from plyfile import PlyData
+from typer.testing import CliRunner
 
 from recdreamer_gs.cameras import orbit
+from recdreamer_gs.cli import app
 from recdreamer_gs.config import GaussiansConfig, ShapEConfig
 from recdreamer_gs.gaussians import Gaussians, sh0_to_rgb
 from recdreamer_gs.render import render
@@ -156,3 +162,75 @@ def test_tiny_shap_e_makes_a_coloured_mesh_and_an_empty_one_is_caught(tiny_pipe)
         decoder.masks.copy_(masks)
     assert len(empty.verts) == 0
     assert math.isfinite(float(mesh.verts.sum()))
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+SHAPE_RUN = ["--init", "shap-e", "--set", "gaussians.shap_e.grid_size=16", "--set", "gaussians.shap_e.steps=2",
+             "--set", "gaussians.num_init=300", "--set", "output.turntable_frames=0", "--set",
+             "train.progress_bar=false", "--set", "train.preview_every=2", "--resolution", "32", "--device", "cpu",
+             "--prior", "synthetic"]
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def test_run_init_shap_e_end_to_end_and_resume_without_the_model(tiny_models, tmp_path, monkeypatch):
+    from recdreamer_gs import shape
+
+    model = tmp_path / "shap-e"
+    shutil.copytree(tiny_models["shap_e"], model)
+    prompts: list[str] = []
+
+    def spy(pipe, prompt, cfg, seed, progress=True):  # the real generate_mesh, recording the prompt it gets
+        prompts.append(prompt)
+        return generate(pipe, prompt, cfg, seed, progress)
+    generate = shape.generate_mesh
+    monkeypatch.setattr(shape, "generate_mesh", spy)
+    result = invoke(["run", "a red teapot", "--steps", "2", "--set", f"gaussians.shap_e.model={model}", *SHAPE_RUN,
+                     "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert prompts == ["a red teapot"]  # the prompt alone: no USD or view phrases
+    assert "Shap-E runs on the CPU" in " ".join(result.output.split())
+    (run_dir,) = list((tmp_path / "out").iterdir())
+    vertex = PlyData.read(str(run_dir / "init.ply"))["vertex"]
+    assert vertex.count == 300 and {p.name for p in vertex.properties} == {"x", "y", "z", "red", "green", "blue"}
+    xyz = np.stack([vertex[a] for a in "xyz"], axis=1)
+    assert np.linalg.norm(xyz, axis=1).max() == pytest.approx(0.6, rel=1e-5)
+    assert vertex["red"].dtype == np.uint8 and len(np.unique(vertex["red"])) > 10  # Shap-E's colours, not grey
+    assert (run_dir / "preview" / "iter_000000.png").is_file() and (run_dir / "preview" / "iter_000002.png").is_file()
+    assert "init: shap-e" in (run_dir / "config.yaml").read_text()
+    assert json.loads((run_dir / "metrics.json").read_text())["gaussians"] == 300
+
+    # Resume offline with the model gone: the Gaussians come from the checkpoint, Shap-E never runs again.
+    before = (run_dir / "init.ply").read_bytes()
+    shutil.rmtree(model)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke(["run", "--resume", str(run_dir), "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert prompts == ["a red teapot"] and (run_dir / "init.ply").read_bytes() == before
+    assert json.loads((run_dir / "metrics.json").read_text())["iterations"] == 3
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("offline", "offline (HF_HUB_OFFLINE is set) and not in the Hugging Face cache"),
+    ("incomplete", "missing weights in prior/"),
+])
+def test_shap_e_that_cannot_be_had_is_one_line_before_any_run_folder(case, fragment, tiny_models, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = []
+    if case == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        model = tmp_path / "shap-e"
+        shutil.copytree(tiny_models["shap_e"], model)
+        (model / "prior" / "diffusion_pytorch_model.safetensors").unlink()
+        args = ["--set", f"gaussians.shap_e.model={model}"]
+    out = tmp_path / "out"
+    result = invoke(["run", "a cat", *SHAPE_RUN, *args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "Shap-E model" in text and fragment in text and "--init sphere" in text and "Traceback" not in text
+    assert not out.exists()
