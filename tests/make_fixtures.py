@@ -11,9 +11,11 @@ No file is downloaded: the tokenizer vocabulary is the byte-level alphabet built
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -116,7 +118,6 @@ def write_sd_folder(out: Path, text_encoder: dict, unet: dict, vae: dict, dtype:
     never leaves a folder that looks complete.
     """
     import shutil
-    import tempfile
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -134,9 +135,7 @@ def write_sd_folder(out: Path, text_encoder: dict, unet: dict, vae: dict, dtype:
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with written_whole(out) as tmp:
         write_clip_tokenizer(tmp / "tokenizer_files")
         tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer_files"))
         shutil.rmtree(tmp / "tokenizer_files")
@@ -145,13 +144,26 @@ def write_sd_folder(out: Path, text_encoder: dict, unet: dict, vae: dict, dtype:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.save_pretrained(str(tmp), variant=variant)
+    return out
+
+
+@contextlib.contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A temporary folder next to ``out``, renamed onto it when the block succeeds (removed otherwise), so
+    that an interrupted write never leaves a folder that looks complete."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return out
 
 
 def make_taesd(out: Path) -> Path:
@@ -225,21 +237,10 @@ def shap_e_pipeline(text_encoder: dict, prior: dict, renderer: dict, dtype: torc
 
 
 def make_shap_e(out: Path) -> Path:
-    """The tiny Shap-E folder of the tests (written to a temporary name, then renamed)."""
-    import shutil
-    import tempfile
-
+    """The tiny Shap-E folder of the tests."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with written_whole(out) as tmp:
         shap_e_pipeline(TINY_SHAP_E_TEXT_ENCODER, TINY_SHAP_E_PRIOR, TINY_SHAP_E_RENDERER).save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

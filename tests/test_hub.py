@@ -266,7 +266,8 @@ def test_shap_e_plan_and_gated_repo(cache, monkeypatch):
     with pytest.raises(hub.ModelUnavailable) as info:
         hub.ensure(hub.ModelSpec(hub.SHAP_E, SHAP_E_REPO))
     message = str(info.value)
-    assert message.startswith("Shap-E model 'openai/shap-e' cannot be loaded: the repo is gated") and "\n" not in message
+    assert message.startswith("Shap-E model 'openai/shap-e' cannot be loaded: the repo is gated")
+    assert "\n" not in message
     assert "--set gaussians.shap_e.model=PATH" in message and "--init sphere" in message
 
 
