@@ -13,6 +13,8 @@ denoising steps, then the mesh decode on a ``--grid``³ grid) and ``mesh_to_clou
 
 Random weights decode a noisy field: far more vertices than a real shape has (the JSON says how many), and
 the decode queries the MLP once per grid point and once per vertex, so a real shape decodes faster.
+Each phase records wall seconds and the process's CPU seconds (``*_cpu_s``): on a shared machine the wall
+time depends on the load, the CPU time much less (2 cores busy: wall ≈ CPU / 2).
 """
 
 from __future__ import annotations
@@ -56,6 +58,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Timed:
+    """Wall and CPU seconds of a block (the device synchronised at both ends)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "Timed":
+        sync(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -71,40 +89,31 @@ def main() -> None:
     dtype = shap_e_dtype(cfg.dtype, device)
     sizes = (TINY_SHAP_E_TEXT_ENCODER, TINY_SHAP_E_PRIOR, TINY_SHAP_E_RENDERER) if args.small else (
         TEXT_ENCODER, PRIOR, RENDERER)
-    t0 = time.perf_counter()
-    pipe = shap_e_pipeline(*sizes, dtype=dtype).to(device)
-    build_s = time.perf_counter() - t0
+    with Timed(device) as build:
+        pipe = shap_e_pipeline(*sizes, dtype=dtype).to(device)
     params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
               for name in ("text_encoder", "prior", "shap_e_renderer")}
-
-    sync(device)
-    t0 = time.perf_counter()
-    mesh = generate_mesh(pipe, PROMPT, cfg, seed=0, progress=False)
-    sync(device)
-    generate_s = time.perf_counter() - t0
-
+    with Timed(device) as generate:
+        mesh = generate_mesh(pipe, PROMPT, cfg, seed=0, progress=False)
     latents = pipe(PROMPT, num_inference_steps=1, guidance_scale=cfg.guidance_scale,
                    generator=torch.Generator().manual_seed(0), output_type="latent").images
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
+    with Timed(device) as decode, torch.no_grad():
         decoded = pipe.shap_e_renderer.decode_to_mesh(latents[:1], device, grid_size=cfg.grid_size)
-    sync(device)
-    decode_s = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    cloud = mesh_to_cloud(mesh, args.points, cfg, 0.6, torch.Generator().manual_seed(0))
-    cloud_s = time.perf_counter() - t0
+    with Timed(device) as to_cloud:
+        cloud = mesh_to_cloud(mesh, args.points, cfg, 0.6, torch.Generator().manual_seed(0))
 
     result = {
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "small": args.small,
         "steps": cfg.steps, "grid_size": cfg.grid_size, "guidance_scale": cfg.guidance_scale,
-        "parameters": params, "build_s": round(build_s, 1),
-        "generate_mesh_s": round(generate_s, 1), "decode_to_mesh_s": round(decode_s, 1),
-        "prior_s_estimate": round(generate_s - decode_s, 1),
-        "per_step_s_estimate": round((generate_s - decode_s) / cfg.steps, 2),
-        "vertices": len(mesh.verts), "decode_alone_vertices": len(decoded.verts),  # its latent: one step
-        "mesh_to_cloud_s": round(cloud_s, 2), "points": len(cloud.points),
+        "parameters": params, "build_s": round(build.wall, 1),
+        "generate_mesh_s": round(generate.wall, 1), "generate_mesh_cpu_s": round(generate.cpu, 1),
+        "decode_to_mesh_s": round(decode.wall, 1), "decode_to_mesh_cpu_s": round(decode.cpu, 1),
+        # the denoising steps: generate_mesh less a decode (of another latent: one step, see its vertices)
+        "per_step_s_estimate": round((generate.wall - decode.wall) / cfg.steps, 2),
+        "per_step_cpu_s_estimate": round((generate.cpu - decode.cpu) / cfg.steps, 2),
+        "vertices": len(mesh.verts), "decode_alone_vertices": len(decoded.verts),
+        "mesh_to_cloud_s": round(to_cloud.wall, 2), "mesh_to_cloud_cpu_s": round(to_cloud.cpu, 2),
+        "points": len(cloud.points),
         "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
         "torch": torch.__version__, "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

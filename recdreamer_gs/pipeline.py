@@ -323,12 +323,12 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
                             pose.classifier, pose.class_names, particles=particles, metric_classifier=pose.metric,
                             colour_only=colour_only, stage=stage, start=start)
     system.clip_scorer = clip
-    start = 0
+    first_iteration = 0
     if resume is not None:
         system.restore(resume)
-        start = system.iteration
+        first_iteration = system.iteration
     data = CameraDataModule(cfg.camera, cfg.train.steps, derive_seed(cfg.train.seed, "stage", stage),
-                            cfg.render.background, start=start)
+                            cfg.render.background, start=first_iteration)
     callbacks: list = [
         PreviewImages(out_dir, cfg.train.preview_every, prefix),
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),

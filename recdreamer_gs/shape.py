@@ -47,7 +47,7 @@ class ShapEMesh:
 # -- pure maths --------------------------------------------------------------------------------
 
 
-def linear_to_srgb(c: Tensor) -> Tensor:
+def linear_to_srgb(c: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
     """Linear colours to the sRGB values a screen (and our renderer) shows; the inverse of diffusers'
     ``_convert_srgb_to_linear`` on [0, 1]."""
     c = c.clamp(0, 1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -234,3 +236,31 @@ def test_shap_e_that_cannot_be_had_is_one_line_before_any_run_folder(case, fragm
     text = " ".join(result.output.split())
     assert "Shap-E model" in text and fragment in text and "--init sphere" in text and "Traceback" not in text
     assert not out.exists()
+
+
+def test_a_fresh_run_downloads_shap_e_when_missing(tiny_models, tmp_path, monkeypatch):
+    """``pipeline.prepare`` (what ``run`` calls before the run folder): the model is not in the cache, the Hub
+    (a stand-in serving the tiny folder) has it: it is fetched, then the starting shape is made from it."""
+    import huggingface_hub
+    from make_fixtures import write_hub_snapshot
+
+    from recdreamer_gs import hub, pipeline
+    from recdreamer_gs.config import load_config, parse_override
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    source = tiny_models["shap_e"]
+    files = [p for p in source.rglob("*") if p.is_file()]
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo, **kw: SimpleNamespace(siblings=[
+        SimpleNamespace(rfilename=p.relative_to(source).as_posix(), size=p.stat().st_size) for p in files]))
+    fetched: list[str] = []
+
+    def snapshot_download(repo_id, allow_patterns=None, cache_dir=None, **kwargs):
+        fetched.append(repo_id)
+        return str(write_hub_snapshot(Path(cache_dir), repo_id, source, only=set(allow_patterns)))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    overrides = ("prompt=a cat", "gaussians.init=shap-e", "gaussians.shap_e.grid_size=16", "gaussians.shap_e.steps=2",
+                 "gaussians.num_init=100", "prior.kind=synthetic", "train.device=cpu", "train.progress_bar=false")
+    ready = pipeline.prepare(load_config("preview", overrides=[parse_override(s) for s in overrides]))
+    assert fetched == ["openai/shap-e"] and hub.status(hub.ModelSpec(hub.SHAP_E, "openai/shap-e")).complete
+    assert len(ready.start.points) == 100
