@@ -28,8 +28,9 @@ NEIGHBOURS = 3  # scale from the mean squared distance to this many nearest neig
 # Shap-E's frame to ours: its x stays, its up (+z) becomes +y, its front (−y) becomes +z: (x, y, z) -> (x, z, −y),
 # the -90° turn about x that diffusers' docs apply before writing a y-up GLB.
 SHAP_E_TO_WORLD = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
-# Measured by benchmarks/shap_e.py (benchmarks/results/shap_e/cpu.json): real-size random weights, 2 CPU cores.
-CPU_MINUTES = None
+# The default 64 steps and grid-128 decode on a CPU: 127 prior passes x 19.5 s + 199 s decode, measured (4 steps)
+# by benchmarks/shap_e.py with random weights at Shap-E's size on a shared 2-core machine (README, Starting shapes).
+CPU_MINUTES = 45
 
 
 class ShapeError(UserError, RuntimeError):
@@ -204,9 +205,8 @@ def generate_mesh(pipe, prompt: str, cfg: ShapEConfig, seed: int, progress: bool
 
 
 def cpu_notice() -> str:
-    figure = f"about {CPU_MINUTES} min on 2 CPU cores at the default settings" if CPU_MINUTES else "minutes"
-    return (f"Shap-E runs on the CPU: expect {figure} before training starts (README, Starting shapes); "
-            "a CUDA device runs it far faster, or use --init sphere")
+    return (f"Shap-E runs on the CPU: at the default settings expect about {CPU_MINUTES} min on 2 cores before "
+            "training starts (README, Starting shapes); use a CUDA device, or --init sphere")
 
 
 def starting_cloud(cfg: RunConfig, device: torch.device, echo: Optional[Callable[[str], None]] = None
