@@ -396,11 +396,12 @@ def _run(spec: RunSpec, run_dir: Path, device: str, board: Any, record: "_Record
         else:
             cfg, checkpoint = config_from_data(spec.config), None
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device, progress_bar=False))
-        dev, choice, clip = pipeline.prepare(cfg, fresh=checkpoint is None)
-        if choice.notice:
-            print(choice.notice, flush=True)
+        ready = pipeline.prepare(cfg, fresh=checkpoint is None)
+        if ready.choice.notice:
+            print(ready.choice.notice, flush=True)
         callbacks = [_progress_callback(board, spec.name, cfg)] if board is not None else []
-        pipeline.fit(cfg, run_dir, choice, dev, resume=checkpoint, clip=clip, extra_callbacks=callbacks)
+        pipeline.fit(cfg, run_dir, ready.choice, ready.device, resume=checkpoint, clip=ready.clip,
+                     extra_callbacks=callbacks, start=ready.start)
         return "done", ""
     except (pipeline.Interrupted, KeyboardInterrupt):
         return "interrupted", "stopped; the next batch continues from its checkpoint"

@@ -160,7 +160,7 @@ class ConfigSnapshot(L.Callback):
 
 
 class PreviewImages(L.Callback):
-    """Orbit previews as PNG grids every ``every`` iterations and at the end."""
+    """Orbit previews as PNG grids at the start (iteration 0), every ``every`` iterations and at the end."""
 
     def __init__(self, out_dir: Path, every: int, prefix: str = ""):
         self.dir = out_dir / "preview"
@@ -173,6 +173,11 @@ class PreviewImages(L.Callback):
         save_png(image_grid(images, columns=images.shape[0] // len(pl_module.particles)), path,
                  preview_upscale(images.shape[-1]))
         return path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        # Iteration 0 of a fresh run: the starting Gaussians (the ball, the file or the Shap-E shape).
+        if trainer.is_global_zero and self.every > 0 and pl_module.iteration == 0 and pl_module.stage == 0:
+            self.write(pl_module, "iter_000000")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.is_global_zero and self.every > 0 and pl_module.iteration % self.every == 0:

@@ -27,7 +27,10 @@ err_console = Console(stderr=True)
 
 Preset = Annotated[str, typer.Option(help="Preset in configs/: preview (fast look), standard, paper (three "
                                             "stages), synthetic, standin (the SD path on the learned stand-in "
-                                            "in assets/standin, CPU).")]
+                                            "in assets/standin, CPU), shap-e (a Shap-E start, 1,200 iterations).")]
+Init = Annotated[Optional[str], typer.Option(
+    "--init", help="sphere | file | shap-e: start from a random ball, the --init-from file, or a Shap-E shape "
+                   "made from the prompt (openai/shap-e, downloaded on first use).")]
 ConfigFile = Annotated[Optional[Path], typer.Option(
     "--config", help="YAML file merged over the preset (a run folder's config.yaml: that run's settings).")]
 Sets = Annotated[Optional[List[str]], typer.Option(
@@ -115,8 +118,9 @@ def run(
     resolution: Optional[int] = typer.Option(None, help="Render size in pixels (square)."),
     prior: PriorKind = None,
     device: Device = None,
+    init: Init = None,
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Point cloud or mesh to start from (open3d), "
-                                             "or a 3DGS PLY (its centres and colours)."),
+                                             "or a 3DGS PLY (its centres and colours); means --init file."),
     method: Optional[str] = typer.Option(None, help="usd | vsd | sds (score distillation flavour)."),
     particles: Optional[int] = typer.Option(None, help="Gaussian sets optimised together (model_0.ply, ...)."),
     devices: Optional[int] = typer.Option(None, help="Processes/GPUs for data-parallel training (particles split)."),
@@ -143,17 +147,17 @@ def run(
     viewer_port = port if viewer else None
     if resume is not None:
         if set_ or preset != "preview" or out != Path("outputs") or any(v is not None for v in (
-                config, seed, resolution, prior, init_from, method, model, pose_model, templates, pose_control,
-                particles, devices)):
+                config, seed, resolution, prior, init, init_from, method, model, pose_model, templates,
+                pose_control, particles, devices)):
             raise UserError("--resume continues a run with its saved config; it takes only --steps and --device")
         if prompt:
             raise UserError("--resume continues a run folder with its own prompt and config; drop the PROMPT")
         cfg, checkpoint, where = pipeline.prepare_resume(resume, steps, device)
-        (dev, choice, clip), out_dir = pipeline.prepare(cfg, fresh=False), resume
+        ready, out_dir = pipeline.prepare(cfg, fresh=False), resume  # the Gaussians come from the checkpoint
         pipeline.progress_echo(f"resuming {resume} {where}")
     else:
         cfg = _config(preset, config, set_, prompt=None if prompt is None else prompt.strip(), steps=steps,
-                      seed=seed, device=device, resolution=resolution, prior=prior, init_from=init_from,
+                      seed=seed, device=device, resolution=resolution, prior=prior, init=init, init_from=init_from,
                       method=method, particles=particles, devices=devices, model=model, pose_model=pose_model,
                       templates=templates, pose_control=pose_control)
         if not cfg.prompt.strip():
@@ -162,13 +166,15 @@ def run(
             raise UserError(f"--steps does not apply to the {len(cfg.stages)}-stage preset {preset!r}: each stage "
                             "sets its own iterations (stages[i].steps in a --config file)")
         checkpoint = None
-        dev, choice, clip = pipeline.prepare(cfg)  # everything that can fail, before the run folder exists
+        # Everything that can fail (the starting shape included), before the run folder exists.
+        ready = pipeline.prepare(cfg)
         # Data-parallel ranks above 0 re-run this command: they say nothing (progress_echo: rank 0 only).
-        _notice(None if is_secondary_rank() else choice.notice)
+        _notice(None if is_secondary_rank() else ready.choice.notice)
         out_dir = pipeline.make_run_dir(out, cfg.prompt)
-        pipeline.progress_echo(f"run folder: {out_dir}  (prior: {choice.prior.name}, device: {dev})")
+        pipeline.progress_echo(f"run folder: {out_dir}  (prior: {ready.choice.prior.name}, device: {ready.device})")
     _fit(viewer_port, cfg, out_dir, lambda callbacks: pipeline.fit(
-        cfg, out_dir, choice, dev, resume=checkpoint, clip=clip, extra_callbacks=callbacks))
+        cfg, out_dir, ready.choice, ready.device, resume=checkpoint, clip=ready.clip, extra_callbacks=callbacks,
+        start=ready.start))
     from recdreamer_gs.callbacks import model_names
 
     names = model_names(cfg)
@@ -471,6 +477,7 @@ def models_cmd(
     model: Model = None,
     pose_model: PoseModel = None,
     templates: Templates = None,
+    init: Init = None,
     device: Optional[str] = typer.Option(None, help="Device of the run: auto | cpu | cuda. Default: a CUDA run, "
                                          "also on a machine without GPU (a cluster's login node)."),
     download: bool = typer.Option(False, "--download", help="Fetch the missing models into the Hugging Face cache."),
@@ -488,7 +495,7 @@ def models_cmd(
     if bench:
         set_ = [f"output.clip_model={DEFAULT_CLIP_MODEL}", *(set_ or [])]
     cfg = _config(preset, config, set_, prompt="models", prior=prior, device=device, method=method, model=model,
-                  pose_model=pose_model, templates=templates)
+                  pose_model=pose_model, templates=templates, init=init)
     models_report(cfg, cuda=cfg.train.device != "cpu", download=download, console=Console())
 
 

@@ -56,10 +56,28 @@ class CameraConfig(ConfigNode):
 
 
 @dataclass
+class ShapEConfig(ConfigNode):
+    """The Shap-E starting shape of ``gaussians.init = shap-e`` (docs/starting-shapes.md)."""
+
+    model: str = "openai/shap-e"  # diffusers ShapEPipeline repo id or local folder
+    dtype: Literal["auto", "fp16", "fp32"] = "auto"  # auto: fp16 on CUDA (the repo's fp16 weights), fp32 on CPU
+    steps: PositiveInt = 64  # denoising steps of Shap-E's prior (diffusers' example and GaussianDreamer: 64)
+    guidance_scale: NonNegativeFloat = 15.0  # CFG scale of the prior (diffusers' example and GaussianDreamer: 15)
+    grid_size: Annotated[int, Range(8, 512)] = 128  # marching-cubes grid of the mesh decode (diffusers' default)
+    grow_fraction: Fraction = 0.5  # share of gaussians.num_init grown near the surface; the rest are mesh vertices
+    grow_distance: PositiveFloat = 0.01  # grown points lie within this of a vertex, in Shap-E's units (its box
+    # is [-1, 1]^3; GaussianDreamer: 0.01)
+    colour_noise: Fraction = 0.2  # a grown point takes its nearest vertex's colour plus up to this much uniform
+    # noise per channel (GaussianDreamer: 0.2)
+
+
+@dataclass
 class GaussiansConfig(ConfigNode):
-    num_init: PositiveInt = 2048  # Gaussians created by the random-sphere init
-    init_radius: PositiveFloat = 0.6  # radius of the init sphere (and of a normalised --init-from cloud)
-    init_from: Optional[str] = None  # point cloud / mesh file read with open3d instead of the sphere
+    init: Literal["sphere", "file", "shap-e"] = "sphere"  # where the Gaussians start: a random ball, the
+    # init_from file, or a Shap-E shape made from the prompt (docs/starting-shapes.md)
+    num_init: PositiveInt = 2048  # Gaussians at the start (ball, file samples, or Shap-E points)
+    init_radius: PositiveFloat = 0.6  # radius of the init sphere; a file's or Shap-E's shape is scaled into it
+    init_from: Optional[str] = None  # init = file: point cloud / mesh file read with open3d
     init_opacity: Annotated[float, Range(0.1, 1, hi_open=True, why="(gsplat culls opacity < 1/255)")] = 0.3
     init_scale: PositiveFloat = 0.05  # initial isotropic scale (world units)
     sh_degree: Annotated[int, Range(0, 3)] = 0  # 0 by default: view-dependent colour lets a model fake several faces
@@ -72,7 +90,15 @@ class GaussiansConfig(ConfigNode):
     lr_sh0: NonNegativeFloat = 1e-2
     lr_shN: NonNegativeFloat = 5e-4
 
+    shap_e: ShapEConfig = field(default_factory=ShapEConfig)  # init = shap-e: the model and how its mesh is sampled
+
     def check(self, path: str) -> None:
+        if self.init == "file" and not self.init_from:
+            raise ConfigError(f"{join(path, 'init')}: 'file' needs a file in {join(path, 'init_from')} "
+                              "(--init-from PATH), got none")
+        if self.init_from and self.init != "file":
+            raise ConfigError(f"{join(path, 'init_from')}: a file ({self.init_from}) is set but {join(path, 'init')} "
+                              f"is {self.init!r}; set {join(path, 'init')}=file or drop the file")
         if self.min_log_scale >= self.max_log_scale:
             raise ConfigError(f"{join(path, 'min_log_scale')}: expected less than max_log_scale "
                               f"({self.max_log_scale}), got {self.min_log_scale}")
@@ -342,7 +368,7 @@ class RunConfig(ConfigNode):
 # Loading
 # --------------------------------------------------------------------------------------------
 
-PRESETS = ("preview", "standard", "paper", "synthetic", "standin")
+PRESETS = ("preview", "standard", "paper", "synthetic", "standin", "shap-e")
 
 
 def preset_path(name: str) -> Path:
@@ -517,7 +543,8 @@ OPTION_KEYS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt",), "steps": ("train.steps",), "seed": ("train.seed",), "device": ("train.device",),
     "particles": ("train.particles",), "devices": ("train.devices",), "prior": ("prior.kind",),
     "resolution": ("camera.resolution", "prior.synthetic.resolution"),  # the synthetic prior renders at its own
-    "model": ("prior.sd.model",), "init_from": ("gaussians.init_from",), "method": ("distill.method",),
+    "model": ("prior.sd.model",), "init": ("gaussians.init",), "init_from": ("gaussians.init_from",),
+    "method": ("distill.method",),
     "pose_model": ("distill.rectifier.classifier.feature_model",), "templates": ("distill.rectifier.templates",),
     "pose_control": ("distill.rectifier.pose_control",),
 }
@@ -526,6 +553,10 @@ OPTION_KEYS: dict[str, tuple[str, ...]] = {
 def option_overrides(**options: Any) -> dict:
     """The command-line options given (not None or empty) as one override of the config tree."""
     out: dict = {}
+    if options.get("init_from"):  # --init-from PATH means --init file
+        if options.get("init") not in (None, "", "file"):
+            raise ConfigError(f"--init {options['init']} and --init-from: a file is --init file; give one of them")
+        options = {**options, "init": "file"}
     for name, value in options.items():
         if value is None or value == "":
             continue

@@ -284,6 +284,32 @@ def written(path: str | Path, params: Mapping[str, Tensor], prepared: Mapping[st
     return Written(Path(path), n, int(params["means"].shape[0]) - n, note)
 
 
+def write_point_cloud(path: str | Path, points: Float[Tensor, "N 3"], rgb: Optional[Float[Tensor, "N 3"]] = None,
+                      frame: PlyFrame = "viewer") -> int:
+    """A plain coloured point cloud PLY (float x y z, uchar red green blue: what point-cloud viewers read),
+    in the frame of the run's splat PLY so that the two overlay; written atomically. Returns the points."""
+    from plyfile import PlyData, PlyElement
+
+    check_frame(frame)
+    xyz = points.detach().to("cpu", torch.float32)
+    if frame == "viewer":
+        xyz = xyz * torch.tensor([1.0, -1.0, -1.0])  # world (x, y, z) -> (x, -y, -z), as write_ply
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+    if rgb is not None:
+        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    rows = np.empty(xyz.shape[0], dtype=fields)
+    for i, axis in enumerate("xyz"):
+        rows[axis] = xyz[:, i].numpy()
+    if rgb is not None:
+        colours = (rgb.detach().to("cpu", torch.float32).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        for i, channel in enumerate(("red", "green", "blue")):
+            rows[channel] = colours[:, i]
+    ply = PlyData([PlyElement.describe(rows, "vertex")], text=False, byte_order="<")
+    with _atomic_open(path) as f:
+        ply.write(f)
+    return int(rows.shape[0])
+
+
 # -- reader -----------------------------------------------------------------------------------
 
 

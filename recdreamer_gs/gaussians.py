@@ -10,6 +10,7 @@ afresh.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -103,6 +104,17 @@ def load_points(path: str | Path, n: int, radius: float) -> tuple[Tensor, Option
     return pts, rgb
 
 
+@dataclass
+class StartCloud:
+    """The points a run starts from instead of the random ball (``gaussians.init`` file or shap-e), already in
+    the world frame and scaled into ``init_radius``; the same cloud seeds every particle."""
+
+    points: Float[Tensor, "N 3"]
+    rgb: Optional[Float[Tensor, "N 3"]] = None  # display colours in [0, 1]; None: grey with a little noise
+    scales: Optional[Float[Tensor, "N"]] = None  # isotropic scales (world units); None: gaussians.init_scale
+    source: str = ""  # where it came from, for messages
+
+
 class Gaussians(nn.Module):
     """A set of 3D Gaussians with per-parameter Adam optimizers."""
 
@@ -116,16 +128,23 @@ class Gaussians(nn.Module):
     @classmethod
     def from_points(
         cls, points: Float[Tensor, "N 3"], cfg: GaussiansConfig, rgb: Optional[Float[Tensor, "N 3"]] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator] = None, scales: Optional[Float[Tensor, "N"]] = None,
     ) -> "Gaussians":
+        """Gaussians at ``points``: colours ``rgb`` (else grey with a little noise), isotropic ``scales``
+        (else ``cfg.init_scale``; kept within the log-scale clamp), ``cfg.init_opacity``."""
         n = points.shape[0]
         if rgb is None:
             # Grey with a little noise, as the text-to-3D peers initialise.
             noise = torch.rand(n, 3, generator=generator) if generator is not None else torch.rand(n, 3)
             rgb = 0.5 + 0.1 * (noise - 0.5)
+        if scales is None:
+            log_scales = torch.full((n, 3), math.log(cfg.init_scale))
+        else:
+            log_scales = scales.float().clamp_min(1e-12).log().clamp(cfg.min_log_scale, cfg.max_log_scale)
+            log_scales = log_scales[:, None].repeat(1, 3)
         params = {
             "means": points.float(),
-            "scales": torch.full((n, 3), math.log(cfg.init_scale)),
+            "scales": log_scales,
             "quats": torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1),
             "opacities": torch.full((n,), math.log(cfg.init_opacity / (1.0 - cfg.init_opacity))),
             "sh0": rgb_to_sh0(rgb.float()).reshape(n, 1, 3),
@@ -134,11 +153,12 @@ class Gaussians(nn.Module):
         return cls(params, cfg)
 
     @classmethod
-    def create(cls, cfg: GaussiansConfig, generator: torch.Generator) -> "Gaussians":
-        """Random sphere, or the points of ``cfg.init_from`` (point cloud or mesh)."""
-        if cfg.init_from:
-            points, rgb = load_points(cfg.init_from, cfg.num_init, cfg.init_radius)
-            return cls.from_points(points, cfg, rgb, generator)
+    def create(cls, cfg: GaussiansConfig, generator: torch.Generator, start: Optional[StartCloud] = None
+               ) -> "Gaussians":
+        """The starting cloud ``start`` (a file's or Shap-E's points, ``recdreamer_gs.shape.starting_cloud``),
+        else ``cfg.num_init`` points uniform in a ball of ``cfg.init_radius``."""
+        if start is not None:
+            return cls.from_points(start.points, cfg, start.rgb, generator, start.scales)
         return cls.from_points(random_sphere_points(cfg.num_init, cfg.init_radius, generator), cfg,
                                generator=generator)
 

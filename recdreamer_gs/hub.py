@@ -100,6 +100,16 @@ CLIP = ModelKind(
     folder="a transformers CLIP folder with config.json, weights and tokenizer files",
     instead="leave output.clip_model unset (no cEnt or CLIP score)",
 )
+SHAP_E = ModelKind(  # gaussians.init = shap-e: diffusers' ShapEPipeline (text -> mesh)
+    "Shap-E model",
+    (Part("", ("model_index.json",), weights=False), Part("tokenizer", _TOKENIZER, weights=False),
+     Part("text_encoder", ("config.json",)), Part("prior", ("config.json",)),
+     Part("shap_e_renderer", ("config.json",)), Part("scheduler", ("scheduler_config.json",), weights=False)),
+    option="--set gaussians.shap_e.model=PATH",
+    folder="a diffusers ShapEPipeline folder with model_index.json, tokenizer/, text_encoder/, prior/, "
+           "shap_e_renderer/, scheduler/",
+    instead="--init sphere (start from a random ball)",
+)
 
 
 @dataclass(frozen=True)
@@ -525,13 +535,14 @@ def half_weights(dtype: str, cuda: bool) -> bool:
     return dtype in ("fp16", "bf16") or (dtype == "auto" and cuda)
 
 
-def config_models(cfg: "RunConfig", cuda: bool = True) -> list[ModelSpec]:
-    """Every model a run of ``cfg`` loads, Stable Diffusion first; ``cuda``: the run uses a CUDA device.
+def config_models(cfg: "RunConfig", cuda: bool = True, starting_shape: bool = True) -> list[ModelSpec]:
+    """Every model a run of ``cfg`` loads, Stable Diffusion first; ``cuda``: the run uses a CUDA device;
+    ``starting_shape``: a fresh run (a resumed one makes no starting shape).
 
     SD for ``prior.kind`` sd, or auto on CUDA; with SD, a separate ε_φ UNet when VSD/USD asks for one,
     DINOv2 when USD runs or a template folder is given (the pose classifier) and the tiny decoder when USD
-    runs and ``prior.sd.tiny_decoder`` is set; CLIP when ``output.clip_model`` is set. The synthetic prior
-    needs no weights.
+    runs and ``prior.sd.tiny_decoder`` is set; Shap-E when ``gaussians.init`` is shap-e; CLIP when
+    ``output.clip_model`` is set. The synthetic prior needs no weights.
     """
     specs: list[ModelSpec] = []
     if cfg.prior.kind == "sd" or (cfg.prior.kind == "auto" and cuda):
@@ -546,6 +557,8 @@ def config_models(cfg: "RunConfig", cuda: bool = True) -> list[ModelSpec]:
             specs.append(ModelSpec(DINOV2, rect.classifier.feature_model))
         if "usd" in methods and cfg.prior.sd.tiny_decoder:
             specs.append(ModelSpec(TINY_DECODER, cfg.prior.sd.tiny_decoder, half))
+    if starting_shape and cfg.gaussians.init == "shap-e":
+        specs.append(ModelSpec(SHAP_E, cfg.gaussians.shap_e.model, half_weights(cfg.gaussians.shap_e.dtype, cuda)))
     if cfg.output.clip_model:
         specs.append(ModelSpec(CLIP, cfg.output.clip_model))
     return specs

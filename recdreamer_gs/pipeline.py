@@ -13,6 +13,7 @@ import torch
 
 from recdreamer_gs.config import RunConfig
 from recdreamer_gs.errors import UserError
+from recdreamer_gs.gaussians import StartCloud
 from recdreamer_gs.pose.setup import CLASSIFIER_FILE, PoseSetup, saved_pose_setup
 from recdreamer_gs.priors.base import Prior
 
@@ -46,12 +47,13 @@ def synthetic_notice(reason: str) -> str:
     )
 
 
-def build_prior(cfg: RunConfig, device: torch.device) -> PriorChoice:
+def build_prior(cfg: RunConfig, device: torch.device, starting_shape: bool = False) -> PriorChoice:
     """The prior the config asks for; ``auto`` picks SD on a CUDA device when its weights can be had.
 
-    Before SD loads, every model of the run (SD, DINOv2, CLIP, a separate ε_φ UNet) is made local: all
-    are checked first and then the missing ones downloaded, so a model that cannot be had stops the run
-    with one :class:`recdreamer_gs.hub.ModelUnavailable` before gigabytes are fetched or loaded.
+    Before SD loads, every model of the run (SD, DINOv2, CLIP, a separate ε_φ UNet, and Shap-E when
+    ``starting_shape`` says that a fresh run makes one) is made local: all are checked first and then the
+    missing ones downloaded, so a model that cannot be had stops the run with one
+    :class:`recdreamer_gs.hub.ModelUnavailable` before gigabytes are fetched or loaded.
     """
     from recdreamer_gs import hub
     from recdreamer_gs.priors.synthetic import SyntheticPrior
@@ -61,7 +63,7 @@ def build_prior(cfg: RunConfig, device: torch.device) -> PriorChoice:
         kind, notice = _auto_prior(cfg, device)
     if kind == "synthetic":
         return PriorChoice(SyntheticPrior(cfg.prior.synthetic, device), kind, notice)
-    hub.prepare(hub.config_models(cfg, cuda=device.type == "cuda"))
+    hub.prepare(hub.config_models(cfg, cuda=device.type == "cuda", starting_shape=starting_shape))
     from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
 
     start = time.perf_counter()
@@ -302,9 +304,11 @@ def build_clip(cfg: RunConfig, device: torch.device):
 
 
 def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device,
-        resume: Optional[dict] = None, extra_callbacks: Optional[list] = None, clip=None):
+        resume: Optional[dict] = None, extra_callbacks: Optional[list] = None, clip=None,
+        start: Optional[StartCloud] = None):
     """Train the Gaussian set(s) with Lightning, stage by stage, and write the run folder (README, "What a
-    run makes"). Returns the system of the last stage. ``resume`` is a checkpoint of this run folder.
+    run makes"). Returns the system of the last stage. ``resume`` is a checkpoint of this run folder;
+    ``start`` the starting cloud of a fresh run (written as ``init.ply``; None: the random ball).
     """
     cfg = effective_config(cfg, choice, device)  # what runs, and what config.yaml records
     torch.manual_seed(cfg.train.seed)
@@ -312,7 +316,7 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
     stage_cfgs = [cfg if st is None else stage_config(cfg, st) for st in stages]
     # Phases of the run for metrics.json; the stages add train_s and export_s (callbacks.ExportAndMetrics).
     timings = {"load_s": choice.load_s, "templates_s": 0.0}
-    start = time.perf_counter()
+    began = time.perf_counter()
     saved = out_dir / CLASSIFIER_FILE
     if resume is not None and saved.is_file():  # the classifier the run was built with, templates embedded
         pose = saved_pose_setup(cfg.first_distill("usd").rectifier, saved, device)
@@ -324,10 +328,14 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
         write_template_folder(pose.templates, out_dir / "templates")
         if pose.module is not None:
             pose.module.save(saved)
+    if start is not None and resume is None:
+        from recdreamer_gs.export import write_point_cloud
+
+        write_point_cloud(out_dir / "init.ply", start.points, start.rgb, frame=cfg.output.ply_frame)
     particle_score = choice.prior.particle_score(cfg)  # one ε_φ, shared by the run's VSD/USD stages
     if clip is None:
         clip = build_clip(cfg, device)
-    timings["load_s"] += time.perf_counter() - start - timings["templates_s"]
+    timings["load_s"] += time.perf_counter() - began - timings["templates_s"]
     # Compiled lazily in the first iterations; compile_s counts it (it is also part of train_s).
     compiler = compile_networks(cfg, device, choice.prior, particle_score, pose, timings, progress_echo)
     first = int(resume.get("stage", 0)) if resume is not None else 0
@@ -340,6 +348,7 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
                 colour_only=stage is not None and stage.params == "colour",
                 prefix=f"{stage.name}_" if len(stages) > 1 else "",
                 resume=resume if k == first else None, extra_callbacks=extra_callbacks, clip=clip, timings=timings,
+                start=start if resume is None else None,
             )
             particles = list(system.particles)
     finally:
@@ -351,8 +360,9 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
 def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device, pose: PoseSetup,
                particle_score, particles, stage: int, colour_only: bool, prefix: str,
                resume: Optional[dict], extra_callbacks: Optional[list], clip=None,
-               timings: Optional[dict] = None):
-    """One Lightning fit: the system of one stage (its config ``cfg``) with its callbacks."""
+               timings: Optional[dict] = None, start: Optional[StartCloud] = None):
+    """One Lightning fit: the system of one stage (its config ``cfg``) with its callbacks; ``start``: where the
+    first stage's Gaussians start (later stages continue the particles)."""
     import signal
 
     import lightning as L
@@ -369,26 +379,25 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available" banners or tips
     system = TextTo3DSystem(cfg, choice.prior, particle_score if cfg.distill.method != "sds" else None,
                             pose.classifier, pose.class_names, particles=particles, metric_classifier=pose.metric,
-                            metric_camera=pose.metric_camera,
-                            colour_only=colour_only, stage=stage)
+                            metric_camera=pose.metric_camera, colour_only=colour_only, stage=stage, start=start)
     system.clip_scorer = clip
-    start = 0
+    first_iteration = 0
     if resume is not None:
         system.restore(resume)
-        start = system.iteration
-    if resume is not None and start >= cfg.train.steps:
+        first_iteration = system.iteration
+    if resume is not None and first_iteration >= cfg.train.steps:
         # Training was done but the files of its end were not all written (no metrics.json, e.g. the disk filled
         # up): write them now. Not through Trainer.fit, which skips its end hooks when nothing is left to train.
         system.to(device)
         export = ExportAndMetrics(cfg, out_dir, timings=timings)
-        export.start_time, export.start_iteration = time.perf_counter(), start
+        export.start_time, export.start_iteration = time.perf_counter(), first_iteration
         try:
             export.finish(system)
         except OSError as err:
             raise training_failure(err, system, cfg, out_dir) from err
         return system
     data = CameraDataModule(cfg.camera, cfg.train.steps, derive_seed(cfg.train.seed, "stage", stage),
-                            cfg.render.background, start=start)
+                            cfg.render.background, start=first_iteration)
     callbacks: list = [
         PreviewImages(out_dir, cfg.train.preview_every, prefix),
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
@@ -415,8 +424,6 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    if resume is not None and start >= cfg.train.steps and stage >= len(run_cfg.stages) - 1:
-        return _end_only(trainer, system, callbacks, device)
     try:
         trainer.fit(system, datamodule=data)
     except SystemExit:
@@ -431,40 +438,38 @@ def _fit_stage(run_cfg: RunConfig, cfg: RunConfig, out_dir: Path, choice: PriorC
     return system
 
 
-def _end_only(trainer, system, callbacks: list, device: torch.device):
-    """The end of a run whose iterations all ran before it stopped (during its export, e.g. a batch task lost
-    there): final previews, PLY, metrics.json and report from the last checkpoint, without a fit."""
-    from recdreamer_gs.callbacks import ExportAndMetrics, PreviewImages
+@dataclass
+class Prepared:
+    """What a run needs before its folder exists (``prepare``)."""
 
-    system.to(device)
-    ends = [cb for cb in callbacks if isinstance(cb, (PreviewImages, ExportAndMetrics))]
-    for cb in ends:
-        cb.on_train_start(trainer, system)
-    for cb in ends:
-        cb.on_train_end(trainer, system)
-    return system
+    device: torch.device
+    choice: PriorChoice
+    clip: Optional[object] = None  # metrics.ClipScorer when output.clip_model is set
+    start: Optional[StartCloud] = None  # the starting cloud of gaussians.init file / shap-e (fresh runs only)
 
 
-def prepare(cfg: RunConfig, fresh: bool = True) -> tuple[torch.device, PriorChoice, Optional[object]]:
-    """The device, prior and CLIP scorer of a run, made before its run folder exists, so that whatever
-    cannot work (no GPU, a broken gsplat build, a missing model, a bad ``--init-from`` file) stops it
-    with one error and nothing written. ``fresh=False`` (a resume) skips the init file and CLIP."""
+def prepare(cfg: RunConfig, fresh: bool = True) -> Prepared:
+    """The device, prior, CLIP scorer and starting cloud of a run, made before its run folder exists, so
+    that whatever cannot work (no GPU, a broken gsplat build, a missing model, a bad ``--init-from`` file,
+    an empty Shap-E mesh) stops it with one error and nothing written. Every model is made local before
+    the starting shape is generated. ``fresh=False`` (a resume: its Gaussians come from the checkpoint)
+    makes neither the starting cloud nor CLIP."""
+    import dataclasses
+
+    from recdreamer_gs import hub
     from recdreamer_gs.render import ensure_backend
+    from recdreamer_gs.shape import starting_cloud
 
     device = resolve_device(cfg.train.device)
     ensure_backend(cfg.render.backend, device)  # before any model loads: a broken gsplat build fails in seconds
-    choice = build_prior(cfg, device)
+    choice = build_prior(cfg, device, starting_shape=fresh)
     if not fresh:
-        return device, choice, None
-    if cfg.gaussians.init_from:
-        from recdreamer_gs.export import is_splat_ply
-        from recdreamer_gs.gaussians import load_points
-
-        points, _ = load_points(cfg.gaussians.init_from, cfg.gaussians.num_init, cfg.gaussians.init_radius)
-        if is_splat_ply(cfg.gaussians.init_from):
-            progress_echo(f"--init-from {cfg.gaussians.init_from}: a 3DGS splat file; starting from the centres and "
-                          f"colours of {len(points):,} of its Gaussians (viewer frame, as model.ply is written)")
-    return device, choice, build_clip(cfg, device)
+        return Prepared(device, choice)
+    # With the synthetic prior, Shap-E and CLIP are checked (then fetched) here; the SD path did it already.
+    chosen = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, kind=choice.kind))
+    hub.prepare(hub.config_models(chosen, cuda=device.type == "cuda"))
+    start = starting_cloud(cfg, device, progress_echo)
+    return Prepared(device, choice, build_clip(cfg, device), start)
 
 
 def prepare_resume(run_dir: Path, steps: Optional[int] = None, device: Optional[str] = None

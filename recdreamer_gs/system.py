@@ -20,7 +20,7 @@ from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
 from recdreamer_gs.distributed import average_gradients
 from recdreamer_gs.errors import Diverged
-from recdreamer_gs.gaussians import Gaussians
+from recdreamer_gs.gaussians import Gaussians, StartCloud
 from recdreamer_gs.priors.base import ParticleScore, Prior
 from recdreamer_gs.render import RenderOut, render
 from recdreamer_gs.rng import derive_seed
@@ -45,13 +45,16 @@ class TextTo3DSystem(L.LightningModule):
         metric_camera: Optional[CameraConfig] = None,
         colour_only: bool = False,
         stage: int = 0,
+        start: Optional[StartCloud] = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.automatic_optimization = False
         n = cfg.train.particles
+        # Every particle starts from the same cloud (init file or Shap-E), or from its own random ball.
         self.particles = nn.ModuleList(particles if particles is not None else [
-            Gaussians.create(cfg.gaussians, torch.Generator().manual_seed(derive_seed(cfg.train.seed, "gaussians", i)))
+            Gaussians.create(cfg.gaussians, torch.Generator().manual_seed(derive_seed(cfg.train.seed, "gaussians", i)),
+                             start)
             for i in range(n)
         ])
         self.particle_ids = list(range(n))  # global indices of the particles this process owns

@@ -3,16 +3,19 @@
     python tests/make_fixtures.py OUTDIR
 
 writes ``OUTDIR/dinov2`` (DINOv2 with registers), ``OUTDIR/clip`` (CLIP model + tokenizer),
-``OUTDIR/sd`` (a Stable Diffusion pipeline folder: tokenizer, text encoder, UNet, VAE, scheduler) and
-``OUTDIR/taesd`` (an AutoencoderTiny, the optional tiny decoder of x̂0).
+``OUTDIR/sd`` (a Stable Diffusion pipeline folder: tokenizer, text encoder, UNet, VAE, scheduler),
+``OUTDIR/taesd`` (an AutoencoderTiny, the optional tiny decoder of x̂0) and ``OUTDIR/shap_e`` (a
+ShapEPipeline folder: tokenizer, text encoder, prior, scheduler, renderer).
 No file is downloaded: the tokenizer vocabulary is the byte-level alphabet built here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -115,7 +118,6 @@ def write_sd_folder(out: Path, text_encoder: dict, unet: dict, vae: dict, dtype:
     never leaves a folder that looks complete.
     """
     import shutil
-    import tempfile
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -133,9 +135,7 @@ def write_sd_folder(out: Path, text_encoder: dict, unet: dict, vae: dict, dtype:
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with written_whole(out) as tmp:
         write_clip_tokenizer(tmp / "tokenizer_files")
         tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer_files"))
         shutil.rmtree(tmp / "tokenizer_files")
@@ -144,13 +144,26 @@ def write_sd_folder(out: Path, text_encoder: dict, unet: dict, vae: dict, dtype:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.save_pretrained(str(tmp), variant=variant)
+    return out
+
+
+@contextlib.contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A temporary folder next to ``out``, renamed onto it when the block succeeds (removed otherwise), so
+    that an interrupted write never leaves a folder that looks complete."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return out
 
 
 def make_taesd(out: Path) -> Path:
@@ -160,6 +173,74 @@ def make_taesd(out: Path) -> Path:
 
     torch.manual_seed(0)
     AutoencoderTiny(**TINY_TAESD).save_pretrained(str(out))
+    return out
+
+
+TINY_SHAP_E_TEXT_ENCODER = dict(TINY_TEXT_ENCODER, projection_dim=32)  # CLIPTextModelWithProjection
+TINY_SHAP_E_PRIOR = dict(  # PriorTransformer laid out as Shap-E's (no extra tokens, layer norm in, gelu time MLP)
+    num_attention_heads=2, attention_head_dim=16, num_layers=1, embedding_dim=32, num_embeddings=32,
+    additional_embeddings=0, time_embed_act_fn="gelu", time_embed_dim=128, norm_in_type="layer",
+    encoder_hid_proj_type=None, added_emb_type=None, embedding_proj_dim=32, clip_embed_dim=64,
+)
+TINY_SHAP_E_RENDERER = dict(  # the latent's 32 rows of width 32 become the first four MLP layers of width 8
+    param_shapes=((8, 93), (8, 8), (8, 8), (8, 8)), d_latent=32, d_hidden=8, n_output=12,
+)
+
+
+# The 12 edges of a marching-cubes cell as diffusers' MeshDecoder numbers them (_create_flat_edge_indices:
+# 4 along x, 4 along y, 4 along z), each as its two corners; corner c = x + 2y + 4z is bit c of a cell's case.
+CELL_EDGES = ((0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7))
+
+
+def crossing_edge_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """A lookup table for MeshDecoder (its ``cases`` [256, 5, 3] and ``masks`` [256, 5] buffers).
+
+    The real table comes with the Shap-E checkpoint; a fresh model holds zeros and so decodes no mesh at
+    all. This one lists, for each of the 256 cases, every edge whose corners differ in sign, three per
+    "triangle": the decoded vertices are exactly those of marching cubes (one per sign-changing edge), the
+    triangles are not a proper surface. The starting shape reads only the vertices.
+    """
+    cases = torch.zeros(256, 5, 3, dtype=torch.long)
+    masks = torch.zeros(256, 5, dtype=torch.bool)
+    for case in range(256):
+        edges = [e for e, (a, b) in enumerate(CELL_EDGES) if (case >> a & 1) != (case >> b & 1)]
+        for t in range(0, len(edges), 3):
+            tri = edges[t:t + 3]
+            cases[case, t // 3] = torch.tensor(tri + [tri[-1]] * (3 - len(tri)))
+            masks[case, t // 3] = True
+    return cases, masks
+
+
+def shap_e_pipeline(text_encoder: dict, prior: dict, renderer: dict, dtype: torch.dtype = torch.float32):
+    """A diffusers ShapEPipeline with random weights of the given configs, Shap-E's Heun schedule (1024 steps,
+    exponential betas, Karras sigmas, x0 prediction clipped to [-1, 1]), the byte-level tokenizer of
+    :func:`write_clip_tokenizer` and the marching-cubes table of :func:`crossing_edge_table`."""
+    import tempfile
+
+    from diffusers import HeunDiscreteScheduler, PriorTransformer, ShapEPipeline
+    from diffusers.pipelines.shap_e import ShapERenderer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    scheduler = HeunDiscreteScheduler(beta_schedule="exp", num_train_timesteps=1024, prediction_type="sample",
+                                      use_karras_sigmas=True, clip_sample=True, clip_sample_range=1.0)
+    networks = dict(prior=PriorTransformer(**prior), shap_e_renderer=ShapERenderer(**renderer),
+                    text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder)))
+    decoder = networks["shap_e_renderer"].mesh_decoder
+    decoder.cases, decoder.masks = crossing_edge_table()
+    if dtype != torch.float32:
+        networks = {k: v.to(dtype) for k, v in networks.items()}
+    return ShapEPipeline(**networks, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def make_shap_e(out: Path) -> Path:
+    """The tiny Shap-E folder of the tests."""
+    out = Path(out)
+    with written_whole(out) as tmp:
+        shap_e_pipeline(TINY_SHAP_E_TEXT_ENCODER, TINY_SHAP_E_PRIOR, TINY_SHAP_E_RENDERER).save_pretrained(str(tmp))
     return out
 
 
@@ -200,13 +281,16 @@ def write_hub_snapshot(cache: Path, repo_id: str, source: Path, only=None, commi
 
 def make_all(root: Path) -> dict[str, Path]:
     root = Path(root)
-    paths = {"dinov2": root / "dinov2", "clip": root / "clip", "sd": root / "sd", "taesd": root / "taesd"}
+    paths = {"dinov2": root / "dinov2", "clip": root / "clip", "sd": root / "sd", "taesd": root / "taesd",
+             "shap_e": root / "shap_e"}
     if not (paths["dinov2"] / "config.json").exists():
         make_dinov2(paths["dinov2"])
     if not (paths["taesd"] / "config.json").exists():
         make_taesd(paths["taesd"])
     if not (paths["clip"] / "config.json").exists():
         make_clip(paths["clip"])
+    if not (paths["shap_e"] / "model_index.json").exists():
+        make_shap_e(paths["shap_e"])
     make_sd = globals().get("make_sd")
     if make_sd is not None and not (paths["sd"] / "model_index.json").exists():
         make_sd(paths["sd"])

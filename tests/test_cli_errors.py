@@ -44,14 +44,14 @@ def one_line_exit_2(result, fragment: str) -> None:
 def test_the_walk_finds_the_error_classes():
     names = {cls.__name__ for cls in user_error_classes()}
     assert {"UserError", "ConfigError", "PlyError", "InitError", "ModelUnavailable", "RunError", "GsplatUnavailable",
-            "MeshError", "ReportError", "TemplateError"} <= names
+            "MeshError", "ReportError", "TemplateError", "ShapeError"} <= names
 
 
 @pytest.mark.parametrize("cls", user_error_classes(), ids=lambda c: c.__name__)
 def test_every_user_error_is_one_line_and_no_run_folder(cls, tmp_path, monkeypatch):
     from recdreamer_gs import pipeline
 
-    def build_prior(cfg, device):
+    def build_prior(cfg, device, starting_shape=False):
         raise make(cls, f"{cls.__name__} raised while the prior loads; do this instead")
 
     monkeypatch.setattr(pipeline, "build_prior", build_prior)
@@ -64,7 +64,7 @@ def test_every_user_error_is_one_line_and_no_run_folder(cls, tmp_path, monkeypat
 def test_os_error_is_one_line(tmp_path, monkeypatch):
     from recdreamer_gs import pipeline
 
-    def build_prior(cfg, device):
+    def build_prior(cfg, device, starting_shape=False):
         raise PermissionError(13, "Permission denied", "/some/cache/file")
 
     monkeypatch.setattr(pipeline, "build_prior", build_prior)

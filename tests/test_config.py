@@ -2,7 +2,8 @@
 
 import pytest
 
-from recdreamer_gs.config import PRESETS, ConfigError, RunConfig, load_config, parse_override, to_dict
+from recdreamer_gs.config import (PRESETS, ConfigError, RunConfig, load_config, option_overrides, parse_override,
+                                  to_dict)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -39,6 +40,8 @@ def test_yaml_round_trip(tmp_path):
         ("output.mesh=fbx", "output.mesh: expected one of"),
         ("output.mesh_faces=-1", "output.mesh_faces: expected 0 or more"),
         ("output.logger=wandb", "output.logger: expected one of"),
+        ("gaussians.init=file", "gaussians.init: 'file' needs a file in gaussians.init_from"),
+        ("gaussians.init_from=/x.ply", "is set but gaussians.init is 'sphere'; set gaussians.init=file"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -55,6 +58,15 @@ def test_unknown_preset_and_missing_file(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config("preview", bad)
+
+
+def test_init_options(tmp_path):
+    cloud = tmp_path / "c.ply"
+    cloud.write_text("ply")
+    assert option_overrides(init_from=cloud) == {"gaussians": {"init": "file", "init_from": str(cloud)}}
+    assert option_overrides(init="shap-e") == {"gaussians": {"init": "shap-e"}}
+    with pytest.raises(ConfigError, match="--init shap-e and --init-from"):
+        option_overrides(init="shap-e", init_from=cloud)
 
 
 def test_override_syntax():

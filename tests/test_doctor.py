@@ -118,10 +118,15 @@ def test_models_lists_what_a_run_loads(env, tiny_models, monkeypatch):
     assert f"complete: local folder {tiny_models['sd']}" in text and "CLIP model" in text
     text = output(runner.invoke(app, ["models", "--bench"]))  # what `bench` loads: its CLIP model too
     assert "CLIP model: openai/clip-vit-base-patch32" in text and "2 model(s) missing" in text
+    text = output(runner.invoke(app, ["models", "--prior", "synthetic", "--init", "shap-e"]))
+    assert "Shap-E model: openai/shap-e" in text and "1 model(s) missing" in text
+    text = output(runner.invoke(app, ["models", "--prior", "synthetic", "--init", "shap-e", "--set",
+                                      f"gaussians.shap_e.model={tiny_models['shap_e']}"]))
+    assert f"complete: local folder {tiny_models['shap_e']}" in text and "size: " in text
 
 
 def test_models_download_fetches_the_missing_ones(env, tiny_models, monkeypatch):
-    sources = {SD_REPO: tiny_models["sd"], DINO_REPO: tiny_models["dinov2"]}
+    sources = {SD_REPO: tiny_models["sd"], DINO_REPO: tiny_models["dinov2"], "openai/shap-e": tiny_models["shap_e"]}
 
     def model_info(self, repo_id, **kwargs):
         files = [p for p in sources[repo_id].rglob("*") if p.is_file()]
@@ -139,6 +144,8 @@ def test_models_download_fetches_the_missing_ones(env, tiny_models, monkeypatch)
     assert "All 2 models are complete" in text and "HF_HUB_OFFLINE=1" in text
     text = output(runner.invoke(app, ["models"]))
     assert "All models are complete here" in text
+    text = output(runner.invoke(app, ["models", "--prior", "synthetic", "--init", "shap-e", "--download"]))
+    assert "downloading Shap-E model openai/shap-e" in text and "All 1 models are complete" in text
 
 
 def test_models_download_offline_is_one_line(env, monkeypatch):

@@ -1,4 +1,4 @@
-"""Gaussian parameter set: layout, optimizers, init from sphere and from files, clamps."""
+"""Gaussian parameter set: layout, optimizers, init from sphere, files and starting clouds, clamps."""
 
 import math
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from recdreamer_gs.config import GaussiansConfig
-from recdreamer_gs.gaussians import Gaussians, InitError, load_points, rgb_to_sh0, sh0_to_rgb
+from recdreamer_gs.config import GaussiansConfig, load_config
+from recdreamer_gs.gaussians import Gaussians, InitError, StartCloud, load_points, rgb_to_sh0, sh0_to_rgb
+from recdreamer_gs.shape import starting_cloud
 
 
 def test_sphere_init_layout_and_optimizers():
@@ -60,9 +61,13 @@ def test_init_from_point_cloud_and_mesh(tmp_path, capfd):
 
     mesh = o3d.geometry.TriangleMesh.create_box(2.0, 2.0, 2.0)
     o3d.io.write_triangle_mesh(str(tmp_path / "box.obj"), mesh)
-    cfg = GaussiansConfig(num_init=400, init_from=str(tmp_path / "box.obj"), init_radius=0.5)
-    g = Gaussians.create(cfg, torch.Generator().manual_seed(0))
-    assert len(g) == 400
+    cfg = load_config("preview", overrides=[{"gaussians": {"init": "file", "init_from": str(tmp_path / "box.obj"),
+                                                           "num_init": 400, "init_radius": 0.5}}])
+    start = starting_cloud(cfg, torch.device("cpu"))
+    assert start.source == str(tmp_path / "box.obj") and start.rgb is None and start.scales is None
+    g = Gaussians.create(cfg.gaussians, torch.Generator().manual_seed(0), start)
+    assert len(g) == 400 and torch.equal(g.means, start.points)
+    assert torch.allclose(g.scales, torch.full((400, 3), cfg.gaussians.init_scale))
     # Surface samples of a cube: every point has at least one coordinate on a face.
     m = g.means
     gap = torch.minimum(m - m.min(0).values, m.max(0).values - m).min(dim=-1).values
@@ -90,6 +95,16 @@ def test_init_from_a_splat_ply_takes_its_centres_and_colours(tmp_path, capfd):
     torch.testing.assert_close(rgb, colours[keep], atol=1e-5, rtol=0)
     out, err = capfd.readouterr()
     assert "Open3D" not in out + err and "1 of 50 Gaussians have NaN or infinite values" in err
+
+
+def test_start_cloud_scales_and_colours():
+    cfg = GaussiansConfig(min_log_scale=-6.0, max_log_scale=-1.0)
+    points = torch.zeros(3, 3)
+    rgb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.2, 0.4, 0.6]])
+    g = Gaussians.create(cfg, torch.Generator().manual_seed(0), StartCloud(points, rgb, torch.tensor([0.1, 0.0, 5.0])))
+    assert torch.allclose(sh0_to_rgb(g.params["sh0"][:, 0]), rgb, atol=1e-6)
+    # isotropic, and kept within the log-scale clamp (a zero distance, a huge one)
+    assert torch.allclose(g.params["scales"], torch.tensor([math.log(0.1), -6.0, -1.0])[:, None].expand(3, 3))
 
 
 def test_init_from_missing_or_corrupt_file(tmp_path):

@@ -240,6 +240,37 @@ def test_repo_without_the_needed_files(cache, monkeypatch):
         hub.ensure(sd("someone/a-single-file-checkpoint"))
 
 
+SHAP_E_REPO = "openai/shap-e"
+# A file list in the layout of the openai/shap-e repo, fp32 and fp16 weights; sizes from the parameter counts of
+# benchmarks/shap_e.py (prior 316M, text encoder 124M, renderer 226M: 4 and 2 bytes each).
+SHAP_E_FILES = {
+    "model_index.json": 400, "README.md": 5_000, "scheduler/scheduler_config.json": 500,
+    "tokenizer/vocab.json": 1_059_962, "tokenizer/merges.txt": 524_619, "tokenizer/tokenizer_config.json": 700,
+    "text_encoder/config.json": 600, "text_encoder/model.safetensors": 494_601_216,
+    "text_encoder/model.fp16.safetensors": 247_300_608, "prior/config.json": 600,
+    "prior/diffusion_pytorch_model.safetensors": 1_262_784_512,
+    "prior/diffusion_pytorch_model.fp16.safetensors": 631_392_256, "shap_e_renderer/config.json": 700,
+    "shap_e_renderer/diffusion_pytorch_model.safetensors": 905_189_144,
+    "shap_e_renderer/diffusion_pytorch_model.fp16.safetensors": 452_594_572,
+}
+
+
+def test_shap_e_plan_and_gated_repo(cache, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", fake_info(SHAP_E_FILES))
+    half = hub.plan(hub.ModelSpec(hub.SHAP_E, SHAP_E_REPO, half=True))
+    assert half.variants == {"text_encoder": "fp16", "prior": "fp16", "shap_e_renderer": "fp16"}
+    assert "README.md" not in half.files and "prior/diffusion_pytorch_model.safetensors" not in half.files
+    assert half.describe() == "11 files, 1.33 GB (fp16 weights)"
+    assert hub.plan(hub.ModelSpec(hub.SHAP_E, SHAP_E_REPO)).describe() == "11 files, 2.66 GB"
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", raising(http_error(GatedRepoError, 403, SHAP_E_REPO)))
+    with pytest.raises(hub.ModelUnavailable) as info:
+        hub.ensure(hub.ModelSpec(hub.SHAP_E, SHAP_E_REPO))
+    message = str(info.value)
+    assert message.startswith("Shap-E model 'openai/shap-e' cannot be loaded: the repo is gated")
+    assert "\n" not in message
+    assert "--set gaussians.shap_e.model=PATH" in message and "--init sphere" in message
+
+
 def test_is_local():
     assert not hub.is_local(SD_REPO)
     assert hub.is_local("./models/sd") and hub.is_local("/data/sd") and hub.is_local("a/b/c")
@@ -274,6 +305,13 @@ def test_config_models():
     assert models("prior.sd.tiny_decoder=madebyollin/taesd", "distill.method=vsd") == [
         ("Stable Diffusion model", SD_REPO, True)]
     assert models("prior.sd.tiny_decoder=madebyollin/taesd", "prior.kind=synthetic") == []
+    # the Shap-E starting shape: fp16 on a CUDA run, and only for a fresh run
+    shap_e = ("Shap-E model", SHAP_E_REPO, True)
+    assert models("gaussians.init=shap-e")[-1] == shap_e
+    assert models("gaussians.init=shap-e", "prior.kind=synthetic", cuda=False) == [(*shap_e[:2], False)]
+    cfg = load_config("shap-e")
+    assert hub.SHAP_E in [s.kind for s in hub.config_models(cfg)]
+    assert hub.SHAP_E not in [s.kind for s in hub.config_models(cfg, starting_shape=False)]
 
 
 def test_tiny_decoder_folder_status(tiny_models, tmp_path):
