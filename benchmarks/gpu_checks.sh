@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# All GPU checks in one go, for a CUDA machine without network (see README "GPU checks").
+# All GPU checks in one go, for a CUDA machine without network (docs/benchmarks.md, "The GPU checks").
 # Expects the wheels of diffusers, gsplat, plyfile and importlib_metadata in .whl/ when they are not installed.
 # Writes JSON/logs into ${OUT:-benchmarks/results/gpu}. ONLY=speed runs the gsplat build and the speed section
-# alone (compiled passes, bf16, the LoRA step, host syncs: README "Speed").
+# alone (compiled passes, bf16, the LoRA step, host syncs: docs/performance.md).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 ONLY=${ONLY:-all}
