@@ -39,7 +39,8 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/recdreamer-gs run "$(PROMPT)" $(ARGS)
 
+# One pytest worker per core (pytest-xdist); a file's tests marked with one xdist_group share a worker.
 # pytest's exit code 5 (no tests collected) must fail too.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS); status=$$?; \
+	$(PY) -m pytest -q -n auto --dist loadgroup $(ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status

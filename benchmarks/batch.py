@@ -58,7 +58,9 @@ def main() -> None:
     args = parser.parse_args()
     netns = not args.no_netns and os.geteuid() == 0 and shutil.which("unshare") is not None
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+    # Ray starts its workers at niceness 15 (its worker_niceness setting) and `run` runs at 0: with anything else
+    # busy on the machine the batches would lose CPU that the sequential runs keep, so they run at 0 here too.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_worker_niceness="0",
                RAY_AUTH_TOKEN=os.environ.get("RAY_AUTH_TOKEN", os.urandom(16).hex()))
     prompts = [f"benchmark prompt {i}" for i in range(args.runs)]
     (work / "prompts.txt").write_text("\n".join(prompts) + "\n")

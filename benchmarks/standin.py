@@ -410,7 +410,8 @@ def one_run(method: str, seed: int, args, refs: torch.Tensor) -> dict[str, Any]:
            "resemblance_psnr_db": resemblance(run_dir / "model.ply", refs),
            "ms_per_iteration": metrics["ms_per_iteration"], "iterations": metrics["iterations"],
            "gaussians": metrics["gaussians"], "wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(ROOT))
-           if run_dir.is_relative_to(ROOT) else str(run_dir), "command": "recdreamer-gs " + " ".join(command)}
+           if run_dir.is_relative_to(ROOT) else str(run_dir),
+           "command": "recdreamer-gs " + " ".join(command).replace(f"{ROOT}/", "")}  # paths from the repository root
     row["logged"] = logged_terms(run_dir)
     if method == "usd":
         row["classifier_vs_exact"] = classifier_vs_exact(run_dir, args.pose_model)

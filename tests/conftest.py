@@ -1,24 +1,50 @@
-"""Shared fixtures: tiny random-weight models written once per checkout (tests/fixtures/, git-ignored)."""
+"""Shared set-up: one torch thread per test process, the slowest files first, and tiny random-weight models
+written once per checkout (tests/fixtures/, git-ignored)."""
 
 from __future__ import annotations
 
 import builtins
 import errno
+import fcntl
 import io
 import os
 from pathlib import Path
 
 import pytest
 
+# One thread in every test process and in the processes the tests start (CLI runs, Ray workers, DDP ranks): the
+# networks are tiny, `make test` runs one pytest worker per core (pytest-xdist), and OpenMP threads that
+# outnumber the cores stall for seconds.
+os.environ["OMP_NUM_THREADS"] = "1"
+
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# Files whose tests take the longest: started first, so that the workers finish together.
+SLOWEST_FIRST = ("test_standin.py", "test_perf.py", "test_batch.py", "test_benchmarks.py", "test_particles_3d.py",
+                 "test_distributed.py", "test_viewer.py", "test_resume.py")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
-    """Paths of the tiny models from ``make_fixtures.make_all`` (dinov2, clip, sd), built on first use."""
+    """Paths of the tiny models from ``make_fixtures.make_all`` (dinov2, clip, sd, taesd, shap_e), built on first
+    use; a lock file lets parallel test workers wait for the one that builds them."""
     from make_fixtures import make_all
 
-    return make_all(FIXTURES)
+    FIXTURES.mkdir(exist_ok=True)
+    with open(FIXTURES / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return make_all(FIXTURES)
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,6 @@ def ball_params(n: int = 300, sigma: float = 0.06, opacity_logit: float = 4.0) -
 
 @pytest.fixture(scope="module")
 def ball():
-    torch.set_num_threads(2)
     gaussians = Gaussians(ball_params(), GaussiansConfig())
     return gaussians, extract_mesh(gaussians, FAST)
 

@@ -16,14 +16,6 @@ from recdreamer_gs.usd.distill import alpha_sigma
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from threads, and OpenMP threads stall for seconds on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def load_prior(model) -> StableDiffusionPrior:
     return StableDiffusionPrior.load(str(model), "a kangaroo", ", from back view", "cpu", "fp32", 64)
 

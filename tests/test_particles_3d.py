@@ -27,7 +27,6 @@ def pents(method: str, tmp_path) -> list[float]:
 
 
 def test_usd_with_two_particles_is_clearly_more_uniform_than_sds(tmp_path):
-    torch.set_num_threads(1)
     (tmp_path / "sds").mkdir()
     (tmp_path / "usd").mkdir()
     sds, usd = pents("sds", tmp_path), pents("usd", tmp_path)

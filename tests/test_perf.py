@@ -29,15 +29,12 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test compiles from scratch, single-threaded (tiny networks; a busy shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Each test compiles from scratch."""
     torch._dynamo.reset()
     counters.clear()
     yield
     torch._dynamo.config.error_on_recompile = False
     torch._dynamo.reset()
-    torch.set_num_threads(threads)
 
 
 def test_auto_compiles_long_cuda_runs_only():

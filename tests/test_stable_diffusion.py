@@ -17,14 +17,6 @@ PROMPT, AUX = "a kangaroo wearing boxing gloves", ", from side view, from back v
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from threads, and OpenMP threads stall for seconds on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def load(model) -> StableDiffusionPrior:
     return StableDiffusionPrior.load(str(model), PROMPT, AUX, device="cpu", dtype="auto", latent_resolution=64)
 

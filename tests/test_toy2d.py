@@ -7,7 +7,6 @@ from recdreamer_gs.usd.toy2d import Toy2DConfig, make_prior, run_particles, tv_f
 
 
 def test_usd_flattens_the_pose_histogram():
-    torch.set_num_threads(1)
     cfg = Toy2DConfig(particles=16, iterations=600)
     prior = make_prior(cfg)
     sds = [run_particles("sds", seed, cfg, prior)[1] for seed in range(2)]
