@@ -39,8 +39,8 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/recdreamer-gs run "$(PROMPT)" $(ARGS)
 
-# One pytest worker per core (pytest-xdist); a file's tests marked with one xdist_group share a worker.
-# pytest's exit code 5 (no tests collected) must fail too.
+# One pytest worker per core (pytest-xdist), each file's tests on one worker (its module fixtures made once), the
+# files in the order tests/conftest.py gives them (the slowest first). pytest's exit code 5 (no tests) fails too.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto --dist loadgroup $(ARGS); status=$$?; \
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder $(ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status

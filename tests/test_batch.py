@@ -33,9 +33,6 @@ TESTS = Path(__file__).parent
 SMALL = ["prior.kind=synthetic", "prior.synthetic.resolution=24", "gaussians.num_init=200", "camera.batch_size=2",
          "output.turntable_frames=0", "train.preview_every=0", "train.steps=24", "train.checkpoint_every=3"]
 
-# One test worker runs this file: its module fixture (a Ray head in a network namespace) is made once.
-pytestmark = pytest.mark.xdist_group("ray")
-
 
 
 def invoke(*args: str):

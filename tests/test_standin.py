@@ -20,9 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "assets" / "standin"
 SD, DINO = STANDIN / "sd", STANDIN / "dinov2"
 
-# One test worker runs this file: its module fixture (four runs) is made once.
-pytestmark = pytest.mark.xdist_group("standin")
-
 
 
 def invoke(*args: str) -> str:
