@@ -25,7 +25,7 @@ images. Parts (each a function of a :class:`Bench`):
 and whole iterations ``sds``, ``vsd``, ``usd`` (rectifier every iteration, shared noise) and ``usd_k4``
 (``rectify_every = 4``: each timed call runs 4 iterations, one rectified, and times are divided by 4).
 A whole iteration is one call of ``TextTo3DSystem.training_step`` itself (render, encode, the
-distillation step of ``usd/step.py``, Gaussian Adam steps, LoRA step), on a system built Trainer-less
+distillation step of ``distill/step.py``, Gaussian Adam steps, LoRA step), on a system built Trainer-less
 around the same networks (:func:`build_system_run`); without gsplat (CPU, --no-render) it renders a few
 Gaussians with the torch compositor (``iteration_gaussians`` in the JSON). ``--compile`` routes the
 networks' passes through ``torch.compile`` as a run with ``perf.compile=on`` does and reports
@@ -65,8 +65,8 @@ from recdreamer_gs.priors.particle_score import LoRAParticleScore, ParticleScore
 from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior  # noqa: E402
 from recdreamer_gs.render import render  # noqa: E402
 from recdreamer_gs.system import TextTo3DSystem  # noqa: E402
-from recdreamer_gs.usd.distill import add_noise, alpha_sigma, tweedie_x0  # noqa: E402
-from recdreamer_gs.usd.rectifier import PoseStatistics, log_r, rectifier_objective  # noqa: E402
+from recdreamer_gs.priors.diffusion import add_noise, alpha_sigma, tweedie_x0  # noqa: E402
+from recdreamer_gs.distill.rectifier import PoseStatistics, log_r, rectifier_objective  # noqa: E402
 
 # stabilityai/stable-diffusion-2-1-base unet/config.json (the fields that shape the network)
 SD21_UNET = dict(
@@ -639,7 +639,7 @@ def run(args: argparse.Namespace) -> dict:
         result["parts"][name] = time_ms(lambda: fn(bench), device, args.iters, args.warmup, state=bench.state)
         print(f"{name:>18}: {result['parts'][name]['median_ms']:9.2f} ms", flush=True)
     # Whole iterations: TextTo3DSystem.training_step itself (render, encode, the distillation step of
-    # usd/step.py, Gaussian and LoRA steps, logging), one system per method on the bench's networks.
+    # distill/step.py, Gaussian and LoRA steps, logging), one system per method on the bench's networks.
     iteration_gaussians = args.gaussians if bench.gaussians is not None else min(args.gaussians,
                                                                                  CPU_ITERATION_GAUSSIANS)
     backend = "gsplat" if bench.gaussians is not None else "torch"

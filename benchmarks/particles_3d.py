@@ -69,8 +69,9 @@ class Diagnostics:
     def measure(self, system, iteration: int) -> dict[str, Any]:
         from recdreamer_gs.cameras import orbit
         from recdreamer_gs.priors.synthetic import mixture_posterior
-        from recdreamer_gs.usd import distill
-        from recdreamer_gs.usd.rectifier import interval_index, log_r, rectifier_objective
+        from recdreamer_gs.distill import grads
+        from recdreamer_gs.priors import diffusion
+        from recdreamer_gs.distill.rectifier import interval_index, log_r, rectifier_objective
 
         cfg, prior, d = system.cfg, system.prior, system.cfg.distill
         g = torch.Generator().manual_seed(self.seed + iteration)
@@ -92,11 +93,11 @@ class Diagnostics:
                                   t_end=d.t_anneal_to, t5_switch=d.t5_switch, bnf_intervals=system.bnf_intervals,
                                   T=prior.num_train_timesteps)
         t = torch.randint(lo, hi, (1,), generator=g).expand(P * B)
-        alpha, sigma = distill.alpha_sigma(prior.alphas_cumprod, t)
+        alpha, sigma = diffusion.alpha_sigma(prior.alphas_cumprod, t)
         eps = torch.randn(z.shape, generator=g)
-        x_t = distill.add_noise(z, eps, alpha, sigma)
+        x_t = diffusion.add_noise(z, eps, alpha, sigma)
         eps_hat = prior.eps(x_t, t, d.guidance_scale, bg)
-        x0_hat = distill.tweedie_x0(x_t, eps_hat, alpha, sigma)
+        x0_hat = diffusion.tweedie_x0(x_t, eps_hat, alpha, sigma)
         probs = prior.classify(x0_hat, bg)
         per = lambda v: v.detach().view(P, B, *v.shape[1:])  # noqa: E731
         norms = lambda v: [round(float(x), 4) for x in per(v).flatten(2).norm(dim=2).pow(2).sum(1).sqrt()]  # noqa: E731
@@ -119,7 +120,7 @@ class Diagnostics:
             with torch.no_grad():
                 same_camera = z.detach().view(P, B, *z.shape[1:]).transpose(0, 1).repeat(P, *[1] * z.dim())
                 eps_phi = system.particle_score.eps_phi(x_t.detach(), t, None, particles=same_camera)
-                g_vsd = distill.vsd_grad(eps_hat.detach(), eps_phi, sigma)
+                g_vsd = grads.vsd_grad(eps_hat.detach(), eps_phi, sigma)
                 # The kernel ε_φ's posterior over the particles' renders: row i = samples of particle i.
                 kw = system.particle_score.kernel_width
                 var = alpha.view(-1) ** 2 * kw**2 + sigma.view(-1) ** 2

@@ -175,7 +175,7 @@ def run(
     _fit(viewer_port, cfg, out_dir, lambda callbacks: pipeline.fit(
         cfg, out_dir, ready.choice, ready.device, resume=checkpoint, clip=ready.clip, extra_callbacks=callbacks,
         start=ready.start))
-    from recdreamer_gs.callbacks import model_names
+    from recdreamer_gs.model_files import model_names
 
     names = model_names(cfg)
     shown = names if len(names) <= 4 else [names[0], "...", names[-1]]
@@ -415,14 +415,14 @@ def render_cmd(
     video: bool = typer.Option(False, "--video", help="Also write the GIF's frames as orbit.mp4 (H.264)."),
 ) -> None:
     """Render orbit views of a PLY to a PNG grid and a GIF (and an MP4 with --video)."""
-    from recdreamer_gs.callbacks import write_orbit
-    from recdreamer_gs.mesh import load_gaussians
+    from recdreamer_gs.images import write_orbit
+    from recdreamer_gs.gaussians import read_gaussians
     from recdreamer_gs.pipeline import resolve_device
     from recdreamer_gs.render import ensure_backend
 
     dev = resolve_device(device)
     ensure_backend("auto", dev)
-    written = write_orbit(load_gaussians(ply, frame, dev), out or ply.parent, views, frames, resolution, elevation,
+    written = write_orbit(read_gaussians(ply, frame, dev), out or ply.parent, views, frames, resolution, elevation,
                           radius, fovy, video)
     err_console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 

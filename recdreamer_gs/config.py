@@ -4,6 +4,7 @@ Every YAML file in ``configs/`` mirrors :class:`RunConfig`. Each field's annotat
 takes (``config_base.Range``, ``Literal``); each component checks its own fields and cross-field rules
 (:meth:`ConfigNode.validate`). Unknown keys, wrong types and impossible values raise :class:`ConfigError`
 with the dotted path of the offending key.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from recdreamer_gs.cameras import Cameras, look_at
 from recdreamer_gs.errors import UserError
-from recdreamer_gs.export import PlyFrame, read_splats
+from recdreamer_gs.export import PlyFrame
+from recdreamer_gs.gaussians import read_gaussians
 from recdreamer_gs.outputs import check_writable, output_for, write_mesh
 
 
@@ -262,16 +263,6 @@ def colour_vertices(mesh, rgb: Tensor, alpha: Tensor, cameras: Cameras, alpha_th
 # -- files ------------------------------------------------------------------------------------
 
 
-def load_gaussians(ply: str | Path, frame: PlyFrame = "viewer", device: str | torch.device = "cpu"):
-    """A ``Gaussians`` from a 3DGS PLY, with the SH degree the file holds."""
-    from recdreamer_gs.config import GaussiansConfig
-    from recdreamer_gs.gaussians import Gaussians
-
-    params = read_splats(ply, frame=frame)
-    degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(params["shN"].shape[1], 0)
-    return Gaussians(params, GaussiansConfig(sh_degree=degree)).to(device)
-
-
 def export_mesh(ply: str | Path, target: str | Path, frame_in: PlyFrame = "viewer", frame_out: PlyFrame = "viewer",
                 faces: int = 0, resolution: int = 0, device: str | torch.device = "cpu") -> MeshResult:
     """``recdreamer-gs export model.ply mesh.glb``: read the splat PLY, extract, write ``target``."""
@@ -283,7 +274,7 @@ def export_mesh(ply: str | Path, target: str | Path, frame_in: PlyFrame = "viewe
     if resolution != 0 and not 16 <= resolution <= 2048:
         raise MeshError(f"--resolution: expected 0 (automatic) or 16..2048 pixels, got {resolution}")
     check_writable(target)
-    gaussians = load_gaussians(ply, frame_in, device)
+    gaussians = read_gaussians(ply, frame_in, device)
     result = extract_mesh(gaussians, MeshOptions(faces=faces, resolution=resolution))
     write_mesh(target, result.mesh, frame_out)
     return result

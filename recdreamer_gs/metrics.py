@@ -261,12 +261,12 @@ def evaluate_ply(ply, cfg, device: torch.device, pose=None, clip: Optional[ClipS
     classifier's own when it has one (``PoseSetup.metric_camera``: the synthetic prior's reference views,
     whichever prior made the PLY), else the config's. The render size is the classifier's input size if it
     has one, else ``resolution``, else ``cfg.camera.resolution``."""
-    from recdreamer_gs.mesh import load_gaussians
+    from recdreamer_gs.gaussians import read_gaussians
     from recdreamer_gs.render import ensure_backend, render
 
     r = cfg.render
     ensure_backend(r.backend, device)
-    gaussians = load_gaussians(ply, frame, device)
+    gaussians = read_gaussians(ply, frame, device)
     size = (pose.image_size if pose is not None else None) or resolution or cfg.camera.resolution
     camera = (pose.metric_camera if pose is not None else None) or cfg.camera
     cameras = metric_cameras(camera, size).to(device)

@@ -1,6 +1,7 @@
 """Schedules as pure functions of the system's own iteration counter (never trainer.global_step).
 
 Time ranges are integer timesteps ``(lo, hi)``; t is drawn uniformly from ``lo <= t < hi``.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def sheet_views(folder: Path, size: int, device: torch.device) -> Optional[Float
     on the run's preview orbit; None when the folder has no model."""
     from recdreamer_gs.cameras import Cameras, look_at
     from recdreamer_gs.config import config_from_data, read_yaml
-    from recdreamer_gs.mesh import load_gaussians
+    from recdreamer_gs.gaussians import read_gaussians
     from recdreamer_gs.render import render
 
     ply = next((p for p in (folder / "model.ply", folder / "model_0.ply") if p.is_file()), None)
@@ -175,7 +175,7 @@ def sheet_views(folder: Path, size: int, device: torch.device) -> Optional[Float
     radius = torch.full((n,), 0.5 * (cam.radius_range[0] + cam.radius_range[1]))
     fovy = torch.full((n,), math.radians(0.5 * (cam.fovy_range[0] + cam.fovy_range[1])))
     cameras = Cameras(look_at(azimuth, elevation, radius), fovy, size, size, azimuth, elevation)
-    gaussians = load_gaussians(ply, cfg.output.ply_frame, device)
+    gaussians = read_gaussians(ply, cfg.output.ply_frame, device)
     backend = "auto" if device.type == "cuda" else "torch"
     return render(gaussians, cameras.to(device), torch.ones(n, 3, device=device), backend=backend,
                   eps2d=cfg.render.eps2d, near_plane=cfg.render.near_plane).rgb.cpu()

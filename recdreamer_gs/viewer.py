@@ -377,7 +377,7 @@ class TrainingViewer(L.Callback):
 
     def write_now(self, pl_module: Any) -> None:
         """This process's particles in the run's output formats with the end-of-run writer (atomic)."""
-        from recdreamer_gs.callbacks import write_particles
+        from recdreamer_gs.model_files import write_particles
         from recdreamer_gs.errors import os_cause
 
         self.write_requested.clear()

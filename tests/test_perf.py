@@ -22,7 +22,8 @@ from recdreamer_gs.pose.classifier import PoseClassifier
 from recdreamer_gs.pose.features import DinoFeatures
 from recdreamer_gs.priors.particle_score import LoRAParticleScore
 from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
-from recdreamer_gs.usd.distill import add_noise, alpha_sigma, reparameterised_loss, tweedie_x0
+from recdreamer_gs.priors.diffusion import add_noise, alpha_sigma, tweedie_x0
+from recdreamer_gs.distill.grads import reparameterised_loss
 
 runner = CliRunner()
 

@@ -7,6 +7,7 @@ output is the final-layernorm [CLS] token and the patch tokens (registers droppe
 ``grid_size`` x ``grid_size`` grid (16). Templates and classifier inputs go through the same
 preprocessing (the release feeds raw [-1, 1] decodes but ImageNet-normalised templates; we do not copy
 that mismatch of the reference release). Everything is differentiable with respect to the input images.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 Inputs are DINOv2 [CLS] and patch features of an image and of the templates; see
 docs/pose-classifier.md for the definitions and for where we depart from the authors' release.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations

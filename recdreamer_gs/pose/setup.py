@@ -10,13 +10,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from recdreamer_gs.config import CameraConfig, ConfigError, RectifierConfig
-from recdreamer_gs.usd.rectifier import Classifier
+
+# A pose classifier on images in [-1, 1] (and the solid background of each): probabilities over the
+# pose classes, differentiable in the images.
+Classifier = Callable[[Float[Tensor, "B 3 H W"], Optional[Float[Tensor, "B 3"]]], Float[Tensor, "B C"]]
 
 CLASSIFIER_FILE = "pose_classifier.pt"  # the built classifier in a run folder (PoseClassifier.save)
 

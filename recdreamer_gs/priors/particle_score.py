@@ -12,6 +12,7 @@ time-embedding width, 1280 for SD) is added to the timestep embedding through th
 The ε_φ pass and the LoRA loss (with its backward) can run compiled (:meth:`LoRAParticleScore.compile_passes`,
 docs/performance.md). The adapters are switched outside the compiled functions, so each compiled function
 always sees one adapter state and never recompiles; random draws stay outside too.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from recdreamer_gs.config import ParticleScoreConfig  # re-exported for callers of this module
-from recdreamer_gs.usd.distill import add_noise, alpha_sigma, to_eps
+from recdreamer_gs.priors.diffusion import add_noise, alpha_sigma, to_eps
 
 ADAPTER = "eps_phi"  # peft adapter name on the UNet
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention, as the release

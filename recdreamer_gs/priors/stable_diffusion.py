@@ -13,6 +13,7 @@ becomes one :class:`recdreamer_gs.hub.ModelUnavailable` naming the model, the ca
 The passes of an iteration (the UNet's CFG pair, the VAE encoder, the decoder of x̂0) are methods that
 :meth:`StableDiffusionPrior.compile_passes` can route through ``torch.compile`` (docs/performance.md);
 random draws stay outside them, so compiled and eager runs see the same numbers.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from recdreamer_gs import hub
 from recdreamer_gs.errors import ModelMismatch
-from recdreamer_gs.usd.distill import alpha_sigma, cfg_combine, to_eps
+from recdreamer_gs.priors.diffusion import alpha_sigma, cfg_combine, to_eps
 
 if TYPE_CHECKING:
     from recdreamer_gs.config import RunConfig

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from recdreamer_gs.config import DistillConfig, RectifierConfig, SyntheticPriorConfig
 from recdreamer_gs.priors.synthetic import KernelParticleScore, SyntheticPrior
-from recdreamer_gs.usd.rectifier import Rectifier
-from recdreamer_gs.usd.step import distill_step
+from recdreamer_gs.distill.rectifier import Rectifier
+from recdreamer_gs.distill.step import distill_step
 
 Method = Literal["sds", "vsd", "usd"]
 
@@ -56,7 +56,7 @@ def run_particles(
 ) -> tuple[Float[Tensor, "P 3 H W"], Float[Tensor, "C"]]:
     """Optimise image particles; returns them and their pose histogram (share of particles per class).
 
-    Each iteration is :func:`recdreamer_gs.usd.step.distill_step` on the particles themselves (z = x, one
+    Each iteration is :func:`recdreamer_gs.distill.step.distill_step` on the particles themselves (z = x, one
     view per particle), with the exact kernel score as ε_φ and the prior's template classifier."""
     g = torch.Generator().manual_seed(seed)
     P = cfg.particles
