@@ -9,7 +9,7 @@ under a Lightning ``Trainer`` exactly as ``recdreamer-gs run`` does: a preset's 
 ``--method`` and ``--set key=value`` overrides), a random-weight :class:`StableDiffusionPrior` built from
 the SD 2.1-base UNet/VAE configs (fp16 on CUDA), the shared-UNet LoRA ε_φ
 (:meth:`LoRAParticleScore.from_prior`, VSD/USD) and, for USD, a pose classifier on a random-weight
-DINOv2 ViT-S/14 with registers (fp32, as ``pipeline.build_pose`` loads it) with four random templates.
+DINOv2 ViT-S/14 with registers (fp32, as ``pose/setup.py`` (dino_pose_setup) loads it) with four random templates.
 Camera batches come from :class:`recdreamer_gs.data.RandomCameraDataset`. Nothing is downloaded.
 
 Reported (JSON): peak ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over all training
@@ -47,6 +47,7 @@ for _path in (ROOT, Path(__file__).resolve().parent):  # the package, and iterat
         sys.path.insert(0, str(_path))
 
 from iteration import POSE_CLASSES, build_random_classifier, build_random_prior  # noqa: E402
+
 from recdreamer_gs.config import RunConfig, load_config, parse_override  # noqa: E402
 from recdreamer_gs.data import RandomCameraDataset, cameras_from_batch  # noqa: E402
 from recdreamer_gs.system import TextTo3DSystem  # noqa: E402
@@ -90,7 +91,7 @@ class IterationMeter(L.Callback):
 def build_system(cfg: RunConfig, device: torch.device, tiny: bool, dtype: str, dino_dtype: str,
                  n_augment: int) -> TextTo3DSystem:
     """The system with a random-weight SD prior, LoRA ε_φ (VSD/USD) and pose classifier (USD), as
-    ``pipeline.fit`` wires them."""
+    ``training.fit`` wires them."""
     from recdreamer_gs.priors.particle_score import LoRAParticleScore
 
     method = cfg.distill.method

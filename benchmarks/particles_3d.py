@@ -3,7 +3,7 @@
     nice -n 10 python benchmarks/particles_3d.py --counts 1,2,4 --methods sds,vsd,usd --seeds 3,5,7 \\
         --out benchmarks/results/particles_3d/after.json --jobs 2
 
-Every run is the real ``TextTo3DSystem`` fitted by ``pipeline.fit`` (preview preset, synthetic prior, CPU,
+Every run is the real ``TextTo3DSystem`` fitted by ``training.fit`` (preview preset, synthetic prior, CPU,
 ``prior.synthetic.view_conditioned=false`` so that only the method decides the poses), one process per run.
 The JSON holds, per run and averaged over seeds per (count, method): pEnt (mean over particles, as
 metrics.json), pEnt per particle, the pEnt of the pooled views of all particles, the pooled pose histogram
@@ -68,10 +68,10 @@ class Diagnostics:
 
     def measure(self, system, iteration: int) -> dict[str, Any]:
         from recdreamer_gs.cameras import orbit
-        from recdreamer_gs.priors.synthetic import mixture_posterior
         from recdreamer_gs.distill import grads
-        from recdreamer_gs.priors import diffusion
         from recdreamer_gs.distill.rectifier import interval_index, log_r, rectifier_objective
+        from recdreamer_gs.priors import diffusion
+        from recdreamer_gs.priors.synthetic import mixture_posterior
 
         cfg, prior, d = system.cfg, system.prior, system.cfg.distill
         g = torch.Generator().manual_seed(self.seed + iteration)
@@ -163,7 +163,7 @@ def pose_summary(system) -> dict[str, Any]:
 def run_one(count: int, method: str, seed: int, steps: int, sets: list[str], diagnostics: int,
             preset: str = "preview") -> dict[str, Any]:
     """Fit one run in this process and return its pose summary (and diagnostics rows)."""
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import prior_choice, training
     from recdreamer_gs.config import load_config, parse_override
 
     torch.set_num_threads(1)
@@ -171,11 +171,11 @@ def run_one(count: int, method: str, seed: int, steps: int, sets: list[str], dia
                                                           f"train.seed={seed}", f"train.steps={steps}", *sets]]
     cfg = load_config(preset, None, overrides + [{"prompt": "particles"}])
     device = torch.device("cpu")
-    choice = pipeline.build_prior(cfg, device)
+    choice = prior_choice.build_prior(cfg, device)
     diag = Diagnostics(diagnostics) if diagnostics else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        system = pipeline.fit(cfg, Path(tmp), choice, device, extra_callbacks=[diag.callback] if diag else [])
+        system = training.fit(cfg, Path(tmp), choice, device, extra_callbacks=[diag.callback] if diag else [])
         result: dict[str, Any] = {"count": count, "method": method, "seed": seed, "steps": steps}
         result.update(pose_summary(system))
         result["gaussians"] = [len(g) for g in system.particles]

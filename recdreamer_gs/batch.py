@@ -2,7 +2,7 @@
 
 The driver (the ``batch`` process) reads the prompt file, builds and validates the config of every run before
 anything starts, and submits one Ray task per run that is not done yet. A task runs what ``recdreamer-gs run``
-runs (``pipeline.prepare`` and ``pipeline.fit``) into a run folder with a deterministic name, so that a second
+runs (``training.prepare`` and ``training.fit``) into a run folder with a deterministic name, so that a second
 ``batch`` finds it: a folder with ``metrics.json`` is done and skipped, a folder with ``checkpoints/last.ckpt``
 continues from it (as ``run --resume``). Ray retries a task whose worker died; the retry continues from the
 checkpoint the lost attempt wrote. Ray itself is imported only where a set is run (docs/batch.md).
@@ -267,7 +267,7 @@ def plan_runs(entries: Sequence[Entry], out: Path, preset: str = "preview", conf
             multi-stage preset, two runs with one folder name, or a folder that holds another run.
     """
     from recdreamer_gs.config import ConfigError, load_config, option_overrides, to_dict
-    from recdreamer_gs.pipeline import slugify
+    from recdreamer_gs.run_folder import slugify
 
     runs: list[RunSpec] = []
     for entry in entries:
@@ -379,7 +379,7 @@ def _run(spec: RunSpec, run_dir: Path, device: str, board: Any, record: "_Record
     """(status, cause) of one attempt: the run from its config, or continued from its checkpoint."""
     import traceback
 
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import errors, run_folder, training
     from recdreamer_gs.config import config_from_data
 
     try:
@@ -387,7 +387,7 @@ def _run(spec: RunSpec, run_dir: Path, device: str, board: Any, record: "_Record
         if state == "done":
             return "done", ""
         if state == "resume":
-            cfg, checkpoint = pipeline.read_resume(run_dir)
+            cfg, checkpoint = run_folder.read_resume(run_dir)
             where = f"iteration {checkpoint['iteration']}"
             if cfg.stages:
                 where += f" of stage {int(checkpoint.get('stage', 0)) + 1}/{len(cfg.stages)}"
@@ -396,16 +396,16 @@ def _run(spec: RunSpec, run_dir: Path, device: str, board: Any, record: "_Record
         else:
             cfg, checkpoint = config_from_data(spec.config), None
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device, progress_bar=False))
-        ready = pipeline.prepare(cfg, fresh=checkpoint is None)
+        ready = training.prepare(cfg, fresh=checkpoint is None)
         if ready.choice.notice:
             print(ready.choice.notice, flush=True)
         callbacks = [_progress_callback(board, spec.name, cfg)] if board is not None else []
-        pipeline.fit(cfg, run_dir, ready.choice, ready.device, resume=checkpoint, clip=ready.clip,
+        training.fit(cfg, run_dir, ready.choice, ready.device, resume=checkpoint, clip=ready.clip,
                      extra_callbacks=callbacks, start=ready.start)
         return "done", ""
-    except (pipeline.Interrupted, KeyboardInterrupt):
+    except (errors.Interrupted, KeyboardInterrupt):
         return "interrupted", "stopped; the next batch continues from its checkpoint"
-    except pipeline.TrainingFailed as err:
+    except errors.TrainingFailed as err:
         return "failed", str(err)
     except (UserError, OSError) as err:
         return "failed", f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)

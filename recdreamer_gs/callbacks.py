@@ -181,7 +181,7 @@ class Checkpointer(L.Callback):
 
         Nothing is written when the failure was itself a failed write (``OSError``: a full disk, a lost
         folder), nor when the Gaussians are no longer finite: the files on disk stay the last good state.
-        A save that fails here is kept as ``pl_module.save_error`` for the message (pipeline.kept_state).
+        A save that fails here is kept as ``pl_module.save_error`` for the message (run_folder.kept_state).
         """
         pl_module.interrupted = isinstance(exception, KeyboardInterrupt)
         pl_module.saved_on_exception = False
@@ -222,7 +222,7 @@ class ExportAndMetrics(L.Callback):
         self.finish(pl_module, trainer.is_global_zero, trainer.loggers)
 
     def finish(self, pl_module: Any, global_zero: bool = True, loggers: Sequence[Any] = ()) -> None:
-        """Write the files of the end of a run (also called without a Trainer by ``pipeline`` for a resumed
+        """Write the files of the end of a run (also called without a Trainer by ``training.fit_stage`` for a resumed
         run whose training was done but whose files were not all written)."""
         export_start = time.perf_counter()
         # Time spent paused from the live viewer (viewer.TrainingViewer) is not training time.

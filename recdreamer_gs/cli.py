@@ -58,7 +58,8 @@ def command(name: Optional[str] = None, interrupted: str = "interrupted") -> Cal
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def guarded(*args, **kwargs):
-            from recdreamer_gs.pipeline import Interrupted, TrainingFailed, quiet_libraries
+            from recdreamer_gs.console import quiet_libraries
+            from recdreamer_gs.errors import Interrupted, TrainingFailed
 
             quiet_libraries()
             try:
@@ -139,7 +140,7 @@ def run(
 
     Ctrl-C writes a checkpoint and the model files first; continue with --resume OUTDIR.
     """
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import console, run_folder, training
     from recdreamer_gs.distributed import is_secondary_rank
 
     if viewer and not 0 <= port <= 65535:
@@ -152,9 +153,9 @@ def run(
             raise UserError("--resume continues a run with its saved config; it takes only --steps and --device")
         if prompt:
             raise UserError("--resume continues a run folder with its own prompt and config; drop the PROMPT")
-        cfg, checkpoint, where = pipeline.prepare_resume(resume, steps, device)
-        ready, out_dir = pipeline.prepare(cfg, fresh=False), resume  # the Gaussians come from the checkpoint
-        pipeline.progress_echo(f"resuming {resume} {where}")
+        cfg, checkpoint, where = run_folder.prepare_resume(resume, steps, device)
+        ready, out_dir = training.prepare(cfg, fresh=False), resume  # the Gaussians come from the checkpoint
+        console.progress_echo(f"resuming {resume} {where}")
     else:
         cfg = _config(preset, config, set_, prompt=None if prompt is None else prompt.strip(), steps=steps,
                       seed=seed, device=device, resolution=resolution, prior=prior, init=init, init_from=init_from,
@@ -167,19 +168,19 @@ def run(
                             "sets its own iterations (stages[i].steps in a --config file)")
         checkpoint = None
         # Everything that can fail (the starting shape included), before the run folder exists.
-        ready = pipeline.prepare(cfg)
+        ready = training.prepare(cfg)
         # Data-parallel ranks above 0 re-run this command: they say nothing (progress_echo: rank 0 only).
         _notice(None if is_secondary_rank() else ready.choice.notice)
-        out_dir = pipeline.make_run_dir(out, cfg.prompt)
-        pipeline.progress_echo(f"run folder: {out_dir}  (prior: {ready.choice.prior.name}, device: {ready.device})")
-    _fit(viewer_port, cfg, out_dir, lambda callbacks: pipeline.fit(
+        out_dir = run_folder.make_run_dir(out, cfg.prompt)
+        console.progress_echo(f"run folder: {out_dir}  (prior: {ready.choice.prior.name}, device: {ready.device})")
+    _fit(viewer_port, cfg, out_dir, lambda callbacks: training.fit(
         cfg, out_dir, ready.choice, ready.device, resume=checkpoint, clip=ready.clip, extra_callbacks=callbacks,
         start=ready.start))
     from recdreamer_gs.model_files import model_names
 
     names = model_names(cfg)
     shown = names if len(names) <= 4 else [names[0], "...", names[-1]]
-    pipeline.progress_echo(f"wrote {', '.join(shown)} in {out_dir}")
+    console.progress_echo(f"wrote {', '.join(shown)} in {out_dir}")
 
 
 # -- prompt sets (batch.py: Ray is imported only when runs start) ------------------------------
@@ -310,7 +311,7 @@ def templates_cmd(
     device: Device = None,
 ) -> None:
     """Write candidate pose templates (front, back, left, right = mirrored side) from the prior."""
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import devices, prior_choice
     from recdreamer_gs.pose.templates import write_template_folder
 
     if not prompt.strip():
@@ -319,7 +320,7 @@ def templates_cmd(
         raise UserError(f"--per-view: expected 1 or more, got {per_view}")
     # Templates come from the prior alone (method sds): no DINOv2 to fetch for them.
     cfg = _config(prompt=prompt.strip(), prior=prior, device=device, model=model, pose_model=pose_model, method="sds")
-    choice = pipeline.build_prior(cfg, pipeline.resolve_device(cfg.train.device))
+    choice = prior_choice.build_prior(cfg, devices.resolve_device(cfg.train.device))
     _notice(choice.notice)
     paths = write_template_folder(choice.prior.template_candidates(cfg.prompt, per_view), out)
     err_console.print(f"wrote {len(paths)} templates to {out}", highlight=False)
@@ -328,7 +329,8 @@ def templates_cmd(
 def _pose(cfg, templates: Optional[Path], prior: Optional[str], need: bool = True):
     """Config, device and pose classifier of classify/eval: DINOv2 on --templates, or the one --prior brings
     (None when neither is given and ``need`` is False)."""
-    from recdreamer_gs.pipeline import resolve_device, scoring_pose_setup
+    from recdreamer_gs.devices import resolve_device
+    from recdreamer_gs.prior_choice import scoring_pose_setup
 
     if templates is None and prior is None:
         if not need:
@@ -415,9 +417,9 @@ def render_cmd(
     video: bool = typer.Option(False, "--video", help="Also write the GIF's frames as orbit.mp4 (H.264)."),
 ) -> None:
     """Render orbit views of a PLY to a PNG grid and a GIF (and an MP4 with --video)."""
-    from recdreamer_gs.images import write_orbit
+    from recdreamer_gs.devices import resolve_device
     from recdreamer_gs.gaussians import read_gaussians
-    from recdreamer_gs.pipeline import resolve_device
+    from recdreamer_gs.images import write_orbit
     from recdreamer_gs.render import ensure_backend
 
     dev = resolve_device(device)

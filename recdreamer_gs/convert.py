@@ -24,8 +24,8 @@ def convert(source: str | Path, target: str | Path, frame_in: PlyFrame = "viewer
                           f"name, or .ply with --mesh; got {suffix}")
     check_writable(target)
     if output.kind == "mesh":
+        from recdreamer_gs.devices import resolve_device
         from recdreamer_gs.mesh import export_mesh
-        from recdreamer_gs.pipeline import resolve_device
 
         result = export_mesh(source, target, frame_in, frame_out, faces, resolution, resolve_device(str(device)))
         return (f"wrote {target} ({result.vertices} vertices, {result.faces} triangles from {result.views} views "
