@@ -56,7 +56,8 @@ if str(ROOT) not in sys.path:
 import lightning as L  # noqa: E402
 
 from recdreamer_gs.cameras import sample_cameras  # noqa: E402
-from recdreamer_gs.config import CameraConfig, GaussiansConfig, RectifierConfig, RunConfig, config_from_data  # noqa: E402
+from recdreamer_gs.config import (  # noqa: E402
+    CameraConfig, GaussiansConfig, RectifierConfig, RunConfig, config_from_data, needs)
 from recdreamer_gs.data import RandomCameraDataset  # noqa: E402
 from recdreamer_gs.distill.rectifier import PoseStatistics, log_r, rectifier_objective  # noqa: E402
 from recdreamer_gs.gaussians import Gaussians  # noqa: E402
@@ -438,12 +439,12 @@ def run_config(b: Bench, name: str, gaussians: int, backend: str, seed: int = 0)
 def build_system_run(b: Bench, name: str, gaussians: int, backend: str, seed: int = 0) -> SystemRun:
     """The system of one whole iteration on the bench's prior, ε_φ and pose classifier."""
     cfg = run_config(b, name, gaussians, backend, seed)
-    method = cfg.distill.method
+    need = needs(cfg.distill.method)
     classifier, class_names = None, ()
-    if method == "usd":
+    if need.pose_classifier:
         module = _need_classifier(b)
         classifier, class_names = (lambda images, background=None: module(images)), POSE_CLASSES
-    system = TextTo3DSystem(cfg, b.prior, b.eps_phi if method != "sds" else None, classifier, class_names)
+    system = TextTo3DSystem(cfg, b.prior, b.eps_phi if need.particle_score else None, classifier, class_names)
     fabric = L.Fabric(accelerator="cuda" if b.device.type == "cuda" else "cpu", devices=1)
     system.fabric = fabric
     system.to(b.device)

@@ -68,6 +68,7 @@ class Diagnostics:
 
     def measure(self, system, iteration: int) -> dict[str, Any]:
         from recdreamer_gs.cameras import orbit
+        from recdreamer_gs.config import needs
         from recdreamer_gs.distill import grads
         from recdreamer_gs.distill.rectifier import interval_index, log_r, rectifier_objective
         from recdreamer_gs.priors import diffusion
@@ -110,13 +111,13 @@ class Diagnostics:
                             ("matcher_clean", matcher_clean)):
             row[f"probs/{name}"] = [[round(float(v), 3) for v in p] for p in per(value).mean(1)]
         # One EMA shared by all particles (pooled) or one per particle.
-        rect = system.rectifier if d.method == "usd" else None
+        rect = system.rectifier if needs(d.method).rectifier else None
         if rect is not None:
             k = int(interval_index(t[:1], rect.stats.n_intervals, rect.stats.T))
             row["ema/interval"] = k
             row["ema/marginal_at_t"] = [[round(float(v), 3) for v in s.marginal[k]] for s in rect.groups]
             row["ema/marginal_all"] = [[[round(float(v), 3) for v in m] for m in s.marginal] for s in rect.groups]
-        if cfg.distill.method != "sds":
+        if needs(cfg.distill.method).particle_score:
             with torch.no_grad():
                 same_camera = z.detach().view(P, B, *z.shape[1:]).transpose(0, 1).repeat(P, *[1] * z.dim())
                 eps_phi = system.particle_score.eps_phi(x_t.detach(), t, None, particles=same_camera)

@@ -391,6 +391,8 @@ def resemblance(ply: Path, refs: torch.Tensor) -> float:
 
 
 def one_run(method: str, seed: int, args, refs: torch.Tensor) -> dict[str, Any]:
+    from recdreamer_gs.config import needs
+
     out = args.out / "runs" / f"{method}-seed{seed}"
     if out.exists():
         shutil.rmtree(out)
@@ -412,9 +414,9 @@ def one_run(method: str, seed: int, args, refs: torch.Tensor) -> dict[str, Any]:
            "gaussians": metrics["gaussians"], "wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(ROOT))
            if run_dir.is_relative_to(ROOT) else str(run_dir), "command": "recdreamer-gs " + " ".join(command)}
     row["logged"] = logged_terms(run_dir)
-    if method == "usd":
+    if needs(method).pose_classifier:
         row["classifier_vs_exact"] = classifier_vs_exact(run_dir, args.pose_model)
-    if method != "sds":
+    if needs(method).particle_score:
         row["particle_score"] = particle_score_learnt(run_dir)
     print(json.dumps({k: v for k, v in row.items() if k not in ("command", "run_dir")}), flush=True)
     return row

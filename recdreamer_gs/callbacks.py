@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from recdreamer_gs.config import RunConfig, to_dict
+from recdreamer_gs.config import RunConfig, needs, to_dict
 from recdreamer_gs.errors import warn
 from recdreamer_gs.export import atomic_path, atomic_write_bytes
 from recdreamer_gs.images import image_grid, preview_upscale, save_gif, save_mp4, save_png
@@ -79,7 +79,7 @@ class PoseEMALog(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         rectifier = getattr(pl_module, "rectifier", None)
-        if rectifier is None or pl_module.cfg.distill.method != "usd" or self.every <= 0:
+        if rectifier is None or not needs(pl_module.cfg.distill.method).rectifier or self.every <= 0:
             return
         if pl_module.iteration % self.every == 0:
             values = {k: float(v) for k, v in rectifier.log_dict().items()}

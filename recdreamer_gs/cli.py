@@ -492,13 +492,14 @@ def models_cmd(
     HF_HUB_OFFLINE=1 on the same cache).
     """
     from recdreamer_gs.doctor import models_report
+    from recdreamer_gs.prior_choice import run_models
     from recdreamer_gs.metrics import DEFAULT_CLIP_MODEL
 
     if bench:
         set_ = [f"output.clip_model={DEFAULT_CLIP_MODEL}", *(set_ or [])]
     cfg = _config(preset, config, set_, prompt="models", prior=prior, device=device, method=method, model=model,
                   pose_model=pose_model, templates=templates, init=init)
-    models_report(cfg, cuda=cfg.train.device != "cpu", download=download, console=Console())
+    models_report(run_models(cfg, cuda=cfg.train.device != "cpu"), download=download, console=Console())
 
 
 @command("doctor")
@@ -507,13 +508,15 @@ def doctor_cmd(
 ) -> None:
     """Versions, GPU, build tools, caches and local models, for bug reports (never downloads or builds)."""
     from recdreamer_gs import doctor
-    from recdreamer_gs.config import load_config
 
     if short:
         hint = doctor.cuda_mismatch()
         typer.echo(doctor.torch_summary() + (f"\nnote: {hint}" if hint else ""))
         return
-    doctor.report(load_config("preview"), Console(soft_wrap=True))
+    from recdreamer_gs.config import load_config
+    from recdreamer_gs.prior_choice import run_models
+
+    doctor.report(run_models(load_config("preview"), cuda=True), Console(soft_wrap=True))
 
 
 @command("report")

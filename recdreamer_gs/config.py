@@ -36,6 +36,35 @@ from recdreamer_gs.config_base import (
 from recdreamer_gs.densify import DensifyConfig  # defined next to the densifier it drives
 
 Method = Literal["sds", "vsd", "usd"]
+
+
+@dataclass(frozen=True)
+class MethodNeeds:
+    """What a distillation method needs besides the prior's own score (docs/iteration.md). ``needs`` is the one
+    place that decides it; the system, the step, the pose set-up, the priors (what they build and load) and the
+    benchmarks ask it instead of comparing method names."""
+
+    particle_score: bool  # ε_φ, the score of the particles' own renders (VSD and USD, eq. 9; SDS uses ε instead)
+    pose_classifier: bool  # a pose classifier on x̂0 (its templates from a folder or generated from the view
+    # prompts "PROMPT, front view", ...) and a decoder for x̂0
+    rectifier: bool  # USD's rectifier term and its EMA pose statistics; step 4 keeps the UNet's graph for it
+
+    def __or__(self, other: "MethodNeeds") -> "MethodNeeds":
+        return MethodNeeds(*(a or b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+_NEEDS: dict[str, MethodNeeds] = {
+    "sds": MethodNeeds(particle_score=False, pose_classifier=False, rectifier=False),
+    "vsd": MethodNeeds(particle_score=True, pose_classifier=False, rectifier=False),
+    "usd": MethodNeeds(particle_score=True, pose_classifier=True, rectifier=True),
+}
+
+
+def needs(method: Method) -> MethodNeeds:
+    """What ``method`` needs: SDS the prior alone, VSD also ε_φ, USD ε_φ, a pose classifier and the rectifier."""
+    return _NEEDS[method]
+
+
 TimeSchedule = Literal["uniform", "linear", "t5", "bnf"]
 
 
@@ -355,14 +384,22 @@ class RunConfig(ConfigNode):
             return [("distill", self.train.steps, self.distill)]
         return [(f"stages[{i}].distill", s.steps, s.distill) for i, s in enumerate(self.stages)]
 
-    def methods(self) -> set[str]:
-        """The distillation methods the run uses (one per stage)."""
-        return {distill.method for _, _, distill in self.stage_plan()}
+    def needs(self) -> MethodNeeds:
+        """What the run's methods need together (``needs`` of every stage's method)."""
+        together = needs("sds")  # nothing beyond the prior
+        for _, _, distill in self.stage_plan():
+            together = together | needs(distill.method)
+        return together
 
-    def first_distill(self, *methods: str) -> "DistillConfig":
-        """The distillation settings of the first stage that uses one of ``methods`` (else the run's):
-        where the run's one ε_φ and one pose classifier take their settings from."""
-        return next((d for _, _, d in self.stage_plan() if d.method in methods), self.distill)
+    def particle_score_config(self) -> "ParticleScoreConfig":
+        """The ε_φ settings of the first stage whose method needs ε_φ (else the run's): the run's one ε_φ."""
+        return next((d for _, _, d in self.stage_plan() if needs(d.method).particle_score),
+                    self.distill).particle_score
+
+    def rectifier_config(self) -> "RectifierConfig":
+        """The rectifier settings of the first stage whose method needs a pose classifier (else the run's): where
+        the run's one pose classifier takes its settings from."""
+        return next((d for _, _, d in self.stage_plan() if needs(d.method).pose_classifier), self.distill).rectifier
 
 
 # --------------------------------------------------------------------------------------------

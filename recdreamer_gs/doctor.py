@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from recdreamer_gs.config import RunConfig
+    from recdreamer_gs.hub import ModelSpec
 
 PACKAGES = ("torch", "gsplat", "diffusers", "transformers", "peft", "lightning", "open3d", "huggingface_hub", "ray",
             "gsply", "sogpy")
@@ -116,8 +116,9 @@ def _toolchain() -> str:
     return f"nvcc: {nvcc or 'not found'}; ninja: {'yes' if is_ninja_available() else 'no'}"
 
 
-def report(cfg: "RunConfig", console: "Console") -> None:
-    """Print the bug-report block: versions, GPU, toolchain, caches, and which models of ``cfg`` are local."""
+def report(specs: list["ModelSpec"], console: "Console") -> None:
+    """Print the bug-report block: versions, GPU, toolchain, caches, and which of the models ``specs`` (a run's:
+    ``prior_choice.run_models``) are local."""
     import torch
 
     from recdreamer_gs import __version__, hub
@@ -144,7 +145,7 @@ def report(cfg: "RunConfig", console: "Console") -> None:
     offline = " (HF_HUB_OFFLINE is set)" if hub.hub_offline() else ""
     rows.append(("HF cache", _folder_line(hub.cache_dir()) + offline))
     rows.append(("torch extensions", _folder_line(gs.extensions_root())))
-    for spec in hub.config_models(cfg, cuda=True):
+    for spec in specs:
         st = hub.status(spec)
         state = f"local ({hub.human_size(st.size)})" if st.complete else st.where()
         rows.append((spec.kind.title, f"{spec.source}: {state}"))
@@ -156,12 +157,12 @@ def report(cfg: "RunConfig", console: "Console") -> None:
         console.print(f"note: {hint}", highlight=False, soft_wrap=True)
 
 
-def models_report(cfg: "RunConfig", cuda: bool, download: bool, console: "Console") -> None:
-    """The ``models`` command: every model a run of ``cfg`` loads, where it comes from, whether it is
-    complete here and its size; with ``download`` the missing ones are fetched (after checking all)."""
+def models_report(specs: list["ModelSpec"], download: bool, console: "Console") -> None:
+    """The ``models`` command: every model of ``specs`` (what a run loads: ``prior_choice.run_models``), where
+    it comes from, whether it is complete here and its size; with ``download`` the missing ones are fetched
+    (after checking all)."""
     from recdreamer_gs import hub
 
-    specs = hub.config_models(cfg, cuda)
     if not specs:
         console.print("This configuration loads no model weights (the synthetic prior needs none).")
         return

@@ -10,7 +10,8 @@ Everything that stops a model from being had ends as one :class:`ModelUnavailabl
 model, the cause (offline, not found, gated, incomplete, network error) and the ways on.
 
 Hugging Face's variables are read when called, not at import: ``HF_HOME`` / ``HF_HUB_CACHE`` for the
-cache, ``HF_HUB_OFFLINE`` for no network.
+cache, ``HF_HUB_OFFLINE`` for no network. Which models a run loads is not decided here: each prior lists its own
+(``Prior.models``), and ``prior_choice.run_models`` adds the starting shape's and CLIP.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from recdreamer_gs.errors import UserError
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from recdreamer_gs.config import RunConfig
 
 
 class ModelUnavailable(UserError, RuntimeError):
@@ -525,40 +524,6 @@ def prepare(specs: Iterable[ModelSpec], console: Optional["Console"] = None) -> 
         download(p, console)
 
 
-# --------------------------------------------------------------------------------------------
-# The models of a run
-# --------------------------------------------------------------------------------------------
-
-
 def half_weights(dtype: str, cuda: bool) -> bool:
     """Whether a prior dtype setting (auto, fp16, bf16, fp32) runs in half precision."""
     return dtype in ("fp16", "bf16") or (dtype == "auto" and cuda)
-
-
-def config_models(cfg: "RunConfig", cuda: bool = True, starting_shape: bool = True) -> list[ModelSpec]:
-    """Every model a run of ``cfg`` loads, Stable Diffusion first; ``cuda``: the run uses a CUDA device;
-    ``starting_shape``: a fresh run (a resumed one makes no starting shape).
-
-    SD for ``prior.kind`` sd, or auto on CUDA; with SD, a separate ε_φ UNet when VSD/USD asks for one,
-    DINOv2 when USD runs or a template folder is given (the pose classifier) and the tiny decoder when USD
-    runs and ``prior.sd.tiny_decoder`` is set; Shap-E when ``gaussians.init`` is shap-e; CLIP when
-    ``output.clip_model`` is set. The synthetic prior needs no weights.
-    """
-    specs: list[ModelSpec] = []
-    if cfg.prior.kind == "sd" or (cfg.prior.kind == "auto" and cuda):
-        half = half_weights(cfg.prior.sd.dtype, cuda)
-        specs.append(ModelSpec(SD_PIPELINE, cfg.prior.sd.model, half))
-        methods = cfg.methods()
-        score = cfg.first_distill("vsd", "usd").particle_score
-        if methods - {"sds"} and score.base == "separate" and score.separate_model:
-            specs.append(ModelSpec(UNET, score.separate_model, half))
-        rect = cfg.first_distill("usd").rectifier
-        if "usd" in methods or rect.templates:
-            specs.append(ModelSpec(DINOV2, rect.classifier.feature_model))
-        if "usd" in methods and cfg.prior.sd.tiny_decoder:
-            specs.append(ModelSpec(TINY_DECODER, cfg.prior.sd.tiny_decoder, half))
-    if starting_shape and cfg.gaussians.init == "shap-e":
-        specs.append(ModelSpec(SHAP_E, cfg.gaussians.shap_e.model, half_weights(cfg.gaussians.shap_e.dtype, cuda)))
-    if cfg.output.clip_model:
-        specs.append(ModelSpec(CLIP, cfg.output.clip_model))
-    return specs

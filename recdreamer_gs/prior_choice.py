@@ -50,11 +50,11 @@ def build_prior(cfg: RunConfig, device: torch.device, starting_shape: bool = Fal
         kind, notice = _auto_prior(cfg, device)
     if kind == "synthetic":
         return PriorChoice(SyntheticPrior(cfg.prior.synthetic, device), kind, notice)
-    hub.prepare(hub.config_models(cfg, cuda=device.type == "cuda", starting_shape=starting_shape))
+    hub.prepare(run_models(cfg, cuda=device.type == "cuda", starting_shape=starting_shape))
     start = time.perf_counter()
     sd = cfg.prior.sd
-    # The tiny decoder serves the rectifier only, so a run without USD does not load it (hub.config_models).
-    tiny = sd.tiny_decoder if "usd" in cfg.methods() else None
+    # The tiny decoder decodes x̂0 for the pose classifier only (StableDiffusionPrior.models lists it likewise).
+    tiny = sd.tiny_decoder if cfg.needs().pose_classifier else None
     prior = StableDiffusionPrior.load(sd.model, cfg.prompt, sd.aux_prompt, device, sd.dtype, sd.latent_resolution,
                                       tiny_decoder=tiny, channels_last=cfg.perf.channels_last and device.type == "cuda")
     return PriorChoice(prior, kind, notice, time.perf_counter() - start)
@@ -67,12 +67,33 @@ def _auto_prior(cfg: RunConfig, device: torch.device) -> tuple[str, Optional[str
         hint = None if asked else cuda_mismatch()
         reason = "--device cpu was asked for" if asked else "no CUDA device is in use"
         return "synthetic", synthetic_notice(reason + (f" ({hint})" if hint else ""))
-    sd = hub.config_models(cfg, cuda=True)[0]
+    sd = StableDiffusionPrior.models(cfg, cuda=True)[0]
     try:
         hub.plan(sd)
     except hub.ModelUnavailable as err:
         return "synthetic", synthetic_notice(f"the Stable Diffusion weights {sd.source!r} cannot be had: {err.cause}")
     return "sd", None
+
+
+def prior_class(cfg: RunConfig, cuda: bool) -> type[Prior]:
+    """The prior class a run of ``cfg`` uses: Stable Diffusion for ``prior.kind`` sd, or auto on a CUDA device
+    (``build_prior`` may still fall back to the synthetic prior when the weights cannot be had)."""
+    if cfg.prior.kind == "sd" or (cfg.prior.kind == "auto" and cuda):
+        return StableDiffusionPrior
+    return SyntheticPrior
+
+
+def run_models(cfg: RunConfig, cuda: bool = True, starting_shape: bool = True) -> list[hub.ModelSpec]:
+    """Every model a run of ``cfg`` loads, the prior's first (``Prior.models``); ``cuda``: the run uses a CUDA
+    device; ``starting_shape``: a fresh run (a resumed one makes no starting shape). Then Shap-E when
+    ``gaussians.init`` is shap-e and CLIP when ``output.clip_model`` is set."""
+    specs = prior_class(cfg, cuda).models(cfg, cuda)
+    if starting_shape and cfg.gaussians.init == "shap-e":
+        shap_e = cfg.gaussians.shap_e
+        specs.append(hub.ModelSpec(hub.SHAP_E, shap_e.model, hub.half_weights(shap_e.dtype, cuda)))
+    if cfg.output.clip_model:
+        specs.append(hub.ModelSpec(hub.CLIP, cfg.output.clip_model))
+    return specs
 
 
 def effective_config(cfg: RunConfig, choice: PriorChoice, device: torch.device) -> RunConfig:

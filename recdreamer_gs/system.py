@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from recdreamer_gs import schedule
 from recdreamer_gs.cameras import Cameras, preview_orbit
-from recdreamer_gs.config import CameraConfig, RunConfig
+from recdreamer_gs.config import CameraConfig, RunConfig, needs
 from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
 from recdreamer_gs.distributed import average_gradients
@@ -197,7 +197,7 @@ class TextTo3DSystem(L.LightningModule):
         # 3-7, 9. The distillation step (distill/step.py): t from the time schedule and noise, ε̂ with CFG,
         #    ε_φ, the rectifier with its per-particle clamps, and the rectifier statistics.
         t = self.sample_t(z.shape[0])
-        step = distill_step(self.prior, self.particle_score, self.rectifier if d.method == "usd" else None, d,
+        step = distill_step(self.prior, self.particle_score, self.rectifier if needs(d.method).rectifier else None, d,
                             z, P, t, self.noise_generator, background, c2w, cameras.azimuth.repeat(P), self.iteration)
 
         # 8. Reparameterised loss 0.5‖z − (z − g).detach()‖² / B (gradient g / B, B the views of one particle,

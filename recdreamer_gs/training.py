@@ -25,7 +25,7 @@ from recdreamer_gs.callbacks import (
     PreviewImages,
     make_loggers,
 )
-from recdreamer_gs.config import RunConfig
+from recdreamer_gs.config import RunConfig, needs
 from recdreamer_gs.console import progress_echo
 from recdreamer_gs.data import CameraDataModule
 from recdreamer_gs.devices import resolve_device
@@ -36,7 +36,7 @@ from recdreamer_gs.gaussians import StartCloud
 from recdreamer_gs.metrics import ClipScorer
 from recdreamer_gs.pose.setup import CLASSIFIER_FILE, PoseSetup, saved_pose_setup
 from recdreamer_gs.pose.templates import write_template_folder
-from recdreamer_gs.prior_choice import PriorChoice, build_prior, effective_config
+from recdreamer_gs.prior_choice import PriorChoice, build_prior, effective_config, run_models
 from recdreamer_gs.priors.base import ParticleScore, Prior
 from recdreamer_gs.render import ensure_backend
 from recdreamer_gs.rng import derive_seed
@@ -68,7 +68,7 @@ def prepare(cfg: RunConfig, fresh: bool = True) -> Prepared:
         return Prepared(device, choice)
     # With the synthetic prior, Shap-E and CLIP are checked (then fetched) here; the SD path did it already.
     chosen = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, kind=choice.kind))
-    hub.prepare(hub.config_models(chosen, cuda=device.type == "cuda"))
+    hub.prepare(run_models(chosen, cuda=device.type == "cuda"))
     start = starting_cloud(cfg, device, progress_echo)
     return Prepared(device, choice, build_clip(cfg, device), start)
 
@@ -118,16 +118,16 @@ def fit(cfg: RunConfig, out_dir: Path, choice: PriorChoice, device: torch.device
     began = time.perf_counter()
     saved = out_dir / CLASSIFIER_FILE
     if resume is not None and saved.is_file():  # the classifier the run was built with, templates embedded
-        pose = saved_pose_setup(cfg.first_distill("usd").rectifier, saved, device)
+        pose = saved_pose_setup(cfg.rectifier_config(), saved, device)
     else:
-        pose = choice.prior.pose_setup(cfg, need="usd" in cfg.methods(), timings=timings)
+        pose = choice.prior.pose_setup(cfg, need=cfg.needs().pose_classifier, timings=timings)
     if pose.templates is not None:
         write_template_folder(pose.templates, out_dir / "templates")
         if pose.module is not None:
             pose.module.save(saved)
     if start is not None and resume is None:
         write_point_cloud(out_dir / "init.ply", start.points, start.rgb, frame=cfg.output.ply_frame)
-    particle_score = choice.prior.particle_score(cfg)  # one ε_φ, shared by the run's VSD/USD stages
+    particle_score = choice.prior.particle_score(cfg)  # one ε_φ, shared by the run's stages that need it
     if clip is None:
         clip = build_clip(cfg, device)
     timings["load_s"] += time.perf_counter() - began - timings["templates_s"]
@@ -157,7 +157,7 @@ class RunInputs:
     prior: Prior
     device: torch.device
     pose: PoseSetup  # the pose classifier(s) of the rectifier and of pEnt
-    particle_score: Optional[ParticleScore]  # ε_φ, shared by the run's VSD/USD stages (None: SDS only)
+    particle_score: Optional[ParticleScore]  # ε_φ, shared by the run's stages that need it (None: none does)
     clip: Optional[object]  # metrics.ClipScorer when output.clip_model is set
     timings: dict  # phases of the run for metrics.json; the stages add theirs
     extra_callbacks: tuple = ()  # e.g. the live viewer's
@@ -174,8 +174,8 @@ def fit_stage(run: RunInputs, stage: int, cfg: RunConfig, particles: Optional[li
     prefix = f"{spec.name}_" if len(run.cfg.stages) > 1 else ""
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available" banners or tips
-    pose = run.pose
-    system = TextTo3DSystem(cfg, run.prior, run.particle_score if cfg.distill.method != "sds" else None,
+    pose, need = run.pose, needs(cfg.distill.method)
+    system = TextTo3DSystem(cfg, run.prior, run.particle_score if need.particle_score else None,
                             pose.classifier, pose.class_names, particles=particles, metric_classifier=pose.metric,
                             metric_camera=pose.metric_camera, colour_only=colour_only, stage=stage, start=start)
     system.clip_scorer = run.clip

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recdreamer_gs.config import RunConfig
+from recdreamer_gs.config import RunConfig, needs
 from recdreamer_gs.gaussians import sh0_to_rgb
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -418,7 +418,7 @@ class TrainingViewer(L.Callback):
         if self._pose is not None:
             self.pose_html.content = histogram_html(dict(zip(self._pose_names, self._pose.tolist())),
                                                     "pose histogram of the rendered views (recent mean)")
-        elif stage_cfg.distill.method != "usd":
+        elif not needs(stage_cfg.distill.method).pose_classifier:
             self.pose_html.content = histogram_html({}, f"no pose histogram: {stage_cfg.distill.method} runs "
                                                         "no pose classifier")
 

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from recdreamer_gs.config import DistillConfig
+from recdreamer_gs.config import DistillConfig, needs
 from recdreamer_gs.priors.base import ParticleScore, Prior
 from recdreamer_gs.distill import grads
 from recdreamer_gs.priors import diffusion
@@ -39,7 +39,7 @@ class StepOut:
     def log_terms(self, class_names: tuple[str, ...]) -> dict[str, Tensor]:
         """The step's terms under the names the loggers (callbacks.py) and report.py read."""
         logs = {
-            f"grad/{'sds' if self.method == 'sds' else 'vsd'}_norm": self.grad_distill.norm().detach(),
+            f"grad/{'vsd' if needs(self.method).particle_score else 'sds'}_norm": self.grad_distill.norm().detach(),
             "grad/rect_norm": self.grad_rect.norm().detach(),
         }
         if self.probs is not None:
@@ -80,13 +80,12 @@ def distill_step(
     iteration's time step per sample; ``generator`` draws ε (and ε' for ``rectifier.noise=fresh``);
     ``azimuth`` is used only under ``cfg.view_prompts``; ``iteration`` decides ``rectify_every``.
     """
-    method = cfg.method
-    if method != "sds" and particle_score is None:
+    method, need = cfg.method, needs(cfg.method)
+    if need.particle_score and particle_score is None:
         raise ValueError(f"distill_step: method {method!r} needs ε_φ (a particle score), got None")
-    if method == "usd" and rectifier is None:
-        raise ValueError("distill_step: method 'usd' needs a Rectifier, got None")
-    usd = method == "usd"
-    rectify = usd and rectifier.active(iteration)
+    if need.rectifier and rectifier is None:
+        raise ValueError(f"distill_step: method {method!r} needs a Rectifier, got None")
+    rectify = need.rectifier and rectifier.active(iteration)
     shared = rectify and not rectifier.fresh_noise  # step 6 differentiates through this x_t
     azimuth = azimuth if cfg.view_prompts else None
 
@@ -100,19 +99,19 @@ def distill_step(
         eps_hat = prior.eps(x_t, t, cfg.guidance_scale, background, azimuth=azimuth)
 
     # 5. Distillation gradient: SDS against the injected noise (eq. 4), VSD/USD against ε_φ (eq. 9).
-    if method == "sds":
-        grad_distill = grads.sds_grad(eps_hat.detach(), eps, sigma)
-    else:
+    if need.particle_score:
         with torch.no_grad():
             eps_phi = particle_score.eps_phi(x_t.detach(), t, c2w, particles=same_camera_renders(z, particles))
         grad_distill = grads.vsd_grad(eps_hat.detach(), eps_phi, sigma)
+    else:
+        grad_distill = grads.sds_grad(eps_hat.detach(), eps, sigma)
     grad_distill = grads.clamp_elements(grad_distill, cfg.grad_clip)
 
     # 6. Rectifier (USD): x̂0 -> decode -> classify -> log r; g_rect = −∂/∂z[ω σ/α log r] (eq. 13).
     #    Off its iterations (rectify_every) the classifier still runs, without graph, for step 9.
     grad_rect = torch.zeros_like(grad_distill)
     probs = log_r = None
-    if usd:
+    if need.rectifier:
         if rectify and rectifier.fresh_noise:  # the release draws fresh noise for this branch
             x_t = diffusion.add_noise(z, randn_like(z, generator), alpha, sigma)
             eps_hat = prior.eps(x_t, t, cfg.guidance_scale, background, azimuth=azimuth)

@@ -346,25 +346,43 @@ class StableDiffusionPrior:
 
     # ---- what the run takes from its prior ----------------------------------------------------
 
+    @classmethod
+    def models(cls, cfg: "RunConfig", cuda: bool) -> list[hub.ModelSpec]:
+        """The pipeline first; a separate ε_φ UNet when a method needs ε_φ and ``particle_score.base`` is
+        separate; DINOv2 when a method needs the pose classifier or a template folder is given; the tiny decoder
+        when the pose classifier's x̂0 is decoded and ``prior.sd.tiny_decoder`` is set."""
+        sd, run = cfg.prior.sd, cfg.needs()
+        half = hub.half_weights(sd.dtype, cuda)
+        specs = [hub.ModelSpec(hub.SD_PIPELINE, sd.model, half)]
+        score = cfg.particle_score_config()
+        if run.particle_score and score.base == "separate" and score.separate_model:
+            specs.append(hub.ModelSpec(hub.UNET, score.separate_model, half))
+        rect = cfg.rectifier_config()
+        if run.pose_classifier or rect.templates:
+            specs.append(hub.ModelSpec(hub.DINOV2, rect.classifier.feature_model))
+        if run.pose_classifier and sd.tiny_decoder:
+            specs.append(hub.ModelSpec(hub.TINY_DECODER, sd.tiny_decoder, half))
+        return specs
+
     def specialise(self, cfg: "RunConfig") -> "RunConfig":
         """Stable Diffusion runs the config as it is."""
         return cfg
 
     def particle_score(self, cfg: "RunConfig") -> Optional["LoRAParticleScore"]:
-        """LoRA ε_φ (with its camera MLP) on this UNet or a separate one, for the run's VSD/USD stages."""
+        """LoRA ε_φ (with its camera MLP) on this UNet or a separate one, for the run's stages that need ε_φ."""
         from recdreamer_gs.priors.particle_score import LoRAParticleScore
 
-        if cfg.methods() == {"sds"}:
+        if not cfg.needs().particle_score:
             return None
-        return LoRAParticleScore.from_prior(self, cfg.first_distill("vsd", "usd").particle_score)
+        return LoRAParticleScore.from_prior(self, cfg.particle_score_config())
 
     def pose_setup(self, cfg: "RunConfig", need: bool, timings: Optional[dict] = None) -> "PoseSetup":
         """The DINOv2 classifier (paper appendix B.1) on the template folder, or on templates generated from
-        the prompt's view prompts; built only when ``need`` (USD) or a template folder was given."""
+        the prompt's view prompts; built only when ``need`` (the method needs one) or a template folder was given."""
         from recdreamer_gs.pose.setup import PoseSetup, dino_pose_setup
         from recdreamer_gs.pose.templates import load_template_folder
 
-        rect = cfg.first_distill("usd").rectifier
+        rect = cfg.rectifier_config()
         if not (need or rect.templates):
             return PoseSetup(None, ())
         start = time.perf_counter()

@@ -310,6 +310,11 @@ class SyntheticPrior:
 
     # -- what the run takes from its prior ------------------------------------------------------
 
+    @classmethod
+    def models(cls, cfg: "RunConfig", cuda: bool) -> list:
+        """None: the synthetic prior is analytic (no weights to load)."""
+        return []
+
     def specialise(self, cfg: "RunConfig") -> "RunConfig":
         """Renders at this prior's resolution, its own densification threshold and rectifier cap (its
         pixel-space gradients are larger than SD latents'), and view-conditioned CFG when configured
@@ -327,7 +332,7 @@ class SyntheticPrior:
 
     def particle_score(self, cfg: "RunConfig") -> Optional[KernelParticleScore]:
         """The exact kernel score of the particles (nothing to train) for VSD/USD."""
-        if cfg.methods() == {"sds"}:
+        if not cfg.needs().particle_score:
             return None
         return KernelParticleScore(self.alphas_cumprod, self.cfg.kernel_width)
 
@@ -343,7 +348,7 @@ class SyntheticPrior:
                                  fovy_range=(s.fovy, s.fovy), preview_elevation=s.elevation)
         setup = PoseSetup(self.classify, POSE_CLASSES, metric=self.clean_class_posterior,
                           image_size=s.resolution, metric_camera=reference)
-        setup.check_pose_control(cfg.first_distill("usd").rectifier)
+        setup.check_pose_control(cfg.rectifier_config())
         return setup
 
     def template_candidates(self, prompt: str, per_view: int = 1) -> dict[str, list[Float[Tensor, "3 H W"]]]:
