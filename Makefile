@@ -39,7 +39,9 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/recdreamer-gs run "$(PROMPT)" $(ARGS)
 
-# pytest's exit code 5 (no tests collected) must fail too.
+# The import layers first (pyproject.toml, [tool.importlinter]), then the tests; pytest's exit code 5 (no tests
+# collected) must fail too.
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q $(ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status

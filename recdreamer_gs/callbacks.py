@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -20,7 +20,10 @@ from recdreamer_gs.config import RunConfig, needs, to_dict
 from recdreamer_gs.errors import warn
 from recdreamer_gs.export import atomic_path, atomic_write_bytes
 from recdreamer_gs.images import image_grid, preview_upscale, save_gif, save_mp4, save_png
+from recdreamer_gs.mesh import MeshError, MeshOptions, extract_mesh
 from recdreamer_gs.model_files import write_particles
+from recdreamer_gs.outputs import output_named
+from recdreamer_gs.report import write_report
 
 
 class AtomicCSVWriter(ExperimentWriter):
@@ -58,8 +61,6 @@ def make_loggers(cfg: RunConfig, out_dir: Path, version: str) -> list:
     ``tensorboard/<stage>/`` with ``output.logger=tensorboard``."""
     loggers: list = [CSVLog(save_dir=str(out_dir), name="logs", version=version)]
     if cfg.output.logger == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version=version,
                                          default_hp_metric=False))
     return loggers
@@ -131,9 +132,6 @@ class PreviewImages(L.Callback):
 
 def write_meshes(pl_module: Any, out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """``mesh.<ext>`` (or ``mesh_<i>.<ext>`` per particle) in the PLY's frame; sizes and time for metrics.json."""
-    from recdreamer_gs.mesh import MeshError, MeshOptions, extract_mesh
-    from recdreamer_gs.outputs import output_named
-
     output = output_named(cfg.output.mesh, kind="mesh")
     names = ["mesh"] if cfg.train.particles == 1 else [f"mesh_{i}" for i in pl_module.particle_ids]
     info: dict[str, Any] = {}
@@ -262,7 +260,6 @@ class ExportAndMetrics(L.Callback):
         metrics.update(getattr(pl_module, "final_metrics", lambda: {})())
         metrics.update(meshes)
         atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-        from recdreamer_gs.report import write_report
 
         for logger in loggers:
             logger.save()  # the CSV is otherwise flushed only after on_train_end

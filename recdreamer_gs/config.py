@@ -10,6 +10,7 @@ with the dotted path of the offending key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from recdreamer_gs.config_base import (
     join,
 )
 from recdreamer_gs.densify import DensifyConfig  # defined next to the densifier it drives
+from recdreamer_gs.outputs import names as output_names
+from recdreamer_gs.schedule import TimeSchedule, check_time_schedule
 
 Method = Literal["sds", "vsd", "usd"]
 
@@ -65,7 +68,6 @@ def needs(method: Method) -> MethodNeeds:
     return _NEEDS[method]
 
 
-TimeSchedule = Literal["uniform", "linear", "t5", "bnf"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,9 +334,7 @@ class OutputConfig(ConfigNode):
     logger: Literal["csv", "tensorboard"] = "csv"  # tensorboard: TensorBoard event files too (optional extra)
 
     def check(self, path: str) -> None:
-        from recdreamer_gs.outputs import names
-
-        known = names("gaussians")
+        known = output_names("gaussians")
         if not self.formats or any(f not in known for f in self.formats) or len(set(self.formats)) < len(self.formats):
             raise ConfigError(f"{join(path, 'formats')}: expected a list of distinct names out of {', '.join(known)}, "
                               f"e.g. [ply, spz]; got {self.formats!r}")
@@ -369,8 +369,6 @@ class RunConfig(ConfigNode):
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage with the settings above
 
     def check(self, path: str) -> None:
-        from recdreamer_gs.schedule import check_time_schedule
-
         if self.train.devices > self.train.particles:
             raise ConfigError(f"train.devices: each device needs a particle; got {self.train.devices} devices for "
                               f"{self.train.particles} particles (use --particles {self.train.devices} or more)")
@@ -571,8 +569,6 @@ def to_dict(cfg: Any) -> dict:
 
 def tensorboard_installed() -> bool:
     """Lightning's TensorBoardLogger writes with tensorboard or, failing that, tensorboardX."""
-    import importlib.util
-
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 

@@ -16,6 +16,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from recdreamer_gs import __version__, hub
+from recdreamer_gs.hub import human_size
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -53,7 +56,7 @@ def nvidia_gpus() -> list[str]:
 
 def torch_summary() -> str:
     """One line: torch's version, CUDA or CPU build, and the GPU it sees."""
-    import torch
+    import torch  # torch loads only here: `doctor --short` runs before the other dependencies are installed
 
     build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
     if torch.cuda.is_available():
@@ -69,7 +72,7 @@ def torch_summary() -> str:
 def cuda_mismatch() -> Optional[str]:
     """One line when torch cannot use a GPU for a fixable reason (a CPU torch on a GPU machine, or a CUDA
     torch that sees no GPU), with the fix; None when torch uses a GPU or there is nothing to fix."""
-    import torch
+    import torch  # torch loads only here: `doctor --short` runs before the other dependencies are installed
 
     if torch.cuda.is_available():
         return None
@@ -102,13 +105,13 @@ def folder_size(path: Path) -> int:
 
 
 def _folder_line(path: Path) -> str:
-    from recdreamer_gs.hub import human_size
-
     return f"{path} ({human_size(folder_size(path))})" if path.is_dir() else f"{path} (not created yet)"
 
 
 def _toolchain() -> str:
-    from torch.utils.cpp_extension import is_ninja_available
+    from torch.utils.cpp_extension import (
+        is_ninja_available,  # torch loads only here: `doctor --short` runs before the other dependencies are installed
+    )
 
     from recdreamer_gs.render.gsplat_backend import find_nvcc
 
@@ -119,9 +122,8 @@ def _toolchain() -> str:
 def report(specs: list["ModelSpec"], console: "Console") -> None:
     """Print the bug-report block: versions, GPU, toolchain, caches, and which of the models ``specs`` (a run's:
     ``prior_choice.run_models``) are local."""
-    import torch
+    import torch  # torch loads only here: `doctor --short` runs before the other dependencies are installed
 
-    from recdreamer_gs import __version__, hub
     from recdreamer_gs.render import gsplat_backend as gs
 
     rows: list[tuple[str, str]] = []
@@ -161,8 +163,6 @@ def models_report(specs: list["ModelSpec"], download: bool, console: "Console") 
     """The ``models`` command: every model of ``specs`` (what a run loads: ``prior_choice.run_models``), where
     it comes from, whether it is complete here and its size; with ``download`` the missing ones are fetched
     (after checking all)."""
-    from recdreamer_gs import hub
-
     if not specs:
         console.print("This configuration loads no model weights (the synthetic prior needs none).")
         return

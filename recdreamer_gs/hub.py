@@ -16,18 +16,19 @@ cache, ``HF_HUB_OFFLINE`` for no network. Which models a run loads is not decide
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from recdreamer_gs.errors import UserError
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 
 class ModelUnavailable(UserError, RuntimeError):
@@ -196,14 +197,14 @@ def _truthy(value: Optional[str]) -> bool:
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE, read now (huggingface_hub reads it once at import)."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy: huggingface_hub loads only when needed
 
     return bool(constants.HF_HUB_OFFLINE) or _truthy(os.environ.get("HF_HUB_OFFLINE"))
 
 
 def cache_dir() -> Path:
     """The Hugging Face hub cache, from HF_HUB_CACHE / HF_HOME as they are set now."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy: huggingface_hub loads only when needed
 
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
@@ -221,7 +222,7 @@ def is_local(source: str) -> bool:
 
 def repo_cache(repo_id: str) -> Path:
     """``models--owner--name`` in the cache (huggingface_hub's own layout)."""
-    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.file_download import repo_folder_name  # heavy: huggingface_hub loads only when needed
 
     return cache_dir() / repo_folder_name(repo_id=repo_id, repo_type="model")
 
@@ -310,8 +311,6 @@ def mirror(repo_id: str) -> Optional[str]:
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Transport errors of the HTTP clients huggingface_hub uses (httpx2, httpx or requests by version)."""
-    import importlib
-
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
                          ("requests", "ConnectionError"), ("requests", "Timeout")):
@@ -329,6 +328,7 @@ def _first_line(err: BaseException) -> str:
 
 def describe_error(err: BaseException, source: str = "") -> str:
     """A one-line cause for a Hub or loading exception, looking through chained exceptions."""
+    # heavy: huggingface_hub loads only when needed
     from huggingface_hub.errors import (
         EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
         RepositoryNotFoundError, RevisionNotFoundError,
@@ -419,7 +419,7 @@ def plan(spec: ModelSpec) -> Optional[Plan]:
         raise unavailable(spec, here.where())
     if hub_offline():
         raise unavailable(spec, f"offline (HF_HUB_OFFLINE is set) and {here.where()}")
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # heavy: huggingface_hub loads only when needed
 
     try:
         info = HfApi().model_info(spec.source, files_metadata=True)
@@ -463,10 +463,8 @@ class _BlobWatcher:
 
 def download(p: Plan, console: Optional["Console"] = None) -> Path:
     """Fetch the planned files into the Hugging Face cache with a progress bar; returns the snapshot folder."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # heavy: huggingface_hub loads only when needed
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     spec = p.spec
     console = console or Console(stderr=True)

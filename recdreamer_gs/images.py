@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image
@@ -52,8 +53,6 @@ def save_gif(frames: torch.Tensor, path: Path, fps: int = 12, upscale: int = 1) 
 
 def save_mp4(frames: torch.Tensor, path: Path, fps: int = 12, upscale: int = 1) -> None:
     """[N,3,H,W] in [0,1] -> H.264 MP4 (yuv420p, written atomically) with the ffmpeg that imageio-ffmpeg ships."""
-    import imageio_ffmpeg
-
     images = [np.asarray(image_grid(frames[i:i + 1], 1)) for i in range(frames.shape[0])]
     if upscale > 1:
         images = [im.repeat(upscale, axis=0).repeat(upscale, axis=1) for im in images]

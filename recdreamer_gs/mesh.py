@@ -39,6 +39,7 @@ from recdreamer_gs.errors import UserError
 from recdreamer_gs.export import PlyFrame
 from recdreamer_gs.gaussians import read_gaussians
 from recdreamer_gs.outputs import check_writable, output_for, write_mesh
+from recdreamer_gs.render import camera_matrices, render
 
 
 class MeshError(UserError, ValueError):
@@ -125,8 +126,6 @@ def mesh_cameras(centre: Tensor, radius: float, opts: MeshOptions, resolution: i
 @torch.no_grad()
 def render_rgbd(gaussians, cameras: Cameras, batch: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     """Colour (un-premultiplied), z-depth and alpha of every view, [V,H,W,3], [V,H,W], [V,H,W] on CPU."""
-    from recdreamer_gs.render import render
-
     device = gaussians.means.device
     rgb, depth, alpha = [], [], []
     for i in range(0, len(cameras), batch):
@@ -142,10 +141,8 @@ def render_rgbd(gaussians, cameras: Cameras, batch: int = 8) -> tuple[Tensor, Te
 def fuse_tsdf(rgb: Tensor, depth: Tensor, alpha: Tensor, cameras: Cameras, voxel_size: float,
               opts: MeshOptions):
     """Fuse RGB-D views into a TSDF (open3d VoxelBlockGrid) and run marching cubes; an open3d mesh."""
-    import open3d as o3d
+    import open3d as o3d  # heavy: open3d loads only when needed
     import open3d.core as o3c
-
-    from recdreamer_gs.render import camera_matrices
 
     viewmats, Ks = camera_matrices(cameras)
     cpu = o3c.Device("CPU:0")
@@ -211,7 +208,7 @@ def extract_mesh(gaussians, opts: Optional[MeshOptions] = None) -> MeshResult:
 
 
 def _raycasting_scene(mesh):
-    import open3d as o3d
+    import open3d as o3d  # heavy: open3d loads only when needed
     import open3d.core as o3c
 
     scene = o3d.t.geometry.RaycastingScene()
@@ -228,7 +225,7 @@ def colour_vertices(mesh, rgb: Tensor, alpha: Tensor, cameras: Cameras, alpha_th
     The TSDF's own colours are averaged over its truncation band and blur small details (eyes, stripes);
     these keep what the splat shows. Vertices no view sees keep the TSDF colour.
     """
-    import open3d as o3d
+    import open3d as o3d  # heavy: open3d loads only when needed
     import open3d.core as o3c
 
     scene = _raycasting_scene(mesh)
@@ -290,7 +287,7 @@ def render_mesh(mesh, cameras: Cameras, background: float = 1.0) -> Float[Tensor
     normals) and lit by a light at the camera, so the picture shows both the colours and the shape.
     Pixels that miss the mesh get ``background``.
     """
-    import open3d.core as o3c
+    import open3d.core as o3c  # heavy: open3d loads only when needed
 
     triangles = np.asarray(mesh.triangles)
     scene = _raycasting_scene(mesh)

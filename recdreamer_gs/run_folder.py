@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -15,6 +16,8 @@ from recdreamer_gs.config import ConfigError, RunConfig, config_from_data, read_
 from recdreamer_gs.distributed import RUN_DIR_ENV, is_secondary_rank
 from recdreamer_gs.errors import RunError, os_remedy
 from recdreamer_gs.outputs import OUTPUTS
+
+BATCH_FILE = "batch.json"  # in a run folder: the batch's record of its attempts (status, cause, wall time)
 
 
 def slugify(prompt: str, limit: int = 48) -> str:
@@ -122,3 +125,30 @@ def kept_state(system, out_dir: Path, failed_write: Optional[OSError] = None) ->
     if (out_dir / "checkpoints" / "last.ckpt").is_file():
         return f"{why}kept {files}; {then}continue with: recdreamer-gs run --resume {out_dir}"
     return f"{why}no checkpoint was written{f' (kept {files})' if files else ''}; {then}start the run again"
+
+
+def run_state(folder: Path, stages: int = 0) -> str:
+    """``done`` / ``resume`` / ``new`` for a run folder; a multi-stage run is done when the metrics.json of its
+    last stage is there (every stage writes one)."""
+    metrics = folder / "metrics.json"
+    if metrics.is_file():
+        try:
+            stage = json.loads(metrics.read_text()).get("stage")
+        except (OSError, ValueError):
+            stage = None
+        if stages <= 1 or stage == f"{stages}/{stages}":
+            return "done"
+    if (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "config.yaml").is_file():
+        return "resume"
+    return "new"
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    """A run folder's ``batch.json`` (an empty record when there is none or it cannot be read)."""
+    try:
+        data = json.loads((Path(run_dir) / BATCH_FILE).read_text())
+        if isinstance(data, dict) and isinstance(data.get("attempts"), list):
+            return data
+    except (OSError, ValueError):
+        pass
+    return {"status": "", "cause": "", "attempts": []}

@@ -19,16 +19,17 @@ from recdreamer_gs.cameras import Cameras, preview_orbit
 from recdreamer_gs.config import CameraConfig, RunConfig, needs
 from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
+from recdreamer_gs.distill import grads
+from recdreamer_gs.distill.rectifier import PoseStatistics, Rectifier
+from recdreamer_gs.distill.step import distill_step
 from recdreamer_gs.distributed import average_gradients
 from recdreamer_gs.errors import Diverged
 from recdreamer_gs.gaussians import Gaussians, StartCloud
+from recdreamer_gs.metrics import classify_views, metric_cameras, pose_scores, view_scores
+from recdreamer_gs.pose.setup import Classifier
 from recdreamer_gs.priors.base import ParticleScore, Prior
 from recdreamer_gs.render import RenderOut, render
 from recdreamer_gs.rng import derive_seed
-from recdreamer_gs.distill import grads
-from recdreamer_gs.distill.rectifier import PoseStatistics, Rectifier
-from recdreamer_gs.pose.setup import Classifier
-from recdreamer_gs.distill.step import distill_step
 
 
 class TextTo3DSystem(L.LightningModule):
@@ -297,8 +298,6 @@ class TextTo3DSystem(L.LightningModule):
     @torch.no_grad()
     def metric_views(self, particle: int = 0, n_views: int = 10) -> Float[Tensor, "V 3 H W"]:
         """Renders at n uniform azimuths on a white background, the views pEnt, cEnt and CLIP score use."""
-        from recdreamer_gs.metrics import metric_cameras
-
         cams = metric_cameras(self.metric_camera, self.render_resolution, n_views).to(self.device)
         return self.render(cams, torch.ones(n_views, 3, device=self.device), particle=particle).rgb
 
@@ -306,8 +305,6 @@ class TextTo3DSystem(L.LightningModule):
     def final_metrics(self) -> dict[str, Any]:
         """pEnt per particle (entropy of the mean pose probabilities over 10 azimuths, normalised), and
         cEnt + CLIP score of the first particle when a CLIP scorer is set."""
-        from recdreamer_gs.metrics import classify_views, pose_scores, view_scores
-
         views = [self.metric_views(particle=i) for i in range(len(self.particles))]
         out: dict[str, Any] = {"pEnt": None}
         if self.clip_scorer is not None:

@@ -20,6 +20,7 @@ from recdreamer_gs.config import RectifierConfig
 from recdreamer_gs.distill.grads import clamp_to_norm
 from recdreamer_gs.pose.setup import Classifier
 
+
 def ema_rate(n_ema: int) -> float:
     """α_ema = 1 − 0.1^(1/n_ema): after n_ema updates the old value keeps 10% weight (0.0228 for 100)."""
     return 1.0 - 0.1 ** (1.0 / n_ema)

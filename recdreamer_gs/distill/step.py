@@ -18,10 +18,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from recdreamer_gs.config import DistillConfig, needs
-from recdreamer_gs.priors.base import ParticleScore, Prior
 from recdreamer_gs.distill import grads
-from recdreamer_gs.priors import diffusion
 from recdreamer_gs.distill.rectifier import Rectifier, rectifier_objective
+from recdreamer_gs.priors import diffusion
+from recdreamer_gs.priors.base import ParticleScore, Prior
 
 
 @dataclass

@@ -14,9 +14,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from recdreamer_gs.config import DistillConfig, Method, RectifierConfig, SyntheticPriorConfig, needs
-from recdreamer_gs.priors.synthetic import KernelParticleScore, SyntheticPrior
 from recdreamer_gs.distill.rectifier import Rectifier
 from recdreamer_gs.distill.step import distill_step
+from recdreamer_gs.priors.synthetic import KernelParticleScore, SyntheticPrior
+
 
 @dataclass
 class Toy2DConfig:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from recdreamer_gs import hub
+
 DEFAULT_FEATURE_MODEL = "facebook/dinov2-with-registers-small"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,9 +95,7 @@ class DinoFeatures(nn.Module):
             ModelUnavailable: the folder is missing or incomplete, the model cannot be downloaded (offline,
                 not found, network), or the weights do not load.
         """
-        from transformers import AutoModel
-
-        from recdreamer_gs import hub
+        from transformers import AutoModel  # heavy: transformers loads only when needed
 
         spec = hub.ModelSpec(hub.DINOV2, model)
         where = hub.ensure(spec)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+
 def pca_scores(
     patches: Float[Tensor, "B P D"], mean: Float[Tensor, "D"], component: Float[Tensor, "D"], std: Float[Tensor, ""]
 ) -> Float[Tensor, "B P"]:

@@ -28,11 +28,11 @@ from torch import Tensor
 from recdreamer_gs.cameras import orbit
 from recdreamer_gs.config import CameraConfig, GaussiansConfig, SyntheticPriorConfig
 from recdreamer_gs.gaussians import Gaussians, rgb_to_sh0
+from recdreamer_gs.pose.setup import PoseSetup
 from recdreamer_gs.render import render
 
 if TYPE_CHECKING:
     from recdreamer_gs.config import DistillConfig, RunConfig
-    from recdreamer_gs.pose.setup import PoseSetup
 
 POSE_CLASSES = ("front", "left", "back", "right")
 # Camera azimuth that sees each class: the object faces +z; a camera on +x (90°) sees its left side.
@@ -341,8 +341,6 @@ class SyntheticPrior:
         class posterior of the clean renders, so the metric measures poses, not the matcher's softness. The
         posterior knows the reference views only, so pEnt is measured on their orbit (elevation, radius, field
         of view), whatever the run's cameras: that is what lets ``eval --prior synthetic`` score any PLY."""
-        from recdreamer_gs.pose.setup import PoseSetup
-
         s = self.cfg
         reference = CameraConfig(resolution=s.resolution, radius_range=(s.radius, s.radius),
                                  fovy_range=(s.fovy, s.fovy), preview_elevation=s.elevation)
