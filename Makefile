@@ -39,8 +39,10 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/recdreamer-gs run "$(PROMPT)" $(ARGS)
 
-# One pytest worker per core (pytest-xdist), each file's tests on one worker (its module fixtures made once), the
-# files in the order tests/conftest.py gives them (the slowest first). pytest's exit code 5 (no tests) fails too.
+# The import layers first (pyproject.toml, [tool.importlinter]), then the tests: one pytest worker per core
+# (pytest-xdist), each file's tests on one worker (its module fixtures made once), the files in the order
+# tests/conftest.py gives them (the slowest first). pytest's exit code 5 (no tests collected) must fail too.
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder $(ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status

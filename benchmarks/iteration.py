@@ -25,13 +25,13 @@ images. Parts (each a function of a :class:`Bench`):
 and whole iterations ``sds``, ``vsd``, ``usd`` (rectifier every iteration, shared noise) and ``usd_k4``
 (``rectify_every = 4``: each timed call runs 4 iterations, one rectified, and times are divided by 4).
 A whole iteration is one call of ``TextTo3DSystem.training_step`` itself (render, encode, the
-distillation step of ``usd/step.py``, Gaussian Adam steps, LoRA step), on a system built Trainer-less
+distillation step of ``distill/step.py``, Gaussian Adam steps, LoRA step), on a system built Trainer-less
 around the same networks (:func:`build_system_run`); without gsplat (CPU, --no-render) it renders a few
 Gaussians with the torch compositor (``iteration_gaussians`` in the JSON). ``--compile`` routes the
 networks' passes through ``torch.compile`` as a run with ``perf.compile=on`` does and reports
 ``compile_s``. Times are CUDA-event milliseconds after warm-up iterations (wall clock on CPU); peak GPU
 memory (allocated and reserved) is measured per part and per iteration. DINOv2 runs in fp32 by default (``--dino-dtype``), as
-``pipeline.build_pose`` loads it; the decoded image reaches it in fp32 either way.
+``pose/setup.py`` (dino_pose_setup) loads it; the decoded image reaches it in fp32 either way.
 """
 
 from __future__ import annotations
@@ -56,17 +56,18 @@ if str(ROOT) not in sys.path:
 import lightning as L  # noqa: E402
 
 from recdreamer_gs.cameras import sample_cameras  # noqa: E402
-from recdreamer_gs.config import CameraConfig, GaussiansConfig, RectifierConfig, RunConfig, config_from_data  # noqa: E402
+from recdreamer_gs.config import (  # noqa: E402
+    CameraConfig, GaussiansConfig, RectifierConfig, RunConfig, config_from_data, needs)
 from recdreamer_gs.data import RandomCameraDataset  # noqa: E402
+from recdreamer_gs.distill.rectifier import PoseStatistics, log_r, rectifier_objective  # noqa: E402
 from recdreamer_gs.gaussians import Gaussians  # noqa: E402
 from recdreamer_gs.pose.classifier import PoseClassifier, PoseClassifierConfig  # noqa: E402
 from recdreamer_gs.pose.features import DinoFeatures  # noqa: E402
+from recdreamer_gs.priors.diffusion import add_noise, alpha_sigma, tweedie_x0  # noqa: E402
 from recdreamer_gs.priors.particle_score import LoRAParticleScore, ParticleScoreConfig  # noqa: E402
 from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior  # noqa: E402
 from recdreamer_gs.render import render  # noqa: E402
 from recdreamer_gs.system import TextTo3DSystem  # noqa: E402
-from recdreamer_gs.usd.distill import add_noise, alpha_sigma, tweedie_x0  # noqa: E402
-from recdreamer_gs.usd.rectifier import PoseStatistics, log_r, rectifier_objective  # noqa: E402
 
 # stabilityai/stable-diffusion-2-1-base unet/config.json (the fields that shape the network)
 SD21_UNET = dict(
@@ -402,7 +403,7 @@ CPU_ITERATION_GAUSSIANS = 1000  # whole iterations on a CPU render with the torc
 @dataclass
 class SystemRun:
     """A :class:`TextTo3DSystem` set up without a Trainer and fed camera batches from
-    :class:`RandomCameraDataset`, as ``pipeline._fit_stage`` wires a stage. A Lightning Fabric stands in
+    :class:`RandomCameraDataset`, as ``training.fit_stage`` wires a stage. A Lightning Fabric stands in
     for the Trainer (``manual_backward``, world size, rank); ``log_dict`` keeps the logged tensors in
     ``logged`` instead (Fabric would read every value on the host each iteration; a Trainer run's
     logging bookkeeping is in ``benchmarks/memory.py``'s figures)."""
@@ -438,12 +439,12 @@ def run_config(b: Bench, name: str, gaussians: int, backend: str, seed: int = 0)
 def build_system_run(b: Bench, name: str, gaussians: int, backend: str, seed: int = 0) -> SystemRun:
     """The system of one whole iteration on the bench's prior, ε_φ and pose classifier."""
     cfg = run_config(b, name, gaussians, backend, seed)
-    method = cfg.distill.method
+    need = needs(cfg.distill.method)
     classifier, class_names = None, ()
-    if method == "usd":
+    if need.pose_classifier:
         module = _need_classifier(b)
         classifier, class_names = (lambda images, background=None: module(images)), POSE_CLASSES
-    system = TextTo3DSystem(cfg, b.prior, b.eps_phi if method != "sds" else None, classifier, class_names)
+    system = TextTo3DSystem(cfg, b.prior, b.eps_phi if need.particle_score else None, classifier, class_names)
     fabric = L.Fabric(accelerator="cuda" if b.device.type == "cuda" else "cpu", devices=1)
     system.fabric = fabric
     system.to(b.device)
@@ -545,7 +546,8 @@ def sanity(b: Bench) -> dict:
 
 def profile(fn: Callable[[], None], device: torch.device, iters: int = 5, warmup: int = 2, rows: int = 25) -> str:
     """torch.profiler table (CPU + CUDA) of ``iters`` calls after warm-up, sorted by self time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     for _ in range(warmup):
         fn()
@@ -561,14 +563,14 @@ def profile(fn: Callable[[], None], device: torch.device, iters: int = 5, warmup
 
 def compile_bench(b: Bench, args: argparse.Namespace, timings: dict):
     """Route the bench's UNet, VAE, ε_φ and pose classifier passes through torch.compile
-    (``pipeline.compile_networks`` with ``perf.compile=on``); the compiler."""
-    from recdreamer_gs import pipeline
+    (``training.compile_networks`` with ``perf.compile=on``); the compiler."""
+    from recdreamer_gs import training
     from recdreamer_gs.config import PerfConfig
     from recdreamer_gs.pose.setup import PoseSetup
 
     cfg = RunConfig(perf=PerfConfig(compile="on"))
     pose = PoseSetup(None, (), module=b.classifier)
-    return pipeline.compile_networks(cfg, b.device, b.prior, b.eps_phi, pose, timings,
+    return training.compile_networks(cfg, b.device, b.prior, b.eps_phi, pose, timings,
                                      echo=lambda text: print(text, flush=True))
 
 
@@ -592,7 +594,7 @@ def run(args: argparse.Namespace) -> dict:
                         pose=pose, dino_dtype=args.dino_dtype, n_augment=args.n_augment)
     timings: dict = {}
     compiler = None
-    if args.compile:  # as a run does: perf.make_compiler through pipeline.compile_networks
+    if args.compile:  # as a run does: perf.make_compiler through training.compile_networks
         compiler = compile_bench(bench, args, timings)
         args.warmup = max(args.warmup, 3)  # compilation (and CUDA-graph recording) happens in the first calls
     if args.no_render:
@@ -639,7 +641,7 @@ def run(args: argparse.Namespace) -> dict:
         result["parts"][name] = time_ms(lambda: fn(bench), device, args.iters, args.warmup, state=bench.state)
         print(f"{name:>18}: {result['parts'][name]['median_ms']:9.2f} ms", flush=True)
     # Whole iterations: TextTo3DSystem.training_step itself (render, encode, the distillation step of
-    # usd/step.py, Gaussian and LoRA steps, logging), one system per method on the bench's networks.
+    # distill/step.py, Gaussian and LoRA steps, logging), one system per method on the bench's networks.
     iteration_gaussians = args.gaussians if bench.gaussians is not None else min(args.gaussians,
                                                                                  CPU_ITERATION_GAUSSIANS)
     backend = "gsplat" if bench.gaussians is not None else "torch"

@@ -9,7 +9,7 @@ under a Lightning ``Trainer`` exactly as ``recdreamer-gs run`` does: a preset's 
 ``--method`` and ``--set key=value`` overrides), a random-weight :class:`StableDiffusionPrior` built from
 the SD 2.1-base UNet/VAE configs (fp16 on CUDA), the shared-UNet LoRA ε_φ
 (:meth:`LoRAParticleScore.from_prior`, VSD/USD) and, for USD, a pose classifier on a random-weight
-DINOv2 ViT-S/14 with registers (fp32, as ``pipeline.build_pose`` loads it) with four random templates.
+DINOv2 ViT-S/14 with registers (fp32, as ``pose/setup.py`` (dino_pose_setup) loads it) with four random templates.
 Camera batches come from :class:`recdreamer_gs.data.RandomCameraDataset`. Nothing is downloaded.
 
 Reported (JSON): peak ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over all training
@@ -47,7 +47,8 @@ for _path in (ROOT, Path(__file__).resolve().parent):  # the package, and iterat
         sys.path.insert(0, str(_path))
 
 from iteration import POSE_CLASSES, build_random_classifier, build_random_prior  # noqa: E402
-from recdreamer_gs.config import RunConfig, load_config, parse_override  # noqa: E402
+
+from recdreamer_gs.config import RunConfig, load_config, needs, parse_override  # noqa: E402
 from recdreamer_gs.data import RandomCameraDataset, cameras_from_batch  # noqa: E402
 from recdreamer_gs.system import TextTo3DSystem  # noqa: E402
 
@@ -90,14 +91,14 @@ class IterationMeter(L.Callback):
 def build_system(cfg: RunConfig, device: torch.device, tiny: bool, dtype: str, dino_dtype: str,
                  n_augment: int) -> TextTo3DSystem:
     """The system with a random-weight SD prior, LoRA ε_φ (VSD/USD) and pose classifier (USD), as
-    ``pipeline.fit`` wires them."""
+    ``training.fit`` wires them."""
     from recdreamer_gs.priors.particle_score import LoRAParticleScore
 
-    method = cfg.distill.method
+    need = needs(cfg.distill.method)
     prior = build_random_prior(device, dtype, tiny, cfg.train.seed, name="random-sd21base")
-    particle_score = LoRAParticleScore.from_prior(prior, cfg.distill.particle_score) if method != "sds" else None
+    particle_score = LoRAParticleScore.from_prior(prior, cfg.distill.particle_score) if need.particle_score else None
     classifier, class_names = None, ()
-    if method == "usd":
+    if need.pose_classifier:
         module = build_random_classifier(device, tiny, dino_dtype, n_augment, cfg.train.seed)
         classifier, class_names = (lambda images, background=None: module(images)), POSE_CLASSES
     return TextTo3DSystem(cfg, prior, particle_score, classifier, class_names)
@@ -172,12 +173,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": list(args.set),
         "model": "tiny" if args.tiny else "sd-2.1-base size (random weights)",
         "dtype": str(prior.dtype).replace("torch.", ""),
-        "pose_dtype": args.dino_dtype if cfg.distill.method == "usd" else None,
+        "pose_dtype": args.dino_dtype if needs(cfg.distill.method).pose_classifier else None,
         "render": renderer,
         "resolution": system.render_resolution,
         "latent_resolution": prior.latent_resolution // 8,
         "batch_size": cfg.camera.batch_size,
-        "rectify_every": cfg.distill.rectifier.rectify_every if cfg.distill.method == "usd" else None,
+        "rectify_every": cfg.distill.rectifier.rectify_every if needs(cfg.distill.method).rectifier else None,
         "gaussians": len(system.gaussians),
         "iterations": args.iters,
         "warmup": args.warmup,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recdreamer_gs.usd.toy2d import Toy2DConfig, make_prior, run_particles, tv_from_uniform  # noqa: E402
+from recdreamer_gs.distill.toy2d import Toy2DConfig, make_prior, run_particles, tv_from_uniform  # noqa: E402
 
 COLOURS = {"sds": (214, 96, 77), "vsd": (244, 165, 130), "usd": (67, 147, 195)}
 

@@ -3,7 +3,7 @@
     nice -n 10 python benchmarks/particles_3d.py --counts 1,2,4 --methods sds,vsd,usd --seeds 3,5,7 \\
         --out benchmarks/results/particles_3d/after.json --jobs 2
 
-Every run is the real ``TextTo3DSystem`` fitted by ``pipeline.fit`` (preview preset, synthetic prior, CPU,
+Every run is the real ``TextTo3DSystem`` fitted by ``training.fit`` (preview preset, synthetic prior, CPU,
 ``prior.synthetic.view_conditioned=false`` so that only the method decides the poses), one process per run.
 The JSON holds, per run and averaged over seeds per (count, method): pEnt (mean over particles, as
 metrics.json), pEnt per particle, the pEnt of the pooled views of all particles, the pooled pose histogram
@@ -68,9 +68,11 @@ class Diagnostics:
 
     def measure(self, system, iteration: int) -> dict[str, Any]:
         from recdreamer_gs.cameras import orbit
+        from recdreamer_gs.config import needs
+        from recdreamer_gs.distill import grads
+        from recdreamer_gs.distill.rectifier import interval_index, log_r, rectifier_objective
+        from recdreamer_gs.priors import diffusion
         from recdreamer_gs.priors.synthetic import mixture_posterior
-        from recdreamer_gs.usd import distill
-        from recdreamer_gs.usd.rectifier import interval_index, log_r, rectifier_objective
 
         cfg, prior, d = system.cfg, system.prior, system.cfg.distill
         g = torch.Generator().manual_seed(self.seed + iteration)
@@ -92,11 +94,11 @@ class Diagnostics:
                                   t_end=d.t_anneal_to, t5_switch=d.t5_switch, bnf_intervals=system.bnf_intervals,
                                   T=prior.num_train_timesteps)
         t = torch.randint(lo, hi, (1,), generator=g).expand(P * B)
-        alpha, sigma = distill.alpha_sigma(prior.alphas_cumprod, t)
+        alpha, sigma = diffusion.alpha_sigma(prior.alphas_cumprod, t)
         eps = torch.randn(z.shape, generator=g)
-        x_t = distill.add_noise(z, eps, alpha, sigma)
+        x_t = diffusion.add_noise(z, eps, alpha, sigma)
         eps_hat = prior.eps(x_t, t, d.guidance_scale, bg)
-        x0_hat = distill.tweedie_x0(x_t, eps_hat, alpha, sigma)
+        x0_hat = diffusion.tweedie_x0(x_t, eps_hat, alpha, sigma)
         probs = prior.classify(x0_hat, bg)
         per = lambda v: v.detach().view(P, B, *v.shape[1:])  # noqa: E731
         norms = lambda v: [round(float(x), 4) for x in per(v).flatten(2).norm(dim=2).pow(2).sum(1).sqrt()]  # noqa: E731
@@ -109,17 +111,17 @@ class Diagnostics:
                             ("matcher_clean", matcher_clean)):
             row[f"probs/{name}"] = [[round(float(v), 3) for v in p] for p in per(value).mean(1)]
         # One EMA shared by all particles (pooled) or one per particle.
-        rect = system.rectifier if d.method == "usd" else None
+        rect = system.rectifier if needs(d.method).rectifier else None
         if rect is not None:
             k = int(interval_index(t[:1], rect.stats.n_intervals, rect.stats.T))
             row["ema/interval"] = k
             row["ema/marginal_at_t"] = [[round(float(v), 3) for v in s.marginal[k]] for s in rect.groups]
             row["ema/marginal_all"] = [[[round(float(v), 3) for v in m] for m in s.marginal] for s in rect.groups]
-        if cfg.distill.method != "sds":
+        if needs(cfg.distill.method).particle_score:
             with torch.no_grad():
                 same_camera = z.detach().view(P, B, *z.shape[1:]).transpose(0, 1).repeat(P, *[1] * z.dim())
                 eps_phi = system.particle_score.eps_phi(x_t.detach(), t, None, particles=same_camera)
-                g_vsd = distill.vsd_grad(eps_hat.detach(), eps_phi, sigma)
+                g_vsd = grads.vsd_grad(eps_hat.detach(), eps_phi, sigma)
                 # The kernel ε_φ's posterior over the particles' renders: row i = samples of particle i.
                 kw = system.particle_score.kernel_width
                 var = alpha.view(-1) ** 2 * kw**2 + sigma.view(-1) ** 2
@@ -162,7 +164,7 @@ def pose_summary(system) -> dict[str, Any]:
 def run_one(count: int, method: str, seed: int, steps: int, sets: list[str], diagnostics: int,
             preset: str = "preview") -> dict[str, Any]:
     """Fit one run in this process and return its pose summary (and diagnostics rows)."""
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import prior_choice, training
     from recdreamer_gs.config import load_config, parse_override
 
     torch.set_num_threads(1)
@@ -170,11 +172,11 @@ def run_one(count: int, method: str, seed: int, steps: int, sets: list[str], dia
                                                           f"train.seed={seed}", f"train.steps={steps}", *sets]]
     cfg = load_config(preset, None, overrides + [{"prompt": "particles"}])
     device = torch.device("cpu")
-    choice = pipeline.build_prior(cfg, device)
+    choice = prior_choice.build_prior(cfg, device)
     diag = Diagnostics(diagnostics) if diagnostics else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        system = pipeline.fit(cfg, Path(tmp), choice, device, extra_callbacks=[diag.callback] if diag else [])
+        system = training.fit(cfg, Path(tmp), choice, device, extra_callbacks=[diag.callback] if diag else [])
         result: dict[str, Any] = {"count": count, "method": method, "seed": seed, "steps": steps}
         result.update(pose_summary(system))
         result["gaussians"] = [len(g) for g in system.particles]

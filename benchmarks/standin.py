@@ -302,11 +302,11 @@ def particle_score_learnt(run_dir: Path, n: int = 64, seed: int = 0) -> dict[str
     camera zeroed (relative RMS)."""
     from recdreamer_gs.cameras import sample_cameras
     from recdreamer_gs.config import config_from_data, read_yaml
-    from recdreamer_gs.mesh import load_gaussians
+    from recdreamer_gs.gaussians import read_gaussians
     from recdreamer_gs.priors.particle_score import LoRAParticleScore
     from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
     from recdreamer_gs.render import render
-    from recdreamer_gs.usd.distill import add_noise, alpha_sigma
+    from recdreamer_gs.priors.diffusion import add_noise, alpha_sigma
 
     cfg = config_from_data(read_yaml(run_dir / "config.yaml"))
     sd = cfg.prior.sd
@@ -317,7 +317,7 @@ def particle_score_learnt(run_dir: Path, n: int = 64, seed: int = 0) -> dict[str
                            if k.startswith("particle_score.")})
     g = torch.Generator().manual_seed(seed)
     cams = sample_cameras(cfg.camera, n, g)
-    gaussians = load_gaussians(run_dir / "model.ply", "viewer", "cpu")
+    gaussians = read_gaussians(run_dir / "model.ply", "viewer", "cpu")
     rgb = render(gaussians, cams, torch.rand(n, 3, generator=g), backend="torch").rgb
     z = prior.encode(rgb, generator=g)
     t = torch.randint(20, 980, (n,), generator=g)
@@ -337,14 +337,14 @@ def classifier_vs_exact(run_dir: Path, pose_model: Path) -> dict[str, Any]:
     """On the 10 metric views (the synthetic prior's reference orbit, on white): the class the run's own DINOv2
     classifier gives each view against the exact posterior's."""
     from recdreamer_gs.cameras import orbit
-    from recdreamer_gs.mesh import load_gaussians
+    from recdreamer_gs.gaussians import read_gaussians
     from recdreamer_gs.pose.classifier import PoseClassifier
     from recdreamer_gs.pose.features import DinoFeatures
     from recdreamer_gs.render import render
 
     classifier = PoseClassifier.load(run_dir / "pose_classifier.pt", DinoFeatures.load(str(pose_model)))
     size = classifier.cfg.template_size
-    gaussians = load_gaussians(run_dir / "model.ply", "viewer", "cpu")
+    gaussians = read_gaussians(run_dir / "model.ply", "viewer", "cpu")
     own = render(gaussians, orbit(10, 15.0, 2.5, 40.0, size), torch.ones(10, 3), backend="torch").rgb
     exact = render(gaussians, orbit(10, 15.0, 2.5, 40.0, 64), torch.ones(10, 3), backend="torch").rgb
     mine = [classifier.classes[i] for i in classifier(own * 2 - 1).argmax(-1).tolist()]
@@ -382,15 +382,17 @@ def resemblance(ply: Path, refs: torch.Tensor) -> float:
     """Mean PSNR (dB) of the metric views (the synthetic prior's reference orbit, on white) to their nearest
     reference view."""
     from recdreamer_gs.cameras import orbit
-    from recdreamer_gs.mesh import load_gaussians
+    from recdreamer_gs.gaussians import read_gaussians
     from recdreamer_gs.render import render
 
     cams = orbit(10, 15.0, 2.5, 40.0, refs.shape[-1])
-    rgb = render(load_gaussians(ply, "viewer", "cpu"), cams, torch.ones(10, 3), backend="torch").rgb
+    rgb = render(read_gaussians(ply, "viewer", "cpu"), cams, torch.ones(10, 3), backend="torch").rgb
     return round(float(psnr_to_nearest(rgb, refs).mean()), 2)
 
 
 def one_run(method: str, seed: int, args, refs: torch.Tensor) -> dict[str, Any]:
+    from recdreamer_gs.config import needs
+
     out = args.out / "runs" / f"{method}-seed{seed}"
     if out.exists():
         shutil.rmtree(out)
@@ -413,9 +415,9 @@ def one_run(method: str, seed: int, args, refs: torch.Tensor) -> dict[str, Any]:
            if run_dir.is_relative_to(ROOT) else str(run_dir),
            "command": "recdreamer-gs " + " ".join(command).replace(f"{ROOT}/", "")}  # paths from the repository root
     row["logged"] = logged_terms(run_dir)
-    if method == "usd":
+    if needs(method).pose_classifier:
         row["classifier_vs_exact"] = classifier_vs_exact(run_dir, args.pose_model)
-    if method != "sds":
+    if needs(method).particle_score:
         row["particle_score"] = particle_score_learnt(run_dir)
     print(json.dumps({k: v for k, v in row.items() if k not in ("command", "run_dir")}), flush=True)
     return row

@@ -119,7 +119,7 @@ def in_process_share(steps: int | None) -> dict:
     the share of the training time they took (robust where run-to-run noise hides a few percent)."""
     import torch
 
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import prior_choice, run_folder, training
     from recdreamer_gs.config import load_config
     from recdreamer_gs.viewer import Viewer
 
@@ -129,11 +129,11 @@ def in_process_share(steps: int | None) -> dict:
     cfg = load_config("preview", None, [flags])
     device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as out:
-        out_dir = pipeline.make_run_dir(Path(out), cfg.prompt)
+        out_dir = run_folder.make_run_dir(Path(out), cfg.prompt)
         viewer = Viewer(0)
         try:
             live = viewer.training_callback(cfg, out_dir)
-            pipeline.fit(cfg, out_dir, pipeline.build_prior(cfg, device), device, extra_callbacks=[live])
+            training.fit(cfg, out_dir, prior_choice.build_prior(cfg, device), device, extra_callbacks=[live])
         finally:
             viewer.stop()
         metrics = json.loads((out_dir / "metrics.json").read_text())

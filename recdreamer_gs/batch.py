@@ -2,7 +2,7 @@
 
 The driver (the ``batch`` process) reads the prompt file, builds and validates the config of every run before
 anything starts, and submits one Ray task per run that is not done yet. A task runs what ``recdreamer-gs run``
-runs (``pipeline.prepare`` and ``pipeline.fit``) into a run folder with a deterministic name, so that a second
+runs (``training.prepare`` and ``training.fit``) into a run folder with a deterministic name, so that a second
 ``batch`` finds it: a folder with ``metrics.json`` is done and skipped, a folder with ``checkpoints/last.ckpt``
 continues from it (as ``run --resume``). Ray retries a task whose worker died; the retry continues from the
 checkpoint the lost attempt wrote. Ray itself is imported only where a set is run (docs/batch.md).
@@ -18,16 +18,30 @@ import signal
 import socket
 import sys
 import time
+import traceback
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+import torch
+import yaml
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from recdreamer_gs import errors, run_folder
+from recdreamer_gs.config import (ConfigError, config_from_data, load_config, option_overrides, parse_override,
+                                  preset_path, read_yaml, to_dict)
 from recdreamer_gs.errors import UserError
+from recdreamer_gs.export import atomic_write_bytes
+from recdreamer_gs.run_folder import BATCH_FILE, read_record, run_state, slugify
+from recdreamer_gs.summary import method_label, write_summary
 
 METHODS = ("sds", "vsd", "usd")
 ENTRY_KEYS = ("prompt", "name", "method", "seed", "templates", "set")
-BATCH_FILE = "batch.json"  # in a run folder: the batch's record of its attempts (status, cause, wall time)
 LOG_FILE = "run.log"  # in a run folder: what the run printed, every attempt appended
 PAPER_PROMPTS = "paper-prompts.txt"  # the paper's Table 7 prompts, shipped in configs/
 
@@ -106,8 +120,6 @@ def _read_jsonl(text: str, path: Path) -> list[Entry]:
 
 
 def _read_yaml(text: str, path: Path) -> list[Entry]:
-    import yaml
-
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -184,8 +196,6 @@ def parse_seeds(value: Any, what: str = "--seeds") -> tuple[int, ...]:
 
 def parse_set(text: str, what: str = "--set") -> Override:
     """``KEY=VALUE`` (the value read as YAML), or ``METHOD:KEY=VALUE`` for that method's runs only."""
-    from recdreamer_gs.config import ConfigError, parse_override
-
     key = text.split("=", 1)[0]
     method = None
     if ":" in key:
@@ -231,28 +241,6 @@ class RunSpec:
         return run_state(Path(self.run_dir), len(self.config.get("stages") or []))
 
 
-def run_state(folder: Path, stages: int = 0) -> str:
-    """``done`` / ``resume`` / ``new`` for a run folder; a multi-stage run is done when the metrics.json of its
-    last stage is there (every stage writes one)."""
-    metrics = folder / "metrics.json"
-    if metrics.is_file():
-        try:
-            stage = json.loads(metrics.read_text()).get("stage")
-        except (OSError, ValueError):
-            stage = None
-        if stages <= 1 or stage == f"{stages}/{stages}":
-            return "done"
-    if (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "config.yaml").is_file():
-        return "resume"
-    return "new"
-
-
-def method_label(cfg) -> str:
-    """The method a run is listed under: its distillation method, or a multi-stage run's methods in stage order."""
-    methods = [d.method for _, _, d in cfg.stage_plan()]
-    return "+".join(dict.fromkeys(methods))
-
-
 def plan_runs(entries: Sequence[Entry], out: Path, preset: str = "preview", config_file: Optional[Path] = None,
               sets: Sequence[Override] = (), methods: Optional[Sequence[str]] = None,
               seeds: Optional[Sequence[int]] = None) -> list[RunSpec]:
@@ -266,9 +254,6 @@ def plan_runs(entries: Sequence[Entry], out: Path, preset: str = "preview", conf
         BatchError: an invalid config for any entry (naming the entry), a data-parallel run, a method on a
             multi-stage preset, two runs with one folder name, or a folder that holds another run.
     """
-    from recdreamer_gs.config import ConfigError, load_config, option_overrides, to_dict
-    from recdreamer_gs.pipeline import slugify
-
     runs: list[RunSpec] = []
     for entry in entries:
         for method in entry.methods or methods or (None,):
@@ -320,8 +305,6 @@ def _check_names(runs: Sequence[RunSpec]) -> None:
 def _check_folder(run: RunSpec) -> None:
     """A run folder that exists must hold this run (same prompt, method and seed): else a second ``batch`` with
     an edited prompt file would continue someone else's run."""
-    from recdreamer_gs.config import ConfigError, read_yaml
-
     saved = Path(run.run_dir) / "config.yaml"
     if not saved.is_file():
         return
@@ -352,8 +335,6 @@ def run_one(spec: RunSpec, threads: int, device: str, board: Any = None, batch_i
     ``done``, ``failed`` (the cause: one line) or ``interrupted`` (Ctrl-C or a cancelled task: the checkpoint
     is written and the next batch continues).
     """
-    import torch
-
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, threads))
@@ -377,17 +358,14 @@ def run_one(spec: RunSpec, threads: int, device: str, board: Any = None, batch_i
 
 def _run(spec: RunSpec, run_dir: Path, device: str, board: Any, record: "_Record") -> tuple[str, str]:
     """(status, cause) of one attempt: the run from its config, or continued from its checkpoint."""
-    import traceback
-
-    from recdreamer_gs import pipeline
-    from recdreamer_gs.config import config_from_data
+    from recdreamer_gs import training  # heavy: lightning loads in the run's own process
 
     try:
         state = spec.state()
         if state == "done":
             return "done", ""
         if state == "resume":
-            cfg, checkpoint = pipeline.read_resume(run_dir)
+            cfg, checkpoint = run_folder.read_resume(run_dir)
             where = f"iteration {checkpoint['iteration']}"
             if cfg.stages:
                 where += f" of stage {int(checkpoint.get('stage', 0)) + 1}/{len(cfg.stages)}"
@@ -396,16 +374,16 @@ def _run(spec: RunSpec, run_dir: Path, device: str, board: Any, record: "_Record
         else:
             cfg, checkpoint = config_from_data(spec.config), None
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device, progress_bar=False))
-        ready = pipeline.prepare(cfg, fresh=checkpoint is None)
+        ready = training.prepare(cfg, fresh=checkpoint is None)
         if ready.choice.notice:
             print(ready.choice.notice, flush=True)
         callbacks = [_progress_callback(board, spec.name, cfg)] if board is not None else []
-        pipeline.fit(cfg, run_dir, ready.choice, ready.device, resume=checkpoint, clip=ready.clip,
+        training.fit(cfg, run_dir, ready.choice, ready.device, resume=checkpoint, clip=ready.clip,
                      extra_callbacks=callbacks, start=ready.start)
         return "done", ""
-    except (pipeline.Interrupted, KeyboardInterrupt):
+    except (errors.Interrupted, KeyboardInterrupt):
         return "interrupted", "stopped; the next batch continues from its checkpoint"
-    except pipeline.TrainingFailed as err:
+    except errors.TrainingFailed as err:
         return "failed", str(err)
     except (UserError, OSError) as err:
         return "failed", f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
@@ -418,7 +396,7 @@ def _run(spec: RunSpec, run_dir: Path, device: str, board: Any, record: "_Record
 def _progress_callback(board: Any, name: str, cfg):
     """A Lightning callback that tells the board how far the run is (every 1% of its iterations, all stages
     together) and writes a line to the log every tenth."""
-    import lightning as L
+    import lightning as L  # heavy: lightning loads in the run's own process
 
     plan = cfg.stage_plan()
     total = sum(steps for _, steps, _ in plan)
@@ -487,20 +465,7 @@ class _Record:
         self._write()
 
     def _write(self) -> None:
-        from recdreamer_gs.export import atomic_write_bytes
-
         atomic_write_bytes(self.path, (json.dumps(self.data, indent=2) + "\n").encode())
-
-
-def read_record(run_dir: Path) -> dict[str, Any]:
-    """A run folder's ``batch.json`` (an empty record when there is none or it cannot be read)."""
-    try:
-        data = json.loads((Path(run_dir) / BATCH_FILE).read_text())
-        if isinstance(data, dict) and isinstance(data.get("attempts"), list):
-            return data
-    except (OSError, ValueError):
-        pass
-    return {"status": "", "cause": "", "attempts": []}
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +531,7 @@ def ray_module():
     otherwise (Ray reads both when it is first imported)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import ray
+    import ray  # heavy: Ray loads when runs start (planning and --dry-run need none)
 
     return ray
 
@@ -618,9 +583,7 @@ def slots(cluster: Cluster, gpus_per_run: Optional[float], cpus_per_run: Optiona
 def run_set(runs: Sequence[RunSpec], cluster: Cluster, slot: Slots, retries: int, display) -> dict[str, dict]:
     """Submit one task per run and wait for them, updating ``display``; Ctrl-C cancels the tasks (they write
     their checkpoints) and raises KeyboardInterrupt once they stopped. Returns each run's result."""
-    import uuid
-
-    import ray
+    import ray  # heavy: Ray loads when runs start (planning and --dry-run need none)
 
     batch_id = uuid.uuid4().hex[:12]
     board = ray.remote(num_cpus=0)(Board).remote()
@@ -658,7 +621,7 @@ def run_set(runs: Sequence[RunSpec], cluster: Cluster, slot: Slots, retries: int
 
 
 def _snapshot(board) -> dict[str, dict]:
-    import ray
+    import ray  # heavy: Ray loads when runs start (planning and --dry-run need none)
 
     try:
         return ray.get(board.snapshot.remote(), timeout=5)
@@ -669,7 +632,7 @@ def _snapshot(board) -> dict[str, dict]:
 def _result(ref, run: RunSpec, retries: int) -> dict[str, Any]:
     """A task's result; Ray's errors (a worker that died more often than retried, a task cancelled before it
     started) as a failed or interrupted run with one line."""
-    import ray
+    import ray  # heavy: Ray loads when runs start (planning and --dry-run need none)
 
     try:
         return ray.get(ref)
@@ -706,8 +669,6 @@ class Display:
 
     def __enter__(self) -> "Display":
         if self.console.is_terminal:
-            from rich.live import Live
-
             self.live = Live(self._render(), console=self.console, refresh_per_second=2, transient=False)
             self.live.__enter__()
         else:
@@ -766,10 +727,6 @@ class Display:
                 f"queued {self.queued}, ETA {eta_text}")
 
     def _render(self):
-        from rich.console import Group
-        from rich.table import Table
-        from rich.text import Text
-
         table = Table("running", "attempt", "iteration", box=None, padding=(0, 2))
         for name, r in sorted(self.running.items()):
             it = f"{r['iteration']}/{r['total']}" if r.get("total") else "starting"
@@ -787,8 +744,6 @@ def batch(runs: Sequence[RunSpec], out: Path, address: Optional[str], gpus_per_r
           cpus_per_run: Optional[int], num_cpus: Optional[int], retries: int, console) -> int:
     """Run the runs of a set that are not done, then write the summary. Returns the exit code: 0 when every run
     is done, 1 when any failed, 130 after Ctrl-C (the summary is written in every case)."""
-    from recdreamer_gs.summary import write_summary
-
     address = address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself: RAY_ADDRESS names the cluster
     if retries < 0:
         raise BatchError(f"--retries: expected 0 or more, got {retries}")
@@ -854,6 +809,4 @@ def _writable(out: Path) -> None:
 
 def paper_prompts() -> Path:
     """The paper's 22 prompts (its Table 7), shipped with the presets."""
-    from recdreamer_gs.config import preset_path
-
     return preset_path("preview").with_name(PAPER_PROMPTS)

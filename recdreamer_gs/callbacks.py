@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 import shutil
 import time
@@ -12,74 +10,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 import yaml
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from PIL import Image
 
-from recdreamer_gs.config import RunConfig, to_dict
+from recdreamer_gs.config import RunConfig, needs, to_dict
 from recdreamer_gs.errors import warn
-from recdreamer_gs.export import Written, atomic_path, atomic_write_bytes
-
-
-def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> Image.Image:
-    """[N,3,H,W] in [0,1] -> one PIL image, ``columns`` per row."""
-    n, _, h, w = images.shape
-    columns = columns or min(n, 8)
-    rows = math.ceil(n / columns)
-    grid = torch.ones(3, rows * h, columns * w)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = images[i].detach().float().cpu().clamp(0, 1)
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)
-
-
-def save_png(image: Image.Image, path: Path, upscale: int = 1) -> None:
-    if upscale > 1:
-        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def save_gif(frames: torch.Tensor, path: Path, fps: int = 12, upscale: int = 1) -> None:
-    """[N,3,H,W] in [0,1] -> looping GIF (written atomically)."""
-    images = [image_grid(frames[i:i + 1], 1) for i in range(frames.shape[0])]
-    if upscale > 1:
-        images = [im.resize((im.width * upscale, im.height * upscale), Image.NEAREST) for im in images]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def save_mp4(frames: torch.Tensor, path: Path, fps: int = 12, upscale: int = 1) -> None:
-    """[N,3,H,W] in [0,1] -> H.264 MP4 (yuv420p, written atomically) with the ffmpeg that imageio-ffmpeg ships."""
-    import imageio_ffmpeg
-
-    images = [np.asarray(image_grid(frames[i:i + 1], 1)) for i in range(frames.shape[0])]
-    if upscale > 1:
-        images = [im.repeat(upscale, axis=0).repeat(upscale, axis=1) for im in images]
-    h, w = images[0].shape[:2]
-    # yuv420p halves the chroma planes: both sides must be even, so repeat the last row/column if odd.
-    images = [np.pad(im, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") for im in images]
-    with atomic_path(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(str(tmp), (w + w % 2, h + h % 2), fps=fps, codec="libx264",
-                                             pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
-                                             output_params=["-movflags", "+faststart"])
-        writer.send(None)  # start the ffmpeg process
-        for im in images:
-            writer.send(np.ascontiguousarray(im))
-        writer.close()
-
-
-def preview_upscale(resolution: int) -> int:
-    """Small renders are enlarged in the PNGs so they can be looked at."""
-    return max(1, 256 // resolution)
+from recdreamer_gs.export import atomic_path, atomic_write_bytes
+from recdreamer_gs.images import image_grid, preview_upscale, save_gif, save_mp4, save_png
+from recdreamer_gs.mesh import MeshError, MeshOptions, extract_mesh
+from recdreamer_gs.model_files import write_particles
+from recdreamer_gs.outputs import output_named
+from recdreamer_gs.report import write_report
 
 
 class AtomicCSVWriter(ExperimentWriter):
@@ -117,8 +61,6 @@ def make_loggers(cfg: RunConfig, out_dir: Path, version: str) -> list:
     ``tensorboard/<stage>/`` with ``output.logger=tensorboard``."""
     loggers: list = [CSVLog(save_dir=str(out_dir), name="logs", version=version)]
     if cfg.output.logger == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version=version,
                                          default_hp_metric=False))
     return loggers
@@ -138,7 +80,7 @@ class PoseEMALog(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         rectifier = getattr(pl_module, "rectifier", None)
-        if rectifier is None or pl_module.cfg.distill.method != "usd" or self.every <= 0:
+        if rectifier is None or not needs(pl_module.cfg.distill.method).rectifier or self.every <= 0:
             return
         if pl_module.iteration % self.every == 0:
             values = {k: float(v) for k, v in rectifier.log_dict().items()}
@@ -188,46 +130,8 @@ class PreviewImages(L.Callback):
             self.write(pl_module, "final")
 
 
-def model_stems(cfg: RunConfig, particle_ids: Sequence[int]) -> list[str]:
-    """``model`` for one particle, else ``model_<i>`` for each particle id."""
-    return ["model"] if cfg.train.particles == 1 else [f"model_{i}" for i in particle_ids]
-
-
-def model_names(cfg: RunConfig) -> list[str]:
-    """File names of the run's final Gaussians: each stem (``model_stems``) with each ``output.formats`` suffix."""
-    from recdreamer_gs.outputs import output_named
-
-    suffixes = [output_named(name).suffix for name in cfg.output.formats]
-    return [stem + suffix for stem in model_stems(cfg, range(cfg.train.particles)) for suffix in suffixes]
-
-
-def write_particles(pl_module: Any, out_dir: Path, cfg: RunConfig) -> list[Written]:
-    """This process's particles in every format of ``output.formats`` (outputs.OUTPUTS), in the frame of
-    ``output.ply_frame``; what was written. A format that cannot hold these Gaussians (e.g. a SOG of too few)
-    is a warning; a failed write (``OSError``) stops here, leaving earlier files whole."""
-    from recdreamer_gs.outputs import FormatError, output_named
-
-    out: list[Written] = []
-    for stem, gaussians in zip(model_stems(cfg, pl_module.particle_ids), pl_module.particles):
-        params = {k: v.detach().cpu() for k, v in gaussians.params.items()}
-        for name in cfg.output.formats:
-            output = output_named(name)
-            try:
-                result = output.write(out_dir / f"{stem}{output.suffix}", params, cfg.output.ply_frame)
-            except FormatError as err:
-                warn(f"no {stem}{output.suffix}: {err}")
-                continue
-            if result.dropped or result.note:
-                warn(f"wrote {result.describe()}")
-            out.append(result)
-    return out
-
-
 def write_meshes(pl_module: Any, out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """``mesh.<ext>`` (or ``mesh_<i>.<ext>`` per particle) in the PLY's frame; sizes and time for metrics.json."""
-    from recdreamer_gs.mesh import MeshError, MeshOptions, extract_mesh
-    from recdreamer_gs.outputs import output_named
-
     output = output_named(cfg.output.mesh, kind="mesh")
     names = ["mesh"] if cfg.train.particles == 1 else [f"mesh_{i}" for i in pl_module.particle_ids]
     info: dict[str, Any] = {}
@@ -275,7 +179,7 @@ class Checkpointer(L.Callback):
 
         Nothing is written when the failure was itself a failed write (``OSError``: a full disk, a lost
         folder), nor when the Gaussians are no longer finite: the files on disk stay the last good state.
-        A save that fails here is kept as ``pl_module.save_error`` for the message (pipeline.kept_state).
+        A save that fails here is kept as ``pl_module.save_error`` for the message (run_folder.kept_state).
         """
         pl_module.interrupted = isinstance(exception, KeyboardInterrupt)
         pl_module.saved_on_exception = False
@@ -316,7 +220,7 @@ class ExportAndMetrics(L.Callback):
         self.finish(pl_module, trainer.is_global_zero, trainer.loggers)
 
     def finish(self, pl_module: Any, global_zero: bool = True, loggers: Sequence[Any] = ()) -> None:
-        """Write the files of the end of a run (also called without a Trainer by ``pipeline`` for a resumed
+        """Write the files of the end of a run (also called without a Trainer by ``training.fit_stage`` for a resumed
         run whose training was done but whose files were not all written)."""
         export_start = time.perf_counter()
         # Time spent paused from the live viewer (viewer.TrainingViewer) is not training time.
@@ -356,41 +260,7 @@ class ExportAndMetrics(L.Callback):
         metrics.update(getattr(pl_module, "final_metrics", lambda: {})())
         metrics.update(meshes)
         atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-        from recdreamer_gs.report import write_report
 
         for logger in loggers:
             logger.save()  # the CSV is otherwise flushed only after on_train_end
         write_report(self.out_dir)
-
-
-@torch.no_grad()
-def write_orbit(gaussians: Any, out_dir: Path, views: int = 8, frames: int = 36, resolution: int = 128,
-                elevation: float = 15.0, radius: float = 2.5, fovy: float = 40.0, video: bool = False) -> list[Path]:
-    """``recdreamer-gs render``: orbit.png (a grid of ``views``), orbit.gif of ``frames`` (and orbit.mp4 with
-    ``video``) of a ``Gaussians`` on white; returns the files written."""
-    from recdreamer_gs.cameras import orbit
-    from recdreamer_gs.errors import UserError
-    from recdreamer_gs.render import render
-
-    if views < 1 or frames < 0 or resolution < 8 or radius <= 0 or not 1 <= fovy < 170:
-        raise UserError("expected --views >= 1, --frames >= 0, --resolution >= 8, --radius > 0, 1 <= --fovy < 170")
-    if video and frames < 2:
-        raise UserError(f"--video needs --frames 2 or more, got {frames}")
-    device = gaussians.means.device
-    out_dir.mkdir(parents=True, exist_ok=True)
-    upscale = preview_upscale(resolution)
-
-    def rgb(n: int) -> torch.Tensor:
-        return render(gaussians, orbit(n, elevation, radius, fovy, resolution).to(device),
-                      torch.ones(n, 3, device=device)).rgb
-
-    save_png(image_grid(rgb(views)), out_dir / "orbit.png", upscale)
-    written = [out_dir / "orbit.png"]
-    if frames > 0:
-        turn = rgb(frames)
-        save_gif(turn, out_dir / "orbit.gif", upscale=upscale)
-        written.append(out_dir / "orbit.gif")
-        if video:
-            save_mp4(turn, out_dir / "orbit.mp4", upscale=upscale)
-            written.append(out_dir / "orbit.mp4")
-    return written

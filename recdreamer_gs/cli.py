@@ -8,6 +8,7 @@ The commands map options to the config tree and call the modules that do the wor
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional
@@ -16,8 +17,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
+from rich.table import Table
 
-from recdreamer_gs.errors import UserError
+from recdreamer_gs import doctor
+from recdreamer_gs.errors import Interrupted, TrainingFailed, UserError, os_cause
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Text to 3D Gaussians by uniform score distillation (RecDreamer) with gsplat.")
@@ -58,7 +61,7 @@ def command(name: Optional[str] = None, interrupted: str = "interrupted") -> Cal
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def guarded(*args, **kwargs):
-            from recdreamer_gs.pipeline import Interrupted, TrainingFailed, quiet_libraries
+            from recdreamer_gs.console import quiet_libraries  # heavy: keeps --help fast
 
             quiet_libraries()
             try:
@@ -66,8 +69,6 @@ def command(name: Optional[str] = None, interrupted: str = "interrupted") -> Cal
             except (UserError, OSError) as err:
                 message = str(err)
                 if isinstance(err, OSError):
-                    from recdreamer_gs.errors import os_cause
-
                     message = f"{err.filename}: {os_cause(err)}" if err.filename else os_cause(err)
                 err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2)
@@ -86,7 +87,7 @@ def command(name: Optional[str] = None, interrupted: str = "interrupted") -> Cal
 
 def _config(preset: str = "preview", config: Optional[Path] = None, sets: Optional[List[str]] = None, **options):
     """The RunConfig: the preset, then ``--config``, then ``--set``, then the options given (not None)."""
-    from recdreamer_gs.config import load_config, option_overrides, parse_override
+    from recdreamer_gs.config import load_config, option_overrides, parse_override  # heavy: keeps --help fast
 
     return load_config(preset, config, [parse_override(s) for s in sets or []] + [option_overrides(**options)])
 
@@ -101,7 +102,7 @@ def _fit(port: Optional[int], cfg, out_dir: Path, fit) -> None:
     """``fit(extra_callbacks)``, watched in the browser with ``--viewer`` (viewer.py: imported only then)."""
     if port is None:
         return fit([])
-    from recdreamer_gs.viewer import fit_watched
+    from recdreamer_gs.viewer import fit_watched  # heavy: keeps --help fast
 
     fit_watched(port, cfg, out_dir, fit, lambda text: err_console.print(text, highlight=False))
 
@@ -139,7 +140,7 @@ def run(
 
     Ctrl-C writes a checkpoint and the model files first; continue with --resume OUTDIR.
     """
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import console, run_folder, training  # heavy: keeps --help fast
     from recdreamer_gs.distributed import is_secondary_rank
 
     if viewer and not 0 <= port <= 65535:
@@ -152,9 +153,9 @@ def run(
             raise UserError("--resume continues a run with its saved config; it takes only --steps and --device")
         if prompt:
             raise UserError("--resume continues a run folder with its own prompt and config; drop the PROMPT")
-        cfg, checkpoint, where = pipeline.prepare_resume(resume, steps, device)
-        ready, out_dir = pipeline.prepare(cfg, fresh=False), resume  # the Gaussians come from the checkpoint
-        pipeline.progress_echo(f"resuming {resume} {where}")
+        cfg, checkpoint, where = run_folder.prepare_resume(resume, steps, device)
+        ready, out_dir = training.prepare(cfg, fresh=False), resume  # the Gaussians come from the checkpoint
+        console.progress_echo(f"resuming {resume} {where}")
     else:
         cfg = _config(preset, config, set_, prompt=None if prompt is None else prompt.strip(), steps=steps,
                       seed=seed, device=device, resolution=resolution, prior=prior, init=init, init_from=init_from,
@@ -167,19 +168,19 @@ def run(
                             "sets its own iterations (stages[i].steps in a --config file)")
         checkpoint = None
         # Everything that can fail (the starting shape included), before the run folder exists.
-        ready = pipeline.prepare(cfg)
+        ready = training.prepare(cfg)
         # Data-parallel ranks above 0 re-run this command: they say nothing (progress_echo: rank 0 only).
         _notice(None if is_secondary_rank() else ready.choice.notice)
-        out_dir = pipeline.make_run_dir(out, cfg.prompt)
-        pipeline.progress_echo(f"run folder: {out_dir}  (prior: {ready.choice.prior.name}, device: {ready.device})")
-    _fit(viewer_port, cfg, out_dir, lambda callbacks: pipeline.fit(
+        out_dir = run_folder.make_run_dir(out, cfg.prompt)
+        console.progress_echo(f"run folder: {out_dir}  (prior: {ready.choice.prior.name}, device: {ready.device})")
+    _fit(viewer_port, cfg, out_dir, lambda callbacks: training.fit(
         cfg, out_dir, ready.choice, ready.device, resume=checkpoint, clip=ready.clip, extra_callbacks=callbacks,
         start=ready.start))
-    from recdreamer_gs.callbacks import model_names
+    from recdreamer_gs.model_files import model_names
 
     names = model_names(cfg)
     shown = names if len(names) <= 4 else [names[0], "...", names[-1]]
-    pipeline.progress_echo(f"wrote {', '.join(shown)} in {out_dir}")
+    console.progress_echo(f"wrote {', '.join(shown)} in {out_dir}")
 
 
 # -- prompt sets (batch.py: Ray is imported only when runs start) ------------------------------
@@ -206,7 +207,7 @@ def _prompt_set(entries, out: Path, preset: str, config: Optional[Path], sets: L
                 seeds: Optional[str], address: Optional[str], gpus_per_run: Optional[float],
                 cpus_per_run: Optional[int], num_cpus: Optional[int], retries: int, dry_run: bool) -> None:
     """``batch`` and ``bench``: validate every run, then run the set (or list it) and exit with its code."""
-    from recdreamer_gs import batch
+    from recdreamer_gs import batch  # heavy: keeps --help fast
 
     runs = batch.plan_runs(entries, out, preset, config, [batch.parse_set(s) for s in sets],
                            batch.parse_methods(methods) if methods else None,
@@ -250,7 +251,7 @@ def batch_cmd(
     Each run is an ordinary run folder OUT/<prompt>-<method>-s<seed>/: a second batch skips the runs with
     metrics.json and continues the others from their checkpoint. Exit code 1 when a run failed.
     """
-    from recdreamer_gs import batch
+    from recdreamer_gs import batch  # heavy: keeps --help fast
 
     if summary is not None:
         if prompts is not None or out is not None:
@@ -290,7 +291,7 @@ def bench_cmd(
     form of the paper's Table 1; FID/uFID are not computed). SDS runs at CFG 100 as the paper's SDS baseline
     (--set sds:distill.guidance_scale=V to change it).
     """
-    from recdreamer_gs import batch
+    from recdreamer_gs import batch  # heavy: keeps --help fast
     from recdreamer_gs.metrics import DEFAULT_CLIP_MODEL
 
     sets = ["sds:distill.guidance_scale=100", f"output.clip_model={clip_model or DEFAULT_CLIP_MODEL}", *(set_ or [])]
@@ -310,7 +311,7 @@ def templates_cmd(
     device: Device = None,
 ) -> None:
     """Write candidate pose templates (front, back, left, right = mirrored side) from the prior."""
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import devices, prior_choice  # heavy: keeps --help fast
     from recdreamer_gs.pose.templates import write_template_folder
 
     if not prompt.strip():
@@ -319,7 +320,7 @@ def templates_cmd(
         raise UserError(f"--per-view: expected 1 or more, got {per_view}")
     # Templates come from the prior alone (method sds): no DINOv2 to fetch for them.
     cfg = _config(prompt=prompt.strip(), prior=prior, device=device, model=model, pose_model=pose_model, method="sds")
-    choice = pipeline.build_prior(cfg, pipeline.resolve_device(cfg.train.device))
+    choice = prior_choice.build_prior(cfg, devices.resolve_device(cfg.train.device))
     _notice(choice.notice)
     paths = write_template_folder(choice.prior.template_candidates(cfg.prompt, per_view), out)
     err_console.print(f"wrote {len(paths)} templates to {out}", highlight=False)
@@ -328,7 +329,8 @@ def templates_cmd(
 def _pose(cfg, templates: Optional[Path], prior: Optional[str], need: bool = True):
     """Config, device and pose classifier of classify/eval: DINOv2 on --templates, or the one --prior brings
     (None when neither is given and ``need`` is False)."""
-    from recdreamer_gs.pipeline import resolve_device, scoring_pose_setup
+    from recdreamer_gs.devices import resolve_device  # heavy: keeps --help fast
+    from recdreamer_gs.prior_choice import scoring_pose_setup
 
     if templates is None and prior is None:
         if not need:
@@ -349,8 +351,6 @@ def classify_cmd(
     device: Device = None,
 ) -> None:
     """Print the pose-class probabilities of each image."""
-    from rich.table import Table
-
     cfg = _config(prompt="classify", prior=prior, device=device, templates=templates, pose_model=pose_model)
     _, dev, pose = _pose(cfg, templates, prior)
     table = Table("image", *pose.class_names)
@@ -381,9 +381,7 @@ def eval_cmd(
     Cameras, render and prior settings come from --config, else the run's config.yaml next to the PLY, else
     the preset.
     """
-    import json
-
-    from recdreamer_gs.metrics import ClipScorer, evaluate_ply
+    from recdreamer_gs.metrics import ClipScorer, evaluate_ply  # heavy: keeps --help fast
 
     if templates is None and prior is None and clip_model is None:
         raise UserError("nothing to evaluate: give --templates DIR or --prior synthetic (pEnt), "
@@ -415,14 +413,14 @@ def render_cmd(
     video: bool = typer.Option(False, "--video", help="Also write the GIF's frames as orbit.mp4 (H.264)."),
 ) -> None:
     """Render orbit views of a PLY to a PNG grid and a GIF (and an MP4 with --video)."""
-    from recdreamer_gs.callbacks import write_orbit
-    from recdreamer_gs.mesh import load_gaussians
-    from recdreamer_gs.pipeline import resolve_device
+    from recdreamer_gs.devices import resolve_device  # heavy: keeps --help fast
+    from recdreamer_gs.gaussians import read_gaussians
+    from recdreamer_gs.images import write_orbit
     from recdreamer_gs.render import ensure_backend
 
     dev = resolve_device(device)
     ensure_backend("auto", dev)
-    written = write_orbit(load_gaussians(ply, frame, dev), out or ply.parent, views, frames, resolution, elevation,
+    written = write_orbit(read_gaussians(ply, frame, dev), out or ply.parent, views, frames, resolution, elevation,
                           radius, fovy, video)
     err_console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
@@ -434,7 +432,7 @@ def view_cmd(
     frame: Frame = "viewer",
 ) -> None:
     """Show 3DGS PLY files in the browser (viser) until Ctrl-C."""
-    from recdreamer_gs.viewer import open_plys
+    from recdreamer_gs.viewer import open_plys  # heavy: keeps --help fast
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port: expected 0..65535 (0: any free port), got {port}")
@@ -462,7 +460,7 @@ def export_cmd(
 ) -> None:
     """Convert a PLY to .splat, .spz (Spark), .sog (SuperSplat, PlayCanvas) or between frames, or extract a
     coloured triangle mesh (.glb/.obj/.ply)."""
-    from recdreamer_gs.convert import convert
+    from recdreamer_gs.convert import convert  # heavy: keeps --help fast
 
     err_console.print(convert(ply, target, frame_in, frame_out, mesh, faces, resolution, device), highlight=False)
 
@@ -489,14 +487,14 @@ def models_cmd(
     With --download the missing ones are fetched (e.g. on a login node; compute nodes then run with
     HF_HUB_OFFLINE=1 on the same cache).
     """
-    from recdreamer_gs.doctor import models_report
     from recdreamer_gs.metrics import DEFAULT_CLIP_MODEL
+    from recdreamer_gs.prior_choice import run_models  # heavy: keeps --help fast
 
     if bench:
         set_ = [f"output.clip_model={DEFAULT_CLIP_MODEL}", *(set_ or [])]
     cfg = _config(preset, config, set_, prompt="models", prior=prior, device=device, method=method, model=model,
                   pose_model=pose_model, templates=templates, init=init)
-    models_report(cfg, cuda=cfg.train.device != "cpu", download=download, console=Console())
+    doctor.models_report(run_models(cfg, cuda=cfg.train.device != "cpu"), download=download, console=Console())
 
 
 @command("doctor")
@@ -504,14 +502,14 @@ def doctor_cmd(
     short: bool = typer.Option(False, "--short", help="One line: the torch build and the GPU it sees."),
 ) -> None:
     """Versions, GPU, build tools, caches and local models, for bug reports (never downloads or builds)."""
-    from recdreamer_gs import doctor
-    from recdreamer_gs.config import load_config
-
     if short:
         hint = doctor.cuda_mismatch()
         typer.echo(doctor.torch_summary() + (f"\nnote: {hint}" if hint else ""))
         return
-    doctor.report(load_config("preview"), Console(soft_wrap=True))
+    from recdreamer_gs.config import load_config  # heavy: keeps --help fast
+    from recdreamer_gs.prior_choice import run_models
+
+    doctor.report(run_models(load_config("preview"), cuda=True), Console(soft_wrap=True))
 
 
 @command("report")
@@ -520,7 +518,7 @@ def report_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Image to write (default: RUN_DIR/report.png)."),
 ) -> None:
     """Plot a run's training curves (losses, gradient norms, t, Gaussians, pose EMA) to report.png."""
-    from recdreamer_gs.report import write_report
+    from recdreamer_gs.report import write_report  # heavy: keeps --help fast
 
     err_console.print(f"wrote {write_report(run_dir, out)}", highlight=False)
 

@@ -4,11 +4,13 @@ Every YAML file in ``configs/`` mirrors :class:`RunConfig`. Each field's annotat
 takes (``config_base.Range``, ``Literal``); each component checks its own fields and cross-field rules
 (:meth:`ConfigNode.validate`). Unknown keys, wrong types and impossible values raise :class:`ConfigError`
 with the dotted path of the offending key.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,9 +35,39 @@ from recdreamer_gs.config_base import (
     join,
 )
 from recdreamer_gs.densify import DensifyConfig  # defined next to the densifier it drives
+from recdreamer_gs.outputs import names as output_names
+from recdreamer_gs.schedule import TimeSchedule, check_time_schedule
 
 Method = Literal["sds", "vsd", "usd"]
-TimeSchedule = Literal["uniform", "linear", "t5", "bnf"]
+
+
+@dataclass(frozen=True)
+class MethodNeeds:
+    """What a distillation method needs besides the prior's own score (docs/iteration.md). ``needs`` is the one
+    place that decides it; the system, the step, the pose set-up, the priors (what they build and load) and the
+    benchmarks ask it instead of comparing method names."""
+
+    particle_score: bool  # ε_φ, the score of the particles' own renders (VSD and USD, eq. 9; SDS uses ε instead)
+    pose_classifier: bool  # a pose classifier on x̂0 (its templates from a folder or generated from the view
+    # prompts "PROMPT, front view", ...) and a decoder for x̂0
+    rectifier: bool  # USD's rectifier term and its EMA pose statistics; step 4 keeps the UNet's graph for it
+
+    def __or__(self, other: "MethodNeeds") -> "MethodNeeds":
+        return MethodNeeds(*(a or b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+_NEEDS: dict[str, MethodNeeds] = {
+    "sds": MethodNeeds(particle_score=False, pose_classifier=False, rectifier=False),
+    "vsd": MethodNeeds(particle_score=True, pose_classifier=False, rectifier=False),
+    "usd": MethodNeeds(particle_score=True, pose_classifier=True, rectifier=True),
+}
+
+
+def needs(method: Method) -> MethodNeeds:
+    """What ``method`` needs: SDS the prior alone, VSD also ε_φ, USD ε_φ, a pose classifier and the rectifier."""
+    return _NEEDS[method]
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,9 +334,7 @@ class OutputConfig(ConfigNode):
     logger: Literal["csv", "tensorboard"] = "csv"  # tensorboard: TensorBoard event files too (optional extra)
 
     def check(self, path: str) -> None:
-        from recdreamer_gs.outputs import names
-
-        known = names("gaussians")
+        known = output_names("gaussians")
         if not self.formats or any(f not in known for f in self.formats) or len(set(self.formats)) < len(self.formats):
             raise ConfigError(f"{join(path, 'formats')}: expected a list of distinct names out of {', '.join(known)}, "
                               f"e.g. [ply, spz]; got {self.formats!r}")
@@ -339,8 +369,6 @@ class RunConfig(ConfigNode):
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage with the settings above
 
     def check(self, path: str) -> None:
-        from recdreamer_gs.schedule import check_time_schedule
-
         if self.train.devices > self.train.particles:
             raise ConfigError(f"train.devices: each device needs a particle; got {self.train.devices} devices for "
                               f"{self.train.particles} particles (use --particles {self.train.devices} or more)")
@@ -354,14 +382,22 @@ class RunConfig(ConfigNode):
             return [("distill", self.train.steps, self.distill)]
         return [(f"stages[{i}].distill", s.steps, s.distill) for i, s in enumerate(self.stages)]
 
-    def methods(self) -> set[str]:
-        """The distillation methods the run uses (one per stage)."""
-        return {distill.method for _, _, distill in self.stage_plan()}
+    def needs(self) -> MethodNeeds:
+        """What the run's methods need together (``needs`` of every stage's method)."""
+        together = needs("sds")  # nothing beyond the prior
+        for _, _, distill in self.stage_plan():
+            together = together | needs(distill.method)
+        return together
 
-    def first_distill(self, *methods: str) -> "DistillConfig":
-        """The distillation settings of the first stage that uses one of ``methods`` (else the run's):
-        where the run's one ε_φ and one pose classifier take their settings from."""
-        return next((d for _, _, d in self.stage_plan() if d.method in methods), self.distill)
+    def particle_score_config(self) -> "ParticleScoreConfig":
+        """The ε_φ settings of the first stage whose method needs ε_φ (else the run's): the run's one ε_φ."""
+        return next((d for _, _, d in self.stage_plan() if needs(d.method).particle_score),
+                    self.distill).particle_score
+
+    def rectifier_config(self) -> "RectifierConfig":
+        """The rectifier settings of the first stage whose method needs a pose classifier (else the run's): where
+        the run's one pose classifier takes its settings from."""
+        return next((d for _, _, d in self.stage_plan() if needs(d.method).pose_classifier), self.distill).rectifier
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,8 +569,6 @@ def to_dict(cfg: Any) -> dict:
 
 def tensorboard_installed() -> bool:
     """Lightning's TensorBoardLogger writes with tensorboard or, failing that, tensorboardX."""
-    import importlib.util
-
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 

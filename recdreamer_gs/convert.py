@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recdreamer_gs.devices import resolve_device
 from recdreamer_gs.export import PlyFrame, check_frame, read_splats
+from recdreamer_gs.mesh import export_mesh
 from recdreamer_gs.outputs import FormatError, check_writable, output_for
 
 
@@ -24,9 +26,6 @@ def convert(source: str | Path, target: str | Path, frame_in: PlyFrame = "viewer
                           f"name, or .ply with --mesh; got {suffix}")
     check_writable(target)
     if output.kind == "mesh":
-        from recdreamer_gs.mesh import export_mesh
-        from recdreamer_gs.pipeline import resolve_device
-
         result = export_mesh(source, target, frame_in, frame_out, faces, resolution, resolve_device(str(device)))
         return (f"wrote {target} ({result.vertices} vertices, {result.faces} triangles from {result.views} views "
                 f"in {result.seconds:.1f} s)")

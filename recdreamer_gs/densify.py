@@ -181,7 +181,7 @@ class Densifier:
         self.strategy: Any = None
         self.state: dict[str, Any] = {}
         if cfg.strategy == "default":
-            from gsplat.strategy import DefaultStrategy
+            from gsplat.strategy import DefaultStrategy  # heavy: gsplat loads only when needed
 
             # Only gsplat's statistics and growth rule are used: its own refine and reset schedules are
             # pushed past any run (our windows decide), screen-size rules stay off as in gsplat's default.
@@ -274,7 +274,7 @@ class Densifier:
             elif refine:  # prune window: gsplat has no prune-only mode; remove with its own op
                 pruned = self._prune(params, optimizers)
             if self.resets_at(iteration):
-                from gsplat.strategy.ops import reset_opa
+                from gsplat.strategy.ops import reset_opa  # heavy: gsplat loads only when needed
 
                 reset_opa(params=params, optimizers=optimizers, state={}, value=self.cfg.opacity_reset_value)
                 self.n_resets += 1
@@ -355,7 +355,7 @@ class Densifier:
         return len(params["means"]) - before
 
     def _prune(self, params: Params, optimizers: dict[str, torch.optim.Optimizer]) -> int:
-        from gsplat.strategy.ops import remove
+        from gsplat.strategy.ops import remove  # heavy: gsplat loads only when needed
 
         mask = prune_mask(params, self.cfg.prune_opa, self.cfg.prune_scale3d * self.scene_scale)
         n = int(mask.sum())

@@ -16,10 +16,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from recdreamer_gs import __version__, hub
+from recdreamer_gs.hub import human_size
+
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from recdreamer_gs.config import RunConfig
+    from recdreamer_gs.hub import ModelSpec
 
 PACKAGES = ("torch", "gsplat", "diffusers", "transformers", "peft", "lightning", "open3d", "huggingface_hub", "ray",
             "gsply", "sogpy")
@@ -53,7 +56,7 @@ def nvidia_gpus() -> list[str]:
 
 def torch_summary() -> str:
     """One line: torch's version, CUDA or CPU build, and the GPU it sees."""
-    import torch
+    import torch  # torch loads only here: `doctor --short` runs before the other dependencies are installed
 
     build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
     if torch.cuda.is_available():
@@ -69,7 +72,7 @@ def torch_summary() -> str:
 def cuda_mismatch() -> Optional[str]:
     """One line when torch cannot use a GPU for a fixable reason (a CPU torch on a GPU machine, or a CUDA
     torch that sees no GPU), with the fix; None when torch uses a GPU or there is nothing to fix."""
-    import torch
+    import torch  # torch loads only here: `doctor --short` runs before the other dependencies are installed
 
     if torch.cuda.is_available():
         return None
@@ -102,13 +105,13 @@ def folder_size(path: Path) -> int:
 
 
 def _folder_line(path: Path) -> str:
-    from recdreamer_gs.hub import human_size
-
     return f"{path} ({human_size(folder_size(path))})" if path.is_dir() else f"{path} (not created yet)"
 
 
 def _toolchain() -> str:
-    from torch.utils.cpp_extension import is_ninja_available
+    from torch.utils.cpp_extension import (
+        is_ninja_available,  # torch loads only here: `doctor --short` runs before the other dependencies are installed
+    )
 
     from recdreamer_gs.render.gsplat_backend import find_nvcc
 
@@ -116,11 +119,11 @@ def _toolchain() -> str:
     return f"nvcc: {nvcc or 'not found'}; ninja: {'yes' if is_ninja_available() else 'no'}"
 
 
-def report(cfg: "RunConfig", console: "Console") -> None:
-    """Print the bug-report block: versions, GPU, toolchain, caches, and which models of ``cfg`` are local."""
-    import torch
+def report(specs: list["ModelSpec"], console: "Console") -> None:
+    """Print the bug-report block: versions, GPU, toolchain, caches, and which of the models ``specs`` (a run's:
+    ``prior_choice.run_models``) are local."""
+    import torch  # torch loads only here: `doctor --short` runs before the other dependencies are installed
 
-    from recdreamer_gs import __version__, hub
     from recdreamer_gs.render import gsplat_backend as gs
 
     rows: list[tuple[str, str]] = []
@@ -144,7 +147,7 @@ def report(cfg: "RunConfig", console: "Console") -> None:
     offline = " (HF_HUB_OFFLINE is set)" if hub.hub_offline() else ""
     rows.append(("HF cache", _folder_line(hub.cache_dir()) + offline))
     rows.append(("torch extensions", _folder_line(gs.extensions_root())))
-    for spec in hub.config_models(cfg, cuda=True):
+    for spec in specs:
         st = hub.status(spec)
         state = f"local ({hub.human_size(st.size)})" if st.complete else st.where()
         rows.append((spec.kind.title, f"{spec.source}: {state}"))
@@ -156,12 +159,10 @@ def report(cfg: "RunConfig", console: "Console") -> None:
         console.print(f"note: {hint}", highlight=False, soft_wrap=True)
 
 
-def models_report(cfg: "RunConfig", cuda: bool, download: bool, console: "Console") -> None:
-    """The ``models`` command: every model a run of ``cfg`` loads, where it comes from, whether it is
-    complete here and its size; with ``download`` the missing ones are fetched (after checking all)."""
-    from recdreamer_gs import hub
-
-    specs = hub.config_models(cfg, cuda)
+def models_report(specs: list["ModelSpec"], download: bool, console: "Console") -> None:
+    """The ``models`` command: every model of ``specs`` (what a run loads: ``prior_choice.run_models``), where
+    it comes from, whether it is complete here and its size; with ``download`` the missing ones are fetched
+    (after checking all)."""
     if not specs:
         console.print("This configuration loads no model weights (the synthetic prior needs none).")
         return

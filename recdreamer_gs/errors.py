@@ -1,9 +1,10 @@
-"""The one base class of errors a user can fix.
+"""The package's errors: the one base class of errors a user can fix, and how a run that started stops.
 
 Every exception the package raises for bad input or a missing piece of the environment (a config
 value, a file, a model, the GPU build) derives from :class:`UserError`. Its message is one line that
 says what was wrong and what to do; the command line prints it and exits with code 2, without a
-traceback. Everything else is a bug and keeps its traceback.
+traceback. Everything else is a bug and keeps its traceback. A run that stopped after training started
+raises :class:`TrainingFailed` (its one line says what was kept) or, on Ctrl-C, :class:`Interrupted`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,23 @@ class UserError(Exception):
 class Diverged(RuntimeError):
     """Training diverged: the gradient was non-finite everywhere for ``train.max_bad_iterations`` iterations in
     a row (not a UserError: the run folder keeps the last good state and the message says how to resume)."""
+
+
+class RunError(UserError, RuntimeError):
+    """A run cannot start; the message says what was wrong and what to do."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C stopped a run after its checkpoint and PLY were written."""
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped with an error after it started; ``str()`` is one line: the cause, what was kept and the
+    ``--resume`` command. ``exit_code`` is 2 for out of memory (the user can lower settings), else 1."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ModelMismatch(UserError, ValueError):

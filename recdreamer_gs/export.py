@@ -28,6 +28,7 @@ from typing import IO, Iterator, Literal, Mapping, Optional
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
+from plyfile import PlyData, PlyElement
 from torch import Tensor
 
 from recdreamer_gs.errors import UserError, warn
@@ -144,7 +145,7 @@ def quat_multiply(a: Float[Tensor, "*B 4"], b: Float[Tensor, "*B 4"]) -> Float[T
 
 @lru_cache(maxsize=None)
 def _sh_x180_signs_cached() -> Tensor:
-    from gsplat.cuda._torch_impl import _eval_sh_bases_fast
+    from gsplat.cuda._torch_impl import _eval_sh_bases_fast  # heavy: gsplat loads only when needed
 
     # Under d -> (x, -y, -z) each real SH basis function of gsplat's convention is mapped to ±
     # itself; read the sign off the basis itself at random directions instead of a hand table.
@@ -253,8 +254,6 @@ def ply_rows(p: Mapping[str, Tensor], sh_rest: int = MAX_SH_REST) -> np.ndarray:
 def ply_bytes(p: Mapping[str, Tensor], sh_rest: int = MAX_SH_REST) -> bytes:
     """The 3DGS PLY of prepared params (see ``prepare_for_export``) with ``sh_rest`` SH coefficients
     per channel beyond DC (the INRIA layout's 15, zero-padded; or only those the Gaussians have)."""
-    from plyfile import PlyData, PlyElement
-
     buffer = io.BytesIO()
     PlyData([PlyElement.describe(ply_rows(p, sh_rest), "vertex")], text=False, byte_order="<").write(buffer)
     return buffer.getvalue()
@@ -269,7 +268,7 @@ def write_ply(path: str | Path, params: Mapping[str, Tensor], frame: PlyFrame = 
 
 def write_splat(path: str | Path, params: Mapping[str, Tensor], frame: PlyFrame = "viewer") -> Written:
     """Write the antimatter15 ``.splat`` (32 bytes per Gaussian) atomically (non-finite Gaussians left out)."""
-    from gsplat import export_splats
+    from gsplat import export_splats  # heavy: gsplat loads only when needed
 
     p = prepare_for_export(params, frame)
     data = export_splats(p["means"], p["scales"], p["quats"], p["opacities"], p["sh0"], p["shN"],
@@ -288,8 +287,6 @@ def write_point_cloud(path: str | Path, points: Float[Tensor, "N 3"], rgb: Optio
                       frame: PlyFrame = "viewer") -> int:
     """A plain coloured point cloud PLY (float x y z, uchar red green blue: what point-cloud viewers read),
     in the frame of the run's splat PLY so that the two overlay; written atomically. Returns the points."""
-    from plyfile import PlyData, PlyElement
-
     check_frame(frame)
     xyz = points.detach().to("cpu", torch.float32)
     if frame == "viewer":
@@ -320,8 +317,6 @@ def read_ply(path: str | Path, frame: PlyFrame = "viewer", sh_degree: Optional[i
     exporter). ``shN`` holds the coefficients the file has (15 for 45 ``f_rest``); ``sh_degree``
     trims it to (d+1)^2-1 coefficients, or zero-pads when the file holds fewer.
     """
-    from plyfile import PlyData
-
     check_frame(frame)
     path = Path(path)
     if not path.exists():

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from recdreamer_gs.config import GaussiansConfig
 from recdreamer_gs.errors import UserError
+from recdreamer_gs.export import PlyFrame, is_splat_ply, read_splats
 
 SH_C0 = 0.28209479177387814  # rgb = 0.5 + SH_C0 * sh0
 COLOUR_PARAMS = ("sh0", "shN")  # what a colour-only (texture) stage trains
@@ -58,10 +60,7 @@ def load_points(path: str | Path, n: int, radius: float) -> tuple[Tensor, Option
     (e.g. a ``model.ply``) gives its Gaussians' centres and DC colours, read in the viewer frame as the
     other commands read it (open3d would take it for a point cloud in the file's y-down frame).
     """
-    import numpy as np
-    import open3d as o3d
-
-    from recdreamer_gs.export import is_splat_ply, read_splats
+    import open3d as o3d  # heavy: open3d loads only for --init-from
 
     path = Path(path)
     if not path.is_file():
@@ -214,3 +213,11 @@ class Gaussians(nn.Module):
     def clamp_(self) -> None:
         """Keep log-scales finite and below the scene size (viewers break on -inf / huge scales)."""
         self.params["scales"].clamp_(self.cfg.min_log_scale, self.cfg.max_log_scale)
+
+
+def read_gaussians(ply: str | Path, frame: PlyFrame = "viewer", device: str | torch.device = "cpu") -> Gaussians:
+    """A ``Gaussians`` from a 3DGS splat PLY (:func:`recdreamer_gs.export.read_splats`), with the SH degree the
+    file holds."""
+    params = read_splats(ply, frame=frame)
+    degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(params["shN"].shape[1], 0)
+    return Gaussians(params, GaussiansConfig(sh_degree=degree)).to(device)

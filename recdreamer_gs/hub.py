@@ -10,25 +10,25 @@ Everything that stops a model from being had ends as one :class:`ModelUnavailabl
 model, the cause (offline, not found, gated, incomplete, network error) and the ways on.
 
 Hugging Face's variables are read when called, not at import: ``HF_HOME`` / ``HF_HUB_CACHE`` for the
-cache, ``HF_HUB_OFFLINE`` for no network.
+cache, ``HF_HUB_OFFLINE`` for no network. Which models a run loads is not decided here: each prior lists its own
+(``Prior.models``), and ``prior_choice.run_models`` adds the starting shape's and CLIP.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from recdreamer_gs.errors import UserError
-
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from recdreamer_gs.config import RunConfig
 
 
 class ModelUnavailable(UserError, RuntimeError):
@@ -197,14 +197,14 @@ def _truthy(value: Optional[str]) -> bool:
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE, read now (huggingface_hub reads it once at import)."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy: huggingface_hub loads only when needed
 
     return bool(constants.HF_HUB_OFFLINE) or _truthy(os.environ.get("HF_HUB_OFFLINE"))
 
 
 def cache_dir() -> Path:
     """The Hugging Face hub cache, from HF_HUB_CACHE / HF_HOME as they are set now."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy: huggingface_hub loads only when needed
 
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
@@ -222,7 +222,7 @@ def is_local(source: str) -> bool:
 
 def repo_cache(repo_id: str) -> Path:
     """``models--owner--name`` in the cache (huggingface_hub's own layout)."""
-    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.file_download import repo_folder_name  # heavy: huggingface_hub loads only when needed
 
     return cache_dir() / repo_folder_name(repo_id=repo_id, repo_type="model")
 
@@ -311,8 +311,6 @@ def mirror(repo_id: str) -> Optional[str]:
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Transport errors of the HTTP clients huggingface_hub uses (httpx2, httpx or requests by version)."""
-    import importlib
-
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
                          ("requests", "ConnectionError"), ("requests", "Timeout")):
@@ -330,6 +328,7 @@ def _first_line(err: BaseException) -> str:
 
 def describe_error(err: BaseException, source: str = "") -> str:
     """A one-line cause for a Hub or loading exception, looking through chained exceptions."""
+    # heavy: huggingface_hub loads only when needed
     from huggingface_hub.errors import (
         EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
         RepositoryNotFoundError, RevisionNotFoundError,
@@ -420,7 +419,7 @@ def plan(spec: ModelSpec) -> Optional[Plan]:
         raise unavailable(spec, here.where())
     if hub_offline():
         raise unavailable(spec, f"offline (HF_HUB_OFFLINE is set) and {here.where()}")
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # heavy: huggingface_hub loads only when needed
 
     try:
         info = HfApi().model_info(spec.source, files_metadata=True)
@@ -464,10 +463,8 @@ class _BlobWatcher:
 
 def download(p: Plan, console: Optional["Console"] = None) -> Path:
     """Fetch the planned files into the Hugging Face cache with a progress bar; returns the snapshot folder."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # heavy: huggingface_hub loads only when needed
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     spec = p.spec
     console = console or Console(stderr=True)
@@ -525,40 +522,6 @@ def prepare(specs: Iterable[ModelSpec], console: Optional["Console"] = None) -> 
         download(p, console)
 
 
-# --------------------------------------------------------------------------------------------
-# The models of a run
-# --------------------------------------------------------------------------------------------
-
-
 def half_weights(dtype: str, cuda: bool) -> bool:
     """Whether a prior dtype setting (auto, fp16, bf16, fp32) runs in half precision."""
     return dtype in ("fp16", "bf16") or (dtype == "auto" and cuda)
-
-
-def config_models(cfg: "RunConfig", cuda: bool = True, starting_shape: bool = True) -> list[ModelSpec]:
-    """Every model a run of ``cfg`` loads, Stable Diffusion first; ``cuda``: the run uses a CUDA device;
-    ``starting_shape``: a fresh run (a resumed one makes no starting shape).
-
-    SD for ``prior.kind`` sd, or auto on CUDA; with SD, a separate ε_φ UNet when VSD/USD asks for one,
-    DINOv2 when USD runs or a template folder is given (the pose classifier) and the tiny decoder when USD
-    runs and ``prior.sd.tiny_decoder`` is set; Shap-E when ``gaussians.init`` is shap-e; CLIP when
-    ``output.clip_model`` is set. The synthetic prior needs no weights.
-    """
-    specs: list[ModelSpec] = []
-    if cfg.prior.kind == "sd" or (cfg.prior.kind == "auto" and cuda):
-        half = half_weights(cfg.prior.sd.dtype, cuda)
-        specs.append(ModelSpec(SD_PIPELINE, cfg.prior.sd.model, half))
-        methods = cfg.methods()
-        score = cfg.first_distill("vsd", "usd").particle_score
-        if methods - {"sds"} and score.base == "separate" and score.separate_model:
-            specs.append(ModelSpec(UNET, score.separate_model, half))
-        rect = cfg.first_distill("usd").rectifier
-        if "usd" in methods or rect.templates:
-            specs.append(ModelSpec(DINOV2, rect.classifier.feature_model))
-        if "usd" in methods and cfg.prior.sd.tiny_decoder:
-            specs.append(ModelSpec(TINY_DECODER, cfg.prior.sd.tiny_decoder, half))
-    if starting_shape and cfg.gaussians.init == "shap-e":
-        specs.append(ModelSpec(SHAP_E, cfg.gaussians.shap_e.model, half_weights(cfg.gaussians.shap_e.dtype, cuda)))
-    if cfg.output.clip_model:
-        specs.append(ModelSpec(CLIP, cfg.output.clip_model))
-    return specs

@@ -36,8 +36,10 @@ from torch import Tensor
 
 from recdreamer_gs.cameras import Cameras, look_at
 from recdreamer_gs.errors import UserError
-from recdreamer_gs.export import PlyFrame, read_splats
+from recdreamer_gs.export import PlyFrame
+from recdreamer_gs.gaussians import read_gaussians
 from recdreamer_gs.outputs import check_writable, output_for, write_mesh
+from recdreamer_gs.render import camera_matrices, render
 
 
 class MeshError(UserError, ValueError):
@@ -124,8 +126,6 @@ def mesh_cameras(centre: Tensor, radius: float, opts: MeshOptions, resolution: i
 @torch.no_grad()
 def render_rgbd(gaussians, cameras: Cameras, batch: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     """Colour (un-premultiplied), z-depth and alpha of every view, [V,H,W,3], [V,H,W], [V,H,W] on CPU."""
-    from recdreamer_gs.render import render
-
     device = gaussians.means.device
     rgb, depth, alpha = [], [], []
     for i in range(0, len(cameras), batch):
@@ -141,10 +141,8 @@ def render_rgbd(gaussians, cameras: Cameras, batch: int = 8) -> tuple[Tensor, Te
 def fuse_tsdf(rgb: Tensor, depth: Tensor, alpha: Tensor, cameras: Cameras, voxel_size: float,
               opts: MeshOptions):
     """Fuse RGB-D views into a TSDF (open3d VoxelBlockGrid) and run marching cubes; an open3d mesh."""
-    import open3d as o3d
+    import open3d as o3d  # heavy: open3d loads only when needed
     import open3d.core as o3c
-
-    from recdreamer_gs.render import camera_matrices
 
     viewmats, Ks = camera_matrices(cameras)
     cpu = o3c.Device("CPU:0")
@@ -210,7 +208,7 @@ def extract_mesh(gaussians, opts: Optional[MeshOptions] = None) -> MeshResult:
 
 
 def _raycasting_scene(mesh):
-    import open3d as o3d
+    import open3d as o3d  # heavy: open3d loads only when needed
     import open3d.core as o3c
 
     scene = o3d.t.geometry.RaycastingScene()
@@ -227,7 +225,7 @@ def colour_vertices(mesh, rgb: Tensor, alpha: Tensor, cameras: Cameras, alpha_th
     The TSDF's own colours are averaged over its truncation band and blur small details (eyes, stripes);
     these keep what the splat shows. Vertices no view sees keep the TSDF colour.
     """
-    import open3d as o3d
+    import open3d as o3d  # heavy: open3d loads only when needed
     import open3d.core as o3c
 
     scene = _raycasting_scene(mesh)
@@ -262,16 +260,6 @@ def colour_vertices(mesh, rgb: Tensor, alpha: Tensor, cameras: Cameras, alpha_th
 # -- files ------------------------------------------------------------------------------------
 
 
-def load_gaussians(ply: str | Path, frame: PlyFrame = "viewer", device: str | torch.device = "cpu"):
-    """A ``Gaussians`` from a 3DGS PLY, with the SH degree the file holds."""
-    from recdreamer_gs.config import GaussiansConfig
-    from recdreamer_gs.gaussians import Gaussians
-
-    params = read_splats(ply, frame=frame)
-    degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(params["shN"].shape[1], 0)
-    return Gaussians(params, GaussiansConfig(sh_degree=degree)).to(device)
-
-
 def export_mesh(ply: str | Path, target: str | Path, frame_in: PlyFrame = "viewer", frame_out: PlyFrame = "viewer",
                 faces: int = 0, resolution: int = 0, device: str | torch.device = "cpu") -> MeshResult:
     """``recdreamer-gs export model.ply mesh.glb``: read the splat PLY, extract, write ``target``."""
@@ -283,7 +271,7 @@ def export_mesh(ply: str | Path, target: str | Path, frame_in: PlyFrame = "viewe
     if resolution != 0 and not 16 <= resolution <= 2048:
         raise MeshError(f"--resolution: expected 0 (automatic) or 16..2048 pixels, got {resolution}")
     check_writable(target)
-    gaussians = load_gaussians(ply, frame_in, device)
+    gaussians = read_gaussians(ply, frame_in, device)
     result = extract_mesh(gaussians, MeshOptions(faces=faces, resolution=resolution))
     write_mesh(target, result.mesh, frame_out)
     return result
@@ -299,7 +287,7 @@ def render_mesh(mesh, cameras: Cameras, background: float = 1.0) -> Float[Tensor
     normals) and lit by a light at the camera, so the picture shows both the colours and the shape.
     Pixels that miss the mesh get ``background``.
     """
-    import open3d.core as o3c
+    import open3d.core as o3c  # heavy: open3d loads only when needed
 
     triangles = np.asarray(mesh.triangles)
     scene = _raycasting_scene(mesh)

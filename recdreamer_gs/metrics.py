@@ -24,8 +24,12 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from recdreamer_gs import hub
+from recdreamer_gs.cameras import Cameras, preview_orbit
+from recdreamer_gs.gaussians import read_gaussians
+from recdreamer_gs.render import ensure_backend, render
+
 if TYPE_CHECKING:
-    from recdreamer_gs.cameras import Cameras
     from recdreamer_gs.config import CameraConfig
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -51,8 +55,6 @@ def metric_cameras(camera: "CameraConfig", resolution: int, n_views: int = 10) -
     """The views pEnt, cEnt and the CLIP score are measured on, by ``run`` and ``eval`` alike: ``n_views``
     uniform azimuths from the front (:func:`pent_views`) on the preview orbit of ``camera`` (its
     ``preview_elevation``, the mean of its radius and fovy ranges), ``resolution`` pixels square."""
-    from recdreamer_gs.cameras import preview_orbit
-
     return preview_orbit(camera, n_views, resolution)
 
 
@@ -188,9 +190,7 @@ class ClipScorer:
             ModelUnavailable: the folder is missing or incomplete, the model cannot be downloaded, or it does
                 not load.
         """
-        from transformers import CLIPModel, CLIPTokenizer
-
-        from recdreamer_gs import hub
+        from transformers import CLIPModel, CLIPTokenizer  # heavy: transformers loads only when needed
 
         spec = hub.ModelSpec(hub.CLIP, model)
         where = hub.ensure(spec)
@@ -261,12 +261,9 @@ def evaluate_ply(ply, cfg, device: torch.device, pose=None, clip: Optional[ClipS
     classifier's own when it has one (``PoseSetup.metric_camera``: the synthetic prior's reference views,
     whichever prior made the PLY), else the config's. The render size is the classifier's input size if it
     has one, else ``resolution``, else ``cfg.camera.resolution``."""
-    from recdreamer_gs.mesh import load_gaussians
-    from recdreamer_gs.render import ensure_backend, render
-
     r = cfg.render
     ensure_backend(r.backend, device)
-    gaussians = load_gaussians(ply, frame, device)
+    gaussians = read_gaussians(ply, frame, device)
     size = (pose.image_size if pose is not None else None) or resolution or cfg.camera.resolution
     camera = (pose.metric_camera if pose is not None else None) or cfg.camera
     cameras = metric_cameras(camera, size).to(device)

@@ -15,7 +15,9 @@ package: it imports only ``errors`` and ``export``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional
@@ -59,7 +61,7 @@ def write_spz(path: str | Path, params: Mapping[str, Tensor], frame: PlyFrame = 
     colour (SH DC) 8 bits of ``sh0 * 0.15 * 255 + 127.5``, opacity 8 bits of its sigmoid, log scales
     8 bits in steps of 1/16 over [-10, 6], rotations smallest-three with 9 bits, SH bands 8 bits.
     """
-    import gsply
+    import gsply  # heavy: gsply loads only when needed
 
     p = prepare_for_export(params, frame)
     outside = int((p["means"].abs() >= SPZ_POSITION_LIMIT).any(dim=1).sum())
@@ -81,7 +83,7 @@ def write_sog(path: str | Path, params: Mapping[str, Tensor], frame: PlyFrame = 
     a palette. Without SH bands beyond DC the PLY handed to sogpy has no ``f_rest`` (sogpy would
     otherwise cluster 45 columns of zeros, which takes minutes).
     """
-    from SogPython import convert_ply_to_sog
+    from SogPython import convert_ply_to_sog  # heavy: SogPython loads only when needed
 
     p = prepare_for_export(params, frame)
     n, sh_rest = int(p["means"].shape[0]), int(p["shN"].shape[1])
@@ -111,8 +113,6 @@ def write_sog(path: str | Path, params: Mapping[str, Tensor], frame: PlyFrame = 
 
 def to_frame(mesh, frame: PlyFrame):
     """A copy of ``mesh`` (internal y-up) in the file's frame: ``viewer`` rotates 180° about x."""
-    import copy
-
     out = copy.deepcopy(mesh)
     if frame == "viewer":
         out.rotate(np.diag(X180_AXES), center=np.zeros(3))  # a rotation: winding and normals stay valid
@@ -138,7 +138,7 @@ def glb_bytes(mesh) -> bytes:
     trimesh writes it: open3d's own GLB writer puts the buffer in a data URI inside the container and
     declares a wrong index maximum, which strict importers and the Khronos validator reject.
     """
-    import trimesh
+    import trimesh  # heavy: trimesh loads only when needed
     from trimesh.exchange.gltf import export_glb
 
     colours = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else np.full((len(mesh.vertices), 3), 0.7)
@@ -158,7 +158,7 @@ def write_glb(path: str | Path, mesh, frame: PlyFrame = "viewer") -> None:
 
 def write_open3d_mesh(path: str | Path, mesh, frame: PlyFrame = "viewer") -> None:
     """``.obj`` or binary ``.ply`` (open3d picks by suffix) with vertex colours and normals, atomically."""
-    import open3d as o3d
+    import open3d as o3d  # heavy: open3d loads only when needed
 
     out = to_frame(mesh, frame)
     with atomic_path(path) as tmp, o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
@@ -235,8 +235,6 @@ def write_mesh(path: str | Path, mesh, frame: PlyFrame = "viewer") -> None:
 
 def check_writable(path: Path) -> None:
     """Fail before a slow conversion (a mesh, a SOG) when ``path`` cannot be written."""
-    import os
-
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FormatError(f"cannot write {path}: folder {folder} does not exist")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 from torch.utils._pytree import tree_map_only
@@ -42,7 +42,9 @@ def should_compile(perf: PerfConfig, device: torch.device, iterations: int) -> b
 
 def inductor_cache_dir() -> str:
     """Where Inductor keeps compiled graphs (``TORCHINDUCTOR_CACHE_DIR``, else /tmp/torchinductor_<user>)."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch._inductor.runtime.cache_dir_utils import (
+        cache_dir,  # heavy: torch._inductor.runtime.cache_dir_utils loads only when needed
+    )
 
     return cache_dir()
 
@@ -176,7 +178,7 @@ def inductor_options(mode: Optional[str]) -> dict[str, Any]:
     optimisation: with it, torch 2.13's Inductor returned zero input gradients through a UNet up block on
     the CPU (the convolution-backward lowering added for channels-last). Channels-last weights
     (``perf.channels_last``) give the NHWC convolution kernels instead."""
-    from torch._inductor import list_mode_options
+    from torch._inductor import list_mode_options  # heavy: torch._inductor loads only when needed
 
     return {**(list_mode_options(mode) if mode else {}), "layout_optimization": False}
 
@@ -209,16 +211,20 @@ def eager(fn: Callable) -> Callable:
     return fn.eager if isinstance(fn, CompiledPass) else fn
 
 
+@runtime_checkable
+class Compilable(Protocol):
+    """A network object with passes to compile: it hands them to the compiler itself (the Stable Diffusion prior,
+    the LoRA ε_φ, the DINOv2 pose classifier)."""
+
+    def compile_passes(self, compiler: "Compiler") -> None: ...
+
+
 def compile_networks(compiler: Compiler, *networks: Any) -> list[str]:
     """Hand ``compiler`` to each network object that has passes to compile (the Stable Diffusion prior,
     the LoRA ε_φ, the DINOv2 pose classifier); others (the synthetic prior and its kernel ε_φ, None) are
     left as they are. Returns the names of the compiled passes."""
-    from recdreamer_gs.pose.classifier import PoseClassifier
-    from recdreamer_gs.priors.particle_score import LoRAParticleScore
-    from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
-
     for network in networks:
-        if isinstance(network, (StableDiffusionPrior, LoRAParticleScore, PoseClassifier)):
+        if isinstance(network, Compilable):
             network.compile_passes(compiler)
     return list(compiler.passes)
 

@@ -180,7 +180,7 @@ def final_histogram(run_dir: Path, logs: list[StageLog]) -> tuple[dict[str, floa
 
 def draw_report(run_dir: str | Path):
     """The report figure (matplotlib ``Figure``) of a run folder."""
-    from matplotlib import cm
+    from matplotlib import cm  # heavy: matplotlib loads only when needed
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)

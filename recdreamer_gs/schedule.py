@@ -1,16 +1,27 @@
 """Schedules as pure functions of the system's own iteration counter (never trainer.global_step).
 
 Time ranges are integer timesteps ``(lo, hi)``; t is drawn uniformly from ``lo <= t < hi``.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Optional, Protocol
 
-if TYPE_CHECKING:
-    from recdreamer_gs.config import DistillConfig
+from recdreamer_gs.config_base import ConfigError
 
 TimeSchedule = Literal["uniform", "linear", "t5", "bnf"]
+
+
+class TimeSettings(Protocol):
+    """The time-schedule fields of a ``config.DistillConfig`` (what :func:`check_time_schedule` reads)."""
+
+    time_schedule: TimeSchedule
+    t_min: float
+    t_max: float
+    t_anneal_to: float
+    t5_switch: int
+    bnf_intervals: Optional[int]
 
 
 def _steps(fraction: float, T: int) -> int:
@@ -98,11 +109,9 @@ def bnf_intervals(configured: "int | None", particles: int) -> int:
     return configured or (2 if particles == 1 else 10)
 
 
-def check_time_schedule(d: "DistillConfig", total: int, particles: int, key: str = "distill", T: int = 1000) -> None:
+def check_time_schedule(d: TimeSettings, total: int, particles: int, key: str = "distill", T: int = 1000) -> None:
     """Refuse a schedule that leaves an empty t range at some iteration: every BNF block, both ends of a
     linear anneal, both sides of the t5 switch (ConfigError naming ``key``)."""
-    from recdreamer_gs.config_base import ConfigError
-
     n_i = bnf_intervals(d.bnf_intervals, particles)
     if d.time_schedule == "bnf":
         length = max(total // (2 * n_i), 1)

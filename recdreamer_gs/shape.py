@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from recdreamer_gs import hub
 from recdreamer_gs.config import RunConfig, ShapEConfig
 from recdreamer_gs.errors import UserError
 from recdreamer_gs.export import is_splat_ply
@@ -69,13 +70,13 @@ def fit_into_ball(points: Float[Tensor, "N 3"], radius: float) -> Float[Tensor, 
 
 
 def _search(points: Tensor):
-    import open3d as o3d
+    import open3d as o3d  # heavy: open3d loads only when needed
 
     return o3d.core.nns.NearestNeighborSearch(o3d.core.Tensor(np.ascontiguousarray(points.numpy(), np.float32)))
 
 
 def _query(points: Tensor):
-    import open3d as o3d
+    import open3d as o3d  # heavy: open3d loads only when needed
 
     return o3d.core.Tensor(np.ascontiguousarray(points.numpy(), np.float32))
 
@@ -160,11 +161,13 @@ def load_shap_e(cfg: ShapEConfig, device: torch.device):
     Raises:
         ModelUnavailable: offline, not found, gated, an incomplete folder, or weights that do not load.
     """
-    from diffusers import HeunDiscreteScheduler, PriorTransformer, ShapEPipeline
+    from diffusers import (  # heavy: diffusers loads only when needed
+        HeunDiscreteScheduler,
+        PriorTransformer,
+        ShapEPipeline,
+    )
     from diffusers.pipelines.shap_e import ShapERenderer
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    from recdreamer_gs import hub
 
     dtype = shap_e_dtype(cfg.dtype, device)
     spec = hub.ModelSpec(hub.SHAP_E, cfg.model, half=dtype != torch.float32)

@@ -19,9 +19,16 @@ from typing import Any, Optional, Sequence
 
 import torch
 from jaxtyping import Float
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from recdreamer_gs.cameras import Cameras, look_at
+from recdreamer_gs.config import ConfigError, config_from_data, read_yaml
 from recdreamer_gs.errors import UserError
+from recdreamer_gs.export import atomic_write_bytes
+from recdreamer_gs.gaussians import read_gaussians
+from recdreamer_gs.render import render
+from recdreamer_gs.run_folder import read_record, run_state
 
 COLUMNS = ("name", "prompt", "method", "seed", "status", "pEnt", "cEnt", "clip_score", "gaussians", "iterations",
            "ms_per_iteration", "wall_s", "cause")
@@ -49,12 +56,15 @@ class Row:
     order: float = math.inf  # position in the set that made it
 
 
+def method_label(cfg) -> str:
+    """The method a run is listed under: its distillation method, or a multi-stage run's methods in stage order."""
+    methods = [d.method for _, _, d in cfg.stage_plan()]
+    return "+".join(dict.fromkeys(methods))
+
+
 def read_run(folder: Path) -> Optional[Row]:
     """The row of a run folder (one with config.yaml, or a batch.json of a run that failed before it wrote one),
     or None for any other folder."""
-    from recdreamer_gs.batch import method_label, read_record, run_state
-    from recdreamer_gs.config import ConfigError, config_from_data, read_yaml
-
     record = read_record(folder)
     try:
         cfg = config_from_data(read_yaml(folder / "config.yaml"))
@@ -159,11 +169,6 @@ def summary_csv(rows: Sequence[Row]) -> str:
 def sheet_views(folder: Path, size: int, device: torch.device) -> Optional[Float[Tensor, "3 3 S S"]]:
     """Front, side and back renders (white background, ``size`` pixels) of a run's model.ply (its first particle),
     on the run's preview orbit; None when the folder has no model."""
-    from recdreamer_gs.cameras import Cameras, look_at
-    from recdreamer_gs.config import config_from_data, read_yaml
-    from recdreamer_gs.mesh import load_gaussians
-    from recdreamer_gs.render import render
-
     ply = next((p for p in (folder / "model.ply", folder / "model_0.ply") if p.is_file()), None)
     if ply is None:
         return None
@@ -175,7 +180,7 @@ def sheet_views(folder: Path, size: int, device: torch.device) -> Optional[Float
     radius = torch.full((n,), 0.5 * (cam.radius_range[0] + cam.radius_range[1]))
     fovy = torch.full((n,), math.radians(0.5 * (cam.fovy_range[0] + cam.fovy_range[1])))
     cameras = Cameras(look_at(azimuth, elevation, radius), fovy, size, size, azimuth, elevation)
-    gaussians = load_gaussians(ply, cfg.output.ply_frame, device)
+    gaussians = read_gaussians(ply, cfg.output.ply_frame, device)
     backend = "auto" if device.type == "cuda" else "torch"
     return render(gaussians, cameras.to(device), torch.ones(n, 3, device=device), backend=backend,
                   eps2d=cfg.render.eps2d, near_plane=cfg.render.near_plane).rgb.cpu()
@@ -183,8 +188,6 @@ def sheet_views(folder: Path, size: int, device: torch.device) -> Optional[Float
 
 def contact_sheet(out: Path, rows: Sequence[Row], size: int = 96, device: str = "cpu"):
     """Prompts (with their seed) as rows, methods as columns; each cell the front, side and back views."""
-    from PIL import Image, ImageDraw, ImageFont
-
     dev = torch.device(device)
     font = ImageFont.load_default()
     methods = methods_of(rows)
@@ -224,8 +227,6 @@ def write_summary(out: Path, size: int = 96, device: Optional[str] = None) -> li
     Raises:
         UserError: ``out`` is not a folder or holds no run folder.
     """
-    from recdreamer_gs.export import atomic_write_bytes
-
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"--summary {out}: expected the output folder of a batch, got no folder there")

@@ -2,6 +2,7 @@
 
 Manual optimisation: one ``training_step`` is one iteration of docs/iteration.md, counted by
 ``self.iteration`` (``trainer.global_step`` counts every optimizer.step(), seven or so per iteration).
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from torch import Tensor, nn
 
 from recdreamer_gs import schedule
 from recdreamer_gs.cameras import Cameras, preview_orbit
-from recdreamer_gs.config import CameraConfig, RunConfig
+from recdreamer_gs.config import CameraConfig, RunConfig, needs
 from recdreamer_gs.data import cameras_from_batch
 from recdreamer_gs.densify import Densifier
+from recdreamer_gs.distill import grads
+from recdreamer_gs.distill.rectifier import PoseStatistics, Rectifier
+from recdreamer_gs.distill.step import distill_step
 from recdreamer_gs.distributed import average_gradients
 from recdreamer_gs.errors import Diverged
 from recdreamer_gs.gaussians import Gaussians, StartCloud
+from recdreamer_gs.metrics import classify_views, metric_cameras, pose_scores, view_scores
+from recdreamer_gs.pose.setup import Classifier
 from recdreamer_gs.priors.base import ParticleScore, Prior
 from recdreamer_gs.render import RenderOut, render
 from recdreamer_gs.rng import derive_seed
-from recdreamer_gs.usd import distill
-from recdreamer_gs.usd.rectifier import Classifier, PoseStatistics, Rectifier
-from recdreamer_gs.usd.step import distill_step
 
 
 class TextTo3DSystem(L.LightningModule):
@@ -68,7 +71,7 @@ class TextTo3DSystem(L.LightningModule):
         self.metric_camera = metric_camera or cfg.camera  # the orbit pEnt is measured on (PoseSetup.metric_camera)
         self.particle_score = particle_score  # an nn.Module: LoRA + camera MLP are checkpointed
         self.class_names = class_names
-        # Classifier, pose statistics and clamps of USD (usd/rectifier.py); the statistics are kept (and
+        # Classifier, pose statistics and clamps of USD (distill/rectifier.py); the statistics are kept (and
         # checkpointed) whenever the run has pose classes, so a USD stage after an SDS stage continues them.
         self.rectifier = Rectifier(cfg.distill.rectifier, classifier, class_names, prior.num_train_timesteps,
                                    particles=n) if class_names else None
@@ -192,16 +195,16 @@ class TextTo3DSystem(L.LightningModule):
         z = self.prior.encode(torch.cat([out.rgb for out in outs]))
         background, c2w = view_background.repeat(P, 1), cameras.c2w.repeat(P, 1, 1)
 
-        # 3-7, 9. The distillation step (usd/step.py): t from the time schedule and noise, ε̂ with CFG,
+        # 3-7, 9. The distillation step (distill/step.py): t from the time schedule and noise, ε̂ with CFG,
         #    ε_φ, the rectifier with its per-particle clamps, and the rectifier statistics.
         t = self.sample_t(z.shape[0])
-        step = distill_step(self.prior, self.particle_score, self.rectifier if d.method == "usd" else None, d,
+        step = distill_step(self.prior, self.particle_score, self.rectifier if needs(d.method).rectifier else None, d,
                             z, P, t, self.noise_generator, background, c2w, cameras.azimuth.repeat(P), self.iteration)
 
         # 8. Reparameterised loss 0.5‖z − (z − g).detach()‖² / B (gradient g / B, B the views of one particle,
         #    so each particle steps and gathers densification statistics as a single one would); step the
         #    Gaussians, then densify in the BNF-aligned window (densify.py) and clamp the log-scales.
-        loss_distill = d.grad_weight * distill.reparameterised_loss(z, step.grad, views=len(cameras))
+        loss_distill = d.grad_weight * grads.reparameterised_loss(z, step.grad, views=len(cameras))
         dens = self.step_gaussians(loss_distill, outs)
 
         # 10. LoRA step for ε_φ on the detached renders (fresh t', ε'; docs/iteration.md step 10).
@@ -295,8 +298,6 @@ class TextTo3DSystem(L.LightningModule):
     @torch.no_grad()
     def metric_views(self, particle: int = 0, n_views: int = 10) -> Float[Tensor, "V 3 H W"]:
         """Renders at n uniform azimuths on a white background, the views pEnt, cEnt and CLIP score use."""
-        from recdreamer_gs.metrics import metric_cameras
-
         cams = metric_cameras(self.metric_camera, self.render_resolution, n_views).to(self.device)
         return self.render(cams, torch.ones(n_views, 3, device=self.device), particle=particle).rgb
 
@@ -304,8 +305,6 @@ class TextTo3DSystem(L.LightningModule):
     def final_metrics(self) -> dict[str, Any]:
         """pEnt per particle (entropy of the mean pose probabilities over 10 azimuths, normalised), and
         cEnt + CLIP score of the first particle when a CLIP scorer is set."""
-        from recdreamer_gs.metrics import classify_views, pose_scores, view_scores
-
         views = [self.metric_views(particle=i) for i in range(len(self.particles))]
         out: dict[str, Any] = {"pEnt": None}
         if self.clip_scorer is not None:

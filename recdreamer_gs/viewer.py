@@ -30,8 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recdreamer_gs.config import RunConfig
+from recdreamer_gs.config import RunConfig, needs
+from recdreamer_gs.distributed import is_secondary_rank
+from recdreamer_gs.errors import os_cause
+from recdreamer_gs.export import PlyError, finite_rows, read_splats
 from recdreamer_gs.gaussians import sh0_to_rgb
+from recdreamer_gs.model_files import write_particles
 
 if TYPE_CHECKING:  # pragma: no cover
     import viser
@@ -67,8 +71,6 @@ def splats_from_params(params: Mapping[str, Tensor]) -> Splats:
     """viser's arrays from ``Gaussians.params`` (log scales, wxyz quats, opacity logits, SH DC):
     covariance R diag(exp(2s)) Rᵀ, colour 0.5 + C0·sh0, opacity sigmoid; non-finite rows dropped."""
     from gsplat.cuda._torch_impl import _quat_scale_to_covar_preci  # pure PyTorch, no CUDA build
-
-    from recdreamer_gs.export import finite_rows
 
     p = {k: params[k].detach().to("cpu", torch.float32) for k in ("means", "scales", "quats", "opacities", "sh0")}
     keep = finite_rows(p)
@@ -109,7 +111,7 @@ class Viewer:
     """A viser server on localhost showing one or more Gaussian sets side by side (or one at a time)."""
 
     def __init__(self, port: int = DEFAULT_PORT, title: str = "recdreamer-gs", host: str = "127.0.0.1"):
-        import viser
+        import viser  # heavy: viser loads only when needed
 
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0..65535, got {port}")
@@ -217,8 +219,6 @@ class Viewer:
 
 def ply_paths(paths: Sequence[Path]) -> list[Path]:
     """The PLY files named, a run folder standing for its model.ply / model_<i>.ply."""
-    from recdreamer_gs.export import PlyError
-
     out: list[Path] = []
     for path in paths:
         if Path(path).is_dir():
@@ -234,8 +234,6 @@ def ply_paths(paths: Sequence[Path]) -> list[Path]:
 
 def open_plys(paths: Sequence[Path], port: int = DEFAULT_PORT, frame: str = "viewer") -> Viewer:
     """A viewer showing these 3DGS PLY files side by side (read first: a bad file starts no server)."""
-    from recdreamer_gs.export import read_splats
-
     files = ply_paths(paths)
     sets = [splats_from_params(read_splats(path, frame=frame)) for path in files]
     labels = [p.name for p in files]
@@ -256,8 +254,6 @@ def fit_watched(port: Optional[int], cfg: RunConfig, out_dir: Path, fit: Callabl
                 echo: Callable[[str], None] = print) -> None:
     """``fit(extra_callbacks)`` of ``run``; with a ``port`` (``run --viewer``) a live viewer watches it from
     rank 0 (data-parallel ranks above 0 serve nothing)."""
-    from recdreamer_gs.distributed import is_secondary_rank
-
     if port is None or is_secondary_rank():
         return fit([])
     live = Viewer(port)
@@ -377,9 +373,6 @@ class TrainingViewer(L.Callback):
 
     def write_now(self, pl_module: Any) -> None:
         """This process's particles in the run's output formats with the end-of-run writer (atomic)."""
-        from recdreamer_gs.callbacks import write_particles
-        from recdreamer_gs.errors import os_cause
-
         self.write_requested.clear()
         try:
             written = write_particles(pl_module, self.out_dir, self.cfg)
@@ -418,7 +411,7 @@ class TrainingViewer(L.Callback):
         if self._pose is not None:
             self.pose_html.content = histogram_html(dict(zip(self._pose_names, self._pose.tolist())),
                                                     "pose histogram of the rendered views (recent mean)")
-        elif stage_cfg.distill.method != "usd":
+        elif not needs(stage_cfg.distill.method).pose_classifier:
             self.pose_html.content = histogram_html({}, f"no pose histogram: {stage_cfg.distill.method} runs "
                                                         "no pose classifier")
 

@@ -153,22 +153,22 @@ def main() -> None:
 
     import torch
 
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import prior_choice, run_folder, training
     from recdreamer_gs.config import load_config
     from recdreamer_gs.viewer import Viewer
 
     cfg = load_config("preview", None, [{"prompt": args.prompt, "train": {"steps": args.steps, "device": "cpu",
                                                                           "progress_bar": False}}])
     device = torch.device("cpu")
-    choice = pipeline.build_prior(cfg, device)
-    out_dir = pipeline.make_run_dir(Path(tempfile.mkdtemp()), cfg.prompt)
+    choice = prior_choice.build_prior(cfg, device)
+    out_dir = run_folder.make_run_dir(Path(tempfile.mkdtemp()), cfg.prompt)
     viewer = Viewer(0)
     try:
         live = viewer.training_callback(cfg, out_dir)
         shot = PauseAndShoot(live, args.pause_at, lambda: shoot(viewer.url, args.out, args.width, args.height,
                                                                   args.settle))
         # The shot first, so that the pause holds the iteration it was asked at.
-        pipeline.fit(cfg, out_dir, choice, device, extra_callbacks=[shot, live])
+        training.fit(cfg, out_dir, choice, device, extra_callbacks=[shot, live])
     finally:
         viewer.stop()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from recdreamer_gs import pipeline
+from recdreamer_gs import prior_choice, training
 from recdreamer_gs.config import load_config, parse_override
 
 
@@ -36,7 +36,7 @@ def main(out: Path, statistics: str) -> None:
     cfg = load_config("preview", overrides=[parse_override(s) for s in overrides])
     device = torch.device("cpu")
     out.mkdir(parents=True, exist_ok=True)
-    pipeline.fit(cfg, out, pipeline.build_prior(cfg, device), device, extra_callbacks=[SaveStats(out)])
+    training.fit(cfg, out, prior_choice.build_prior(cfg, device), device, extra_callbacks=[SaveStats(out)])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from recdreamer_gs import batch
+from recdreamer_gs import batch, run_folder
 from recdreamer_gs.cli import app
 from recdreamer_gs.export import read_ply
 
@@ -231,7 +231,7 @@ def first_set(namespace, tmp_path_factory):
     target, killed, sampled = out / "a-red-cube-usd-s0", None, []
     while proc.poll() is None:
         sampled += namespace.sockets()
-        record = batch.read_record(target)
+        record = run_folder.read_record(target)
         if killed is None and (target / "checkpoints" / "last.ckpt").is_file() and record["attempts"]:
             killed = record["attempts"][-1]["pid"]
             os.kill(killed, signal.SIGKILL)  # a lost worker: Ray retries the task
@@ -259,7 +259,7 @@ def test_set_runs_every_run_into_its_folder(first_set):
 def test_lost_worker_is_retried_and_continues_from_its_checkpoint(first_set):
     out = first_set["out"]
     assert first_set["killed"] is not None
-    record = batch.read_record(out / "a-red-cube-usd-s0")
+    record = run_folder.read_record(out / "a-red-cube-usd-s0")
     first, second = record["attempts"]
     assert first["pid"] == first_set["killed"] and first["status"] == "running"  # it never came back
     assert second["status"] == "done" and second["pid"] != first["pid"]
@@ -273,7 +273,7 @@ def test_lost_worker_is_retried_and_continues_from_its_checkpoint(first_set):
 
 def test_failing_entry_is_reported_while_the_others_finish(first_set):
     out = first_set["out"]
-    record = batch.read_record(out / "a-broken-one-sds-s0")
+    record = run_folder.read_record(out / "a-broken-one-sds-s0")
     assert record["status"] == "failed" and "Stable Diffusion model" in record["cause"]
     assert "\n" not in record["cause"]
     assert "failed: a-broken-one-sds-s0: Stable Diffusion model" in first_set["output"]
@@ -315,13 +315,13 @@ def test_ctrl_c_stops_runs_with_checkpoints_and_the_next_batch_continues(namespa
     proc.send_signal(signal.SIGINT)  # Ctrl-C on the driver
     output = " ".join(proc.communicate(timeout=300)[0].split())
     assert proc.returncode == 130, output
-    assert "stopping" in output and batch.read_record(run)["status"] == "interrupted"
+    assert "stopping" in output and run_folder.read_record(run)["status"] == "interrupted"
     stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["iteration"]
     assert 4 <= stopped_at < 300 and (run / "model.ply").is_file()  # written when it stopped
     proc = namespace.batch(*args, local=True)  # continued by a local Ray instance (the path without --address)
     output = " ".join(proc.communicate(timeout=300)[0].split())
     assert proc.returncode == 0, output
     assert "1 to continue from a checkpoint" in output and "local Ray instance: 0 GPUs, 1 CPUs" in output
-    second = batch.read_record(run)["attempts"][-1]
+    second = run_folder.read_record(run)["attempts"][-1]
     assert second["resumed_from"] == f"iteration {stopped_at}"
     assert json.loads((run / "metrics.json").read_text())["iterations"] == 300

@@ -6,7 +6,8 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
-from recdreamer_gs.callbacks import make_loggers, save_mp4
+from recdreamer_gs.callbacks import make_loggers
+from recdreamer_gs.images import save_mp4
 from recdreamer_gs.config import load_config, parse_override
 
 

@@ -49,12 +49,12 @@ def test_the_walk_finds_the_error_classes():
 
 @pytest.mark.parametrize("cls", user_error_classes(), ids=lambda c: c.__name__)
 def test_every_user_error_is_one_line_and_no_run_folder(cls, tmp_path, monkeypatch):
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import training
 
     def build_prior(cfg, device, starting_shape=False):
         raise make(cls, f"{cls.__name__} raised while the prior loads; do this instead")
 
-    monkeypatch.setattr(pipeline, "build_prior", build_prior)
+    monkeypatch.setattr(training, "build_prior", build_prior)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", "a cat", "--out", str(out), "--device", "cpu"])
     one_line_exit_2(result, f"{cls.__name__} raised while the prior loads")
@@ -62,12 +62,12 @@ def test_every_user_error_is_one_line_and_no_run_folder(cls, tmp_path, monkeypat
 
 
 def test_os_error_is_one_line(tmp_path, monkeypatch):
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import training
 
     def build_prior(cfg, device, starting_shape=False):
         raise PermissionError(13, "Permission denied", "/some/cache/file")
 
-    monkeypatch.setattr(pipeline, "build_prior", build_prior)
+    monkeypatch.setattr(training, "build_prior", build_prior)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", "a cat", "--out", str(out), "--device", "cpu"])
     one_line_exit_2(result, "/some/cache/file: Permission denied")

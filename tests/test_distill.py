@@ -1,4 +1,4 @@
-"""Pure score-distillation maths (recdreamer_gs.usd.distill) against hand-computed values."""
+"""Pure score-distillation maths (recdreamer_gs.distill.distill) against hand-computed values."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import math
 
 import torch
 
-from recdreamer_gs.usd.distill import (
-    add_noise, alpha_sigma, cfg_combine, clamp_elements, clamp_to_norm, nan_to_zero, reparameterised_loss,
-    sds_grad, to_eps, tweedie_x0, v_to_eps, vsd_grad, weight,
-)
+from recdreamer_gs.priors.diffusion import add_noise, alpha_sigma, cfg_combine, to_eps, tweedie_x0, v_to_eps
+from recdreamer_gs.distill.grads import clamp_elements, clamp_to_norm, nan_to_zero, reparameterised_loss, sds_grad, vsd_grad, weight
 
 
 def full(value: float, shape=(1, 1, 2, 2)) -> torch.Tensor:

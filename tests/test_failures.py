@@ -5,10 +5,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
-from recdreamer_gs import pipeline
-from recdreamer_gs.config import load_config, parse_override
 from test_resume import SETTINGS  # the same small synthetic USD run as the resume tests
+
+from recdreamer_gs import errors, prior_choice, run_folder, training
+from recdreamer_gs.config import load_config, parse_override
 
 
 class FailAt(L.Callback):
@@ -28,18 +28,18 @@ class FailAt(L.Callback):
 def fit(out: Path, callbacks=(), resume=None, settings=()):
     cfg = load_config("preview", overrides=[parse_override(s) for s in [*SETTINGS, *settings]])
     if resume is not None:
-        cfg, resume = pipeline.read_resume(out)
+        cfg, resume = run_folder.read_resume(out)
     else:
         out.mkdir(parents=True)
     device = torch.device("cpu")
-    return pipeline.fit(cfg, out, pipeline.build_prior(cfg, device), device, resume=resume,
+    return training.fit(cfg, out, prior_choice.build_prior(cfg, device), device, resume=resume,
                         extra_callbacks=list(callbacks))
 
 
 def test_error_at_iteration_k_keeps_checkpoint_and_ply_and_resume_finishes(tmp_path):
     full = fit(tmp_path / "full")
     cut = tmp_path / "cut"
-    with pytest.raises(pipeline.TrainingFailed) as info:
+    with pytest.raises(errors.TrainingFailed) as info:
         fit(cut, [FailAt(5, RuntimeError("boom\nsecond line"))])
     message = str(info.value)
     assert "\n" not in message and info.value.exit_code == 1
@@ -55,7 +55,7 @@ def test_error_at_iteration_k_keeps_checkpoint_and_ply_and_resume_finishes(tmp_p
 
 
 def test_out_of_memory_names_the_settings_to_lower(tmp_path):
-    with pytest.raises(pipeline.TrainingFailed) as info:
+    with pytest.raises(errors.TrainingFailed) as info:
         fit(tmp_path / "run", [FailAt(2, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))])
     message = str(info.value)
     assert info.value.exit_code == 2 and "out of memory" in message
@@ -65,7 +65,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path):
 
 
 def test_non_finite_gaussians_are_not_written(tmp_path):
-    with pytest.raises(pipeline.TrainingFailed, match="no longer finite; no checkpoint was written; start the run again"):
+    with pytest.raises(errors.TrainingFailed, match="no longer finite; no checkpoint was written; start the run again"):
         fit(tmp_path / "run", [FailAt(3, RuntimeError("nan everywhere"), spoil=True)])
     assert not (tmp_path / "run" / "model.ply").exists()
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
@@ -116,7 +116,7 @@ def no_partial_files(run: Path) -> None:
 def test_disk_full_in_the_middle_of_a_run_keeps_the_last_checkpoint_and_resumes(tmp_path, full_disk):
     run = tmp_path / "run"
     settings = ["train.checkpoint_every=2", "output.formats=[ply,spz]"]
-    with pytest.raises(pipeline.TrainingFailed) as info:  # the checkpoint of iteration 6 is the first write that fails
+    with pytest.raises(errors.TrainingFailed) as info:  # the checkpoint of iteration 6 is the first write that fails
         fit(run, [FillDiskAt(5, full_disk)], settings=settings)
     full_disk.free()
     assert info.value.exit_code == 2
@@ -142,7 +142,7 @@ def test_disk_full_while_writing_the_model_keeps_what_was_written_and_resume_wri
         return outputs.write_spz(path, params, frame)
 
     run = tmp_path / "run"
-    with monkeypatch.context() as m, pytest.raises(pipeline.TrainingFailed) as info:
+    with monkeypatch.context() as m, pytest.raises(errors.TrainingFailed) as info:
         m.setattr(outputs, "OUTPUTS", tuple(dataclasses.replace(o, write=fill_then_write) if o.name == "spz" else o
                                             for o in outputs.OUTPUTS))
         fit(run, settings=["output.formats=[ply,spz]"])
@@ -154,7 +154,7 @@ def test_disk_full_while_writing_the_model_keeps_what_was_written_and_resume_wri
     no_partial_files(run)
     assert not (run / "model.spz").exists() and not (run / "metrics.json").exists()
     ply = (run / "model.ply").read_bytes()
-    cfg, checkpoint, where = pipeline.prepare_resume(run)
+    cfg, checkpoint, where = run_folder.prepare_resume(run)
     assert where == "at iteration 8 of 8 (training done; writing its files)"
     resumed = fit(run, resume=True)
     assert resumed.iteration == 8 and (run / "model.ply").read_bytes() == ply
@@ -174,10 +174,10 @@ def test_what_is_said_when_permission_is_lost_or_the_folder_is_gone(tmp_path):
     (run / "model.spz").write_bytes(b"kept")
     denied = PermissionError(errno.EACCES, "Permission denied", str(run / "model.ply"))
     assert os_cause(denied) == "Permission denied"
-    assert pipeline.kept_state(Stopped(), run, denied) == (
+    assert run_folder.kept_state(Stopped(), run, denied) == (
         "nothing more could be written; no checkpoint was written (kept model.spz); restore write permission on the "
         "folder, then start the run again")
     gone = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "removed" / "model.ply"))
     assert os_cause(gone) == "No such file or directory"
-    assert pipeline.kept_state(Stopped(), tmp_path / "removed", gone) == (
+    assert run_folder.kept_state(Stopped(), tmp_path / "removed", gone) == (
         "nothing was kept: the run folder is gone; start the run again")

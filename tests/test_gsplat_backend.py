@@ -118,10 +118,10 @@ def test_cause_of(output, cause):
 
 
 def test_cli_run_stops_before_any_model_and_leaves_no_run_folder(failing_build, tmp_path, monkeypatch):
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import training
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the check goes
-    monkeypatch.setattr(pipeline, "build_prior", lambda *a, **k: pytest.fail("no model may load first"))
+    monkeypatch.setattr(training, "build_prior", lambda *a, **k: pytest.fail("no model may load first"))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", "a kangaroo wearing boxing gloves", "--out", str(out)])
     assert result.exit_code == 2, result.output

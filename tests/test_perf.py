@@ -17,12 +17,13 @@ from recdreamer_gs import perf
 from recdreamer_gs.cameras import look_at
 from recdreamer_gs.cli import app
 from recdreamer_gs.config import PerfConfig, PoseClassifierConfig
+from recdreamer_gs.distill.grads import reparameterised_loss
 from recdreamer_gs.export import read_ply
 from recdreamer_gs.pose.classifier import PoseClassifier
 from recdreamer_gs.pose.features import DinoFeatures
+from recdreamer_gs.priors.diffusion import add_noise, alpha_sigma, tweedie_x0
 from recdreamer_gs.priors.particle_score import LoRAParticleScore
 from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior
-from recdreamer_gs.usd.distill import add_noise, alpha_sigma, reparameterised_loss, tweedie_x0
 
 runner = CliRunner()
 
@@ -281,7 +282,7 @@ def test_no_host_sync_inside_an_iteration_on_cuda(tiny_models, tmp_path, method)
     any ``.item()``, ``int(tensor)``, boolean-mask index or blocking copy in the loop raises."""
     import lightning as L
 
-    from recdreamer_gs import pipeline
+    from recdreamer_gs import prior_choice, training
     from recdreamer_gs.config import load_config, parse_override
 
     overrides = [f"prior.sd.model={tiny_models['sd']}", "prior.kind=sd", f"distill.method={method}",
@@ -291,7 +292,7 @@ def test_no_host_sync_inside_an_iteration_on_cuda(tiny_models, tmp_path, method)
                  "distill.rectifier.classifier.n_augment=2", "distill.rectifier.rectify_every=2", "prompt='a red teapot'"]
     cfg = load_config("preview", overrides=[parse_override(s) for s in overrides])
     device = torch.device("cuda")
-    choice = pipeline.build_prior(cfg, device)
+    choice = prior_choice.build_prior(cfg, device)
 
     class SyncCheck(L.Callback):
         checked = 0
@@ -314,5 +315,5 @@ def test_no_host_sync_inside_an_iteration_on_cuda(tiny_models, tmp_path, method)
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             pl_module.__dict__.pop("training_step", None)
 
-    pipeline.fit(cfg, tmp_path, choice, device, extra_callbacks=[SyncCheck()])
+    training.fit(cfg, tmp_path, choice, device, extra_callbacks=[SyncCheck()])
     assert SyncCheck.checked == 2

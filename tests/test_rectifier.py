@@ -1,9 +1,9 @@
-"""The rectifier's statistics (recdreamer_gs.usd.rectifier): what they log."""
+"""The rectifier's statistics (recdreamer_gs.distill.rectifier): what they log."""
 
 import numpy as np
 import torch
 
-from recdreamer_gs.usd.rectifier import PoseStatistics
+from recdreamer_gs.distill.rectifier import PoseStatistics
 
 CLASSES = ("front", "left", "back", "right")
 
@@ -21,7 +21,7 @@ def test_pose_ema_log_dict_matches_the_statistics():
 
 def test_rectifier_state_dict_round_trip_and_hooks():
     from recdreamer_gs.config import RectifierConfig
-    from recdreamer_gs.usd.rectifier import Rectifier
+    from recdreamer_gs.distill.rectifier import Rectifier
 
     rect = Rectifier(RectifierConfig(n_intervals=10, n_ema=10), lambda x, bg: x, CLASSES)
     probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.4, 0.2, 0.2, 0.2]])
@@ -48,7 +48,7 @@ def test_rectifier_state_dict_round_trip_and_hooks():
 
 def test_rectifier_pose_control_and_schedule():
     from recdreamer_gs.config import RectifierConfig
-    from recdreamer_gs.usd.rectifier import Rectifier
+    from recdreamer_gs.distill.rectifier import Rectifier
 
     rect = Rectifier(RectifierConfig(pose_control="back", rectify_every=3, noise="fresh"), lambda x, bg: x, CLASSES)
     probs = torch.tensor([[0.1, 0.2, 0.6, 0.1]])
@@ -62,7 +62,7 @@ def test_per_particle_statistics_see_only_their_particle():
     """A pooled marginal of two collapsed particles (one all front, one all back) looks half uniform; per
     particle each marginal is its own pose, so log r pushes each particle out of its own pose."""
     from recdreamer_gs.config import RectifierConfig
-    from recdreamer_gs.usd.rectifier import Rectifier
+    from recdreamer_gs.distill.rectifier import Rectifier
 
     front, back = torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0])
     probs = torch.stack([front, front, back, back])  # particle-major: 2 particles x 2 views

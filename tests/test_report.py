@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from recdreamer_gs.cli import app
 from recdreamer_gs.report import ReportError, draw_report, pose_ema_keys, read_logs, write_report
-from recdreamer_gs.usd.rectifier import PoseStatistics
+from recdreamer_gs.distill.rectifier import PoseStatistics
 
 CLASSES = ("front", "left", "back", "right")
 

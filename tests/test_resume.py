@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from recdreamer_gs import pipeline
+from recdreamer_gs import errors, prior_choice, run_folder, training
 from recdreamer_gs.cli import app
 from recdreamer_gs.config import load_config, parse_override
 
@@ -35,20 +35,20 @@ def train(out: Path, stop_at=None):
     cfg = load_config("preview", overrides=[parse_override(s) for s in SETTINGS])
     device = torch.device("cpu")
     out.mkdir(parents=True)
-    choice = pipeline.build_prior(cfg, device)
+    choice = prior_choice.build_prior(cfg, device)
     callbacks = [StopAt(stop_at)] if stop_at is not None else []
-    return cfg, pipeline.fit(cfg, out, choice, device, extra_callbacks=callbacks)
+    return cfg, training.fit(cfg, out, choice, device, extra_callbacks=callbacks)
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     _, full = train(tmp_path / "full")
-    with pytest.raises(pipeline.Interrupted, match="--resume"):
+    with pytest.raises(errors.Interrupted, match="--resume"):
         train(tmp_path / "cut", stop_at=4)
     cut = tmp_path / "cut"
     assert (cut / "checkpoints" / "last.ckpt").is_file() and (cut / "model.ply").is_file()
-    cfg, checkpoint = pipeline.read_resume(cut)
+    cfg, checkpoint = run_folder.read_resume(cut)
     assert checkpoint["iteration"] == 4
-    resumed = pipeline.fit(cfg, cut, pipeline.build_prior(cfg, torch.device("cpu")), torch.device("cpu"),
+    resumed = training.fit(cfg, cut, prior_choice.build_prior(cfg, torch.device("cpu")), torch.device("cpu"),
                            resume=checkpoint)
     assert resumed.iteration == full.iteration == 8
     assert len(resumed.gaussians) == len(full.gaussians)
@@ -58,8 +58,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert torch.allclose(resumed.pose_stats.marginal, full.pose_stats.marginal, atol=1e-6)
     # Stopped after its last checkpoint, during the export (a batch task lost there): resuming only exports.
     (cut / "metrics.json").unlink()
-    cfg, checkpoint = pipeline.read_resume(cut)
-    pipeline.fit(cfg, cut, pipeline.build_prior(cfg, torch.device("cpu")), torch.device("cpu"), resume=checkpoint)
+    cfg, checkpoint = run_folder.read_resume(cut)
+    training.fit(cfg, cut, prior_choice.build_prior(cfg, torch.device("cpu")), torch.device("cpu"), resume=checkpoint)
     metrics = json.loads((cut / "metrics.json").read_text())
     assert metrics["iterations"] == 8 and metrics["gaussians"] == len(full.gaussians)
     assert metrics["ms_per_iteration"] is None  # no iteration ran in that attempt

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from recdreamer_gs import pipeline
+from recdreamer_gs import prior_choice, training
 from recdreamer_gs.cli import app
 from recdreamer_gs.config import load_config, parse_override
 
@@ -39,11 +39,11 @@ def test_vsd_trains_lora_and_keeps_unet_frozen(tiny_models, tmp_path):
                  "train.device=cpu", "prompt='a red teapot'"]
     cfg = load_config("preview", overrides=[parse_override(s) for s in overrides])
     device = torch.device("cpu")
-    choice = pipeline.build_prior(cfg, device)
+    choice = prior_choice.build_prior(cfg, device)
     unet = choice.prior.unet
     frozen_before = {k: v.clone() for k, v in unet.state_dict().items() if "lora" not in k}
     torch.manual_seed(cfg.train.seed)
-    system = pipeline.fit(cfg, tmp_path, choice, device)
+    system = training.fit(cfg, tmp_path, choice, device)
     lora = {k: v for k, v in system.particle_score.state_dict().items() if k.startswith("lora.")}
     assert lora, "no LoRA weights in the checkpointed state"
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

@@ -23,8 +23,15 @@ from recdreamer_gs.config import GaussiansConfig, ShapEConfig
 from recdreamer_gs.gaussians import Gaussians, sh0_to_rgb
 from recdreamer_gs.render import render
 from recdreamer_gs.shape import (
-    ShapeError, ShapEMesh, generate_mesh, grow_near_surface, linear_to_srgb, load_shap_e, mesh_to_cloud,
-    neighbour_scales, shap_e_to_world,
+    ShapeError,
+    ShapEMesh,
+    generate_mesh,
+    grow_near_surface,
+    linear_to_srgb,
+    load_shap_e,
+    mesh_to_cloud,
+    neighbour_scales,
+    shap_e_to_world,
 )
 
 VERTICES_ONLY = ShapEConfig(grow_fraction=0.0)
@@ -239,12 +246,12 @@ def test_shap_e_that_cannot_be_had_is_one_line_before_any_run_folder(case, fragm
 
 
 def test_a_fresh_run_downloads_shap_e_when_missing(tiny_models, tmp_path, monkeypatch):
-    """``pipeline.prepare`` (what ``run`` calls before the run folder): the model is not in the cache, the Hub
+    """``training.prepare`` (what ``run`` calls before the run folder): the model is not in the cache, the Hub
     (a stand-in serving the tiny folder) has it: it is fetched, then the starting shape is made from it."""
     import huggingface_hub
     from make_fixtures import write_hub_snapshot
 
-    from recdreamer_gs import hub, pipeline
+    from recdreamer_gs import hub, training
     from recdreamer_gs.config import load_config, parse_override
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -261,6 +268,6 @@ def test_a_fresh_run_downloads_shap_e_when_missing(tiny_models, tmp_path, monkey
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     overrides = ("prompt=a cat", "gaussians.init=shap-e", "gaussians.shap_e.grid_size=16", "gaussians.shap_e.steps=2",
                  "gaussians.num_init=100", "prior.kind=synthetic", "train.device=cpu", "train.progress_bar=false")
-    ready = pipeline.prepare(load_config("preview", overrides=[parse_override(s) for s in overrides]))
+    ready = training.prepare(load_config("preview", overrides=[parse_override(s) for s in overrides]))
     assert fetched == ["openai/shap-e"] and hub.status(hub.ModelSpec(hub.SHAP_E, "openai/shap-e")).complete
     assert len(ready.start.points) == 100

@@ -11,7 +11,7 @@ import torch
 from recdreamer_gs import hub
 from recdreamer_gs.hub import ModelUnavailable
 from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior, resolve_dtype
-from recdreamer_gs.usd.distill import alpha_sigma
+from recdreamer_gs.priors.diffusion import alpha_sigma
 
 PROMPT, AUX = "a kangaroo wearing boxing gloves", ", from side view, from back view"
 

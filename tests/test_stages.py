@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from recdreamer_gs import pipeline
+from recdreamer_gs import prior_choice, training
 from recdreamer_gs.config import ConfigError, load_config, parse_override
 
 
@@ -30,26 +30,22 @@ def test_three_stages_run_in_order_and_freeze_geometry(tmp_path):
     device = torch.device("cpu")
     captured = {}
 
-    import recdreamer_gs.pipeline as pl
+    original = training.fit_stage
 
-    original = pl._fit_stage
-
-    def spy(run_cfg, stage_cfg, *args, **kwargs):
-        stage = args[6]
+    def spy(run, stage, stage_cfg, particles, *args, **kwargs):
         before = None
-        particles = args[5]
         if particles is not None:
             before = {k: v.detach().clone() for k, v in particles[0].params.items()}
-        system = original(run_cfg, stage_cfg, *args, **kwargs)
+        system = original(run, stage, stage_cfg, particles, *args, **kwargs)
         captured[stage] = (stage_cfg.distill.method, stage_cfg.distill.guidance_scale, before,
                            {k: v.detach().clone() for k, v in system.particles[0].params.items()})
         return system
 
-    pl._fit_stage = spy
+    training.fit_stage = spy
     try:
-        system = pipeline.fit(cfg, tmp_path, pipeline.build_prior(cfg, device), device)
+        system = training.fit(cfg, tmp_path, prior_choice.build_prior(cfg, device), device)
     finally:
-        pl._fit_stage = original
+        training.fit_stage = original
     assert [captured[k][:2] for k in range(3)] == [("usd", 7.5), ("sds", 100.0), ("usd", 7.5)]
     _, _, before, after = captured[2]
     for name in ("means", "scales", "quats", "opacities"):

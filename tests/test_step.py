@@ -1,13 +1,13 @@
-"""One distillation step (recdreamer_gs.usd.step) on the synthetic prior: shapes, closed forms, clamps, NaN."""
+"""One distillation step (recdreamer_gs.distill.step) on the synthetic prior: shapes, closed forms, clamps, NaN."""
 
 import pytest
 import torch
 
 from recdreamer_gs.config import DistillConfig, RectifierConfig, SyntheticPriorConfig
 from recdreamer_gs.priors.synthetic import KernelParticleScore, SyntheticPrior
-from recdreamer_gs.usd import distill
-from recdreamer_gs.usd.rectifier import Rectifier
-from recdreamer_gs.usd.step import distill_step, same_camera_renders
+from recdreamer_gs.distill import grads
+from recdreamer_gs.distill.rectifier import Rectifier
+from recdreamer_gs.distill.step import distill_step, same_camera_renders
 
 P, B, RES = 2, 2, 16
 
@@ -113,7 +113,7 @@ def test_rectifier_cap_is_per_particle():
         cos = torch.nn.functional.cosine_similarity(out[block].flatten(), g_rect[block].flatten(), dim=0)
         torch.testing.assert_close(cos, torch.tensor(1.0))  # direction kept
     # A whole-batch cap would let particle 0 take ~70x its own VSD norm.
-    whole = distill.clamp_to_norm(g_rect, g_vsd, 16384.0, 1.0, particles=1)
+    whole = grads.clamp_to_norm(g_rect, g_vsd, 16384.0, 1.0, particles=1)
     assert whole[:B].norm() > 50 * g_vsd[:B].norm()
 
 

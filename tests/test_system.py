@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recdreamer_gs import pipeline
+from recdreamer_gs import errors, prior_choice, training
 from recdreamer_gs.config import load_config, parse_override
 from recdreamer_gs.errors import Diverged, UserError
 from recdreamer_gs.priors.synthetic import SyntheticPrior
@@ -30,12 +30,12 @@ class NaNPrior(SyntheticPrior):
 
 def fit(tmp_path, bad_calls: int, log_every: int = 1):
     cfg = load_config("preview", overrides=[parse_override(s) for s in [*SETTINGS, f"train.log_every={log_every}"]])
-    choice = pipeline.PriorChoice(NaNPrior(cfg.prior.synthetic, bad_calls), "synthetic", None)
-    return pipeline.fit(cfg, tmp_path, choice, torch.device("cpu"))
+    choice = prior_choice.PriorChoice(NaNPrior(cfg.prior.synthetic, bad_calls), "synthetic", None)
+    return training.fit(cfg, tmp_path, choice, torch.device("cpu"))
 
 
 def test_diverged_after_max_bad_iterations(tmp_path):
-    with pytest.raises(pipeline.TrainingFailed, match="at iteration 2 the last 3 iterations in a row") as err:
+    with pytest.raises(errors.TrainingFailed, match="at iteration 2 the last 3 iterations in a row") as err:
         fit(tmp_path, bad_calls=100)
     cause = err.value.__cause__
     assert isinstance(cause, Diverged) and not isinstance(cause, UserError)
@@ -45,7 +45,7 @@ def test_diverged_after_max_bad_iterations(tmp_path):
 
 def test_divergence_is_checked_when_logging(tmp_path):
     # Checked every train.log_every = 4 iterations: first at iteration 3, by then 4 bad ones in a row.
-    with pytest.raises(pipeline.TrainingFailed, match="at iteration 3 the last 4 iterations"):
+    with pytest.raises(errors.TrainingFailed, match="at iteration 3 the last 4 iterations"):
         fit(tmp_path, bad_calls=100, log_every=4)
 
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from recdreamer_gs.usd.rectifier import PoseStatistics, ema_rate, interval_index, log_r
-from recdreamer_gs.usd.toy2d import Toy2DConfig, make_prior, run_particles, tv_from_uniform
+from recdreamer_gs.distill.rectifier import PoseStatistics, ema_rate, interval_index, log_r
+from recdreamer_gs.distill.toy2d import Toy2DConfig, make_prior, run_particles, tv_from_uniform
 
 
 def test_usd_flattens_the_pose_histogram():

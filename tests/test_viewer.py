@@ -25,12 +25,11 @@ import viser
 import zstandard
 from typer.testing import CliRunner
 
-from recdreamer_gs import pipeline
+from recdreamer_gs import prior_choice, training
 from recdreamer_gs.cli import app
 from recdreamer_gs.config import load_config, parse_override
 from recdreamer_gs.export import PlyError, write_ply
 from recdreamer_gs.gaussians import rgb_to_sh0
-
 from recdreamer_gs.viewer import Viewer, open_plys, push_delay, splats_from_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,7 +283,7 @@ def test_training_viewer_shows_the_run_and_its_controls_act(tmp_path, no_leaked_
         thread = threading.Thread(target=operator, daemon=True)
         thread.start()
         start = time.perf_counter()
-        system = pipeline.fit(cfg, out, pipeline.build_prior(cfg, device), device, extra_callbacks=[callback])
+        system = training.fit(cfg, out, prior_choice.build_prior(cfg, device), device, extra_callbacks=[callback])
         wall = time.perf_counter() - start
         thread.join(timeout=240)
         assert held["written_while_paused"] and held["paused_label"] == "Resume training"

@@ -44,12 +44,13 @@ def mesh_comparison(run_dir: Path, resolution: int = 160):
     import open3d as o3d
     import torch
 
-    from recdreamer_gs.callbacks import image_grid
+    from recdreamer_gs.images import image_grid
     from recdreamer_gs.cameras import orbit
-    from recdreamer_gs.mesh import load_gaussians, render_mesh, to_frame
+    from recdreamer_gs.gaussians import read_gaussians
+    from recdreamer_gs.mesh import render_mesh, to_frame
     from recdreamer_gs.render import render
 
-    gaussians = load_gaussians(run_dir / "model.ply")  # viewer frame -> internal y-up
+    gaussians = read_gaussians(run_dir / "model.ply")  # viewer frame -> internal y-up
     mesh = to_frame(o3d.io.read_triangle_mesh(str(run_dir / "mesh.glb")), "viewer")  # the rotation is its own inverse
     cams = orbit(4, 15.0, 2.5, 40.0, resolution)
     with torch.no_grad():

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from recdreamer_gs.config import POSE_CLASSES_MAX, POSE_CLASSES_MIN, PoseClassifierConfig
+from recdreamer_gs.export import atomic_write_bytes
 from recdreamer_gs.pose.bank import TemplateBank, build_template_bank, to_uint8
 from recdreamer_gs.pose.features import DinoFeatures
 from recdreamer_gs.pose.matching import (
@@ -177,8 +178,6 @@ class PoseClassifier(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write config, classes, templates and statistics to ONE file (torch.save, atomic rename)."""
-        from recdreamer_gs.export import atomic_write_bytes
-
         data = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": asdict(self.cfg),
                 "feature_model": self.features.name, "feature_dim": self.features.dim,
                 "bank": {f.name: getattr(self.bank, f.name).detach().cpu() for f in fields(TemplateBank)}}

@@ -7,6 +7,7 @@ output is the final-layernorm [CLS] token and the patch tokens (registers droppe
 ``grid_size`` x ``grid_size`` grid (16). Templates and classifier inputs go through the same
 preprocessing (the release feeds raw [-1, 1] decodes but ImageNet-normalised templates; we do not copy
 that mismatch of the reference release). Everything is differentiable with respect to the input images.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
+
+from recdreamer_gs import hub
 
 DEFAULT_FEATURE_MODEL = "facebook/dinov2-with-registers-small"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,9 +95,7 @@ class DinoFeatures(nn.Module):
             ModelUnavailable: the folder is missing or incomplete, the model cannot be downloaded (offline,
                 not found, network), or the weights do not load.
         """
-        from transformers import AutoModel
-
-        from recdreamer_gs import hub
+        from transformers import AutoModel  # heavy: transformers loads only when needed
 
         spec = hub.ModelSpec(hub.DINOV2, model)
         where = hub.ensure(spec)

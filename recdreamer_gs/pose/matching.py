@@ -2,6 +2,7 @@
 
 Inputs are DINOv2 [CLS] and patch features of an image and of the templates; see
 docs/pose-classifier.md for the definitions and for where we depart from the authors' release.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
 
 def pca_scores(
     patches: Float[Tensor, "B P D"], mean: Float[Tensor, "D"], component: Float[Tensor, "D"], std: Float[Tensor, ""]

@@ -8,15 +8,23 @@ here from a template folder or from templates generated with the prior.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 
 from recdreamer_gs.config import CameraConfig, ConfigError, RectifierConfig
-from recdreamer_gs.usd.rectifier import Classifier
+from recdreamer_gs.pose.classifier import PoseClassifier
+from recdreamer_gs.pose.features import DinoFeatures
+from recdreamer_gs.pose.templates import load_template_folder, read_image
+
+# A pose classifier on images in [-1, 1] (and the solid background of each): probabilities over the
+# pose classes, differentiable in the images.
+Classifier = Callable[[Float[Tensor, "B 3 H W"], Optional[Float[Tensor, "B 3"]]], Float[Tensor, "B C"]]
 
 CLASSIFIER_FILE = "pose_classifier.pt"  # the built classifier in a run folder (PoseClassifier.save)
 
@@ -39,10 +47,6 @@ class PoseSetup:
     @torch.no_grad()
     def classify_files(self, paths: list, device: torch.device) -> Tensor:
         """``recdreamer-gs classify``: class probabilities [N, C] of image files (PNG/JPG; alpha over white)."""
-        import torch.nn.functional as F
-
-        from recdreamer_gs.pose.templates import read_image
-
         x = torch.stack([read_image(path, 256) for path in paths]).to(device)
         if self.image_size is not None:
             x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
@@ -60,11 +64,6 @@ def dino_pose_setup(rect: RectifierConfig, templates: dict[str, list[Tensor]], d
 
     Seconds spent embedding the templates go to ``timings["templates_s"]``.
     """
-    from dataclasses import replace
-
-    from recdreamer_gs.pose.classifier import PoseClassifier
-    from recdreamer_gs.pose.features import DinoFeatures
-
     features = DinoFeatures.load(rect.classifier.feature_model, device=device)
     start = time.perf_counter()
     cfg = replace(rect.classifier, classes=tuple(templates))
@@ -80,8 +79,6 @@ def dino_pose_setup(rect: RectifierConfig, templates: dict[str, list[Tensor]], d
 def folder_pose_setup(rect: RectifierConfig, device: torch.device) -> PoseSetup:
     """The DINOv2 classifier on the template folder ``rect.templates`` alone (``classify``/``eval`` with
     ``--templates``: no diffusion prior is loaded)."""
-    from recdreamer_gs.pose.templates import load_template_folder
-
     if not rect.templates:
         raise ConfigError("a template folder is needed for the DINOv2 classifier: give --templates DIR")
     return dino_pose_setup(rect, load_template_folder(rect.templates), device)
@@ -89,9 +86,6 @@ def folder_pose_setup(rect: RectifierConfig, device: torch.device) -> PoseSetup:
 
 def saved_pose_setup(rect: RectifierConfig, path: Path, device: torch.device) -> PoseSetup:
     """The DINOv2 classifier a run saved next to its templates (``run --resume``: no template to embed again)."""
-    from recdreamer_gs.pose.classifier import PoseClassifier
-    from recdreamer_gs.pose.features import DinoFeatures
-
     features = DinoFeatures.load(rect.classifier.feature_model, device=device)
     try:
         classifier = PoseClassifier.load(path, features).to(device)

@@ -29,10 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from recdreamer_gs.config import POSE_CLASSES_MAX, POSE_CLASSES_MIN
 from recdreamer_gs.errors import UserError
+from recdreamer_gs.export import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CANONICAL_ORDER = ("front", "back", "left", "right")  # these come first, in this order, when present
@@ -51,8 +53,6 @@ def order_classes(names: list[str]) -> list[str]:
 
 def read_image(path: Path, size: int) -> Float[Tensor, "3 S S"]:
     """One image as [3, size, size] in [-1, 1]: alpha over white, padded square with white, bicubic resize."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -107,10 +107,6 @@ def load_template_folder(folder: str | Path, size: int = 256) -> dict[str, list[
 
 def write_template_folder(templates: dict[str, list[Tensor]], folder: str | Path) -> list[Path]:
     """Write ``folder/<class>/NNN.png`` for images in [-1, 1] (each file written atomically); returns the paths."""
-    from PIL import Image
-
-    from recdreamer_gs.export import atomic_write_bytes
-
     folder = Path(folder).expanduser()
     written: list[Path] = []
     for name, images in templates.items():

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from recdreamer_gs.config import RunConfig
+    from recdreamer_gs.hub import ModelSpec
     from recdreamer_gs.pose.setup import PoseSetup
 
 
@@ -74,16 +75,22 @@ class Prior(Protocol):
         """
         ...
 
+    @classmethod
+    def models(cls, cfg: "RunConfig", cuda: bool) -> list["ModelSpec"]:
+        """The model weights a run of ``cfg`` loads with this prior (``cuda``: on a CUDA device), so that all
+        are checked, then fetched, before any loads (``prior_choice.run_models``)."""
+        ...
+
     def specialise(self, cfg: "RunConfig") -> "RunConfig":
         """The run config with this prior's own settings in place of the general ones (idempotent)."""
         ...
 
     def particle_score(self, cfg: "RunConfig") -> Optional[ParticleScore]:
-        """ε_φ for the run's VSD/USD stages (None when every stage is SDS)."""
+        """ε_φ for the run's stages whose method needs one (None when none does: ``RunConfig.needs``)."""
         ...
 
     def pose_setup(self, cfg: "RunConfig", need: bool, timings: Optional[dict] = None) -> "PoseSetup":
-        """The pose classifier of the run (``need``: the rectifier needs one); template seconds go to
+        """The pose classifier of the run (``need``: the run's method needs one); template seconds go to
         ``timings["templates_s"]``."""
         ...
 

@@ -12,6 +12,7 @@ time-embedding width, 1280 for SD) is added to the timestep embedding through th
 The ε_φ pass and the LoRA loss (with its backward) can run compiled (:meth:`LoRAParticleScore.compile_passes`,
 docs/performance.md). The adapters are switched outside the compiled functions, so each compiled function
 always sees one adapter state and never recompiles; random draws stay outside too.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from recdreamer_gs.config import ParticleScoreConfig  # re-exported for callers of this module
-from recdreamer_gs.usd.distill import add_noise, alpha_sigma, to_eps
+from recdreamer_gs.priors.diffusion import add_noise, alpha_sigma, to_eps
+from recdreamer_gs.priors.sd_weights import load_separate_unet
 
 ADAPTER = "eps_phi"  # peft adapter name on the UNet
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention, as the release
@@ -58,7 +60,7 @@ class AdapterHandles:
 
     @classmethod
     def find(cls, unet) -> "AdapterHandles":
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: peft loads only when needed
 
         layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         if not layers:
@@ -132,7 +134,7 @@ class LoRAParticleScore(nn.Module):
         cfg: Optional[ParticleScoreConfig] = None,
     ):
         super().__init__()
-        from peft import LoraConfig
+        from peft import LoraConfig  # heavy: peft loads only when needed
 
         self.cfg = cfg or ParticleScoreConfig()
         if unet.class_embedding is not None:
@@ -174,8 +176,6 @@ class LoRAParticleScore(nn.Module):
     @classmethod
     def from_prior(cls, prior, cfg: Optional[ParticleScoreConfig] = None) -> "LoRAParticleScore":
         """ε_φ for a :class:`StableDiffusionPrior`: on its UNet (``shared``) or on ``cfg.separate_model``."""
-        from recdreamer_gs.priors.stable_diffusion import load_separate_unet
-
         cfg = cfg or ParticleScoreConfig()
         if cfg.base == "shared":
             return cls(prior.unet, prior.cond_embedding, prior.alphas_cumprod, prior.prediction_type, cfg)
@@ -289,7 +289,7 @@ class LoRAParticleScore(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        from peft import get_peft_model_state_dict
+        from peft import get_peft_model_state_dict  # heavy: peft loads only when needed
 
         for key, value in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items():
             destination[f"{prefix}lora.{key}"] = value if keep_vars else value.detach()
@@ -297,7 +297,7 @@ class LoRAParticleScore(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict  # heavy: peft loads only when needed
 
         lora_prefix = f"{prefix}lora."
         lora = {k[len(lora_prefix):]: v for k, v in state_dict.items() if k.startswith(lora_prefix)}

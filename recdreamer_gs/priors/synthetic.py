@@ -28,11 +28,11 @@ from torch import Tensor
 from recdreamer_gs.cameras import orbit
 from recdreamer_gs.config import CameraConfig, GaussiansConfig, SyntheticPriorConfig
 from recdreamer_gs.gaussians import Gaussians, rgb_to_sh0
+from recdreamer_gs.pose.setup import PoseSetup
 from recdreamer_gs.render import render
 
 if TYPE_CHECKING:
     from recdreamer_gs.config import DistillConfig, RunConfig
-    from recdreamer_gs.pose.setup import PoseSetup
 
 POSE_CLASSES = ("front", "left", "back", "right")
 # Camera azimuth that sees each class: the object faces +z; a camera on +x (90°) sees its left side.
@@ -310,6 +310,11 @@ class SyntheticPrior:
 
     # -- what the run takes from its prior ------------------------------------------------------
 
+    @classmethod
+    def models(cls, cfg: "RunConfig", cuda: bool) -> list:
+        """None: the synthetic prior is analytic (no weights to load)."""
+        return []
+
     def specialise(self, cfg: "RunConfig") -> "RunConfig":
         """Renders at this prior's resolution, its own densification threshold and rectifier cap (its
         pixel-space gradients are larger than SD latents'), and view-conditioned CFG when configured
@@ -327,7 +332,7 @@ class SyntheticPrior:
 
     def particle_score(self, cfg: "RunConfig") -> Optional[KernelParticleScore]:
         """The exact kernel score of the particles (nothing to train) for VSD/USD."""
-        if cfg.methods() == {"sds"}:
+        if not cfg.needs().particle_score:
             return None
         return KernelParticleScore(self.alphas_cumprod, self.cfg.kernel_width)
 
@@ -336,14 +341,12 @@ class SyntheticPrior:
         class posterior of the clean renders, so the metric measures poses, not the matcher's softness. The
         posterior knows the reference views only, so pEnt is measured on their orbit (elevation, radius, field
         of view), whatever the run's cameras: that is what lets ``eval --prior synthetic`` score any PLY."""
-        from recdreamer_gs.pose.setup import PoseSetup
-
         s = self.cfg
         reference = CameraConfig(resolution=s.resolution, radius_range=(s.radius, s.radius),
                                  fovy_range=(s.fovy, s.fovy), preview_elevation=s.elevation)
         setup = PoseSetup(self.classify, POSE_CLASSES, metric=self.clean_class_posterior,
                           image_size=s.resolution, metric_camera=reference)
-        setup.check_pose_control(cfg.first_distill("usd").rectifier)
+        setup.check_pose_control(cfg.rectifier_config())
         return setup
 
     def template_candidates(self, prompt: str, per_view: int = 1) -> dict[str, list[Float[Tensor, "3 H W"]]]:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from recdreamer_gs.cameras import Cameras
 from recdreamer_gs.gaussians import Gaussians
+from recdreamer_gs.render.gsplat_backend import ensure_cuda_extension, rasterize_gsplat
 from recdreamer_gs.render.inputs import Splats, Views
 
 # OpenGL camera axes (x right, y up, looking down -z) to OpenCV (x right, y down, looking down +z).
@@ -53,8 +54,6 @@ def ensure_backend(backend: Literal["auto", "gsplat", "torch"], device: torch.de
     builds and runs, see :func:`recdreamer_gs.render.gsplat_backend.ensure_cuda_extension`)."""
     name = resolve_backend(backend, device)
     if name == "gsplat":
-        from recdreamer_gs.render.gsplat_backend import ensure_cuda_extension
-
         ensure_cuda_extension()
     return name
 
@@ -73,11 +72,11 @@ def render(
     args = dict(splats=Splats.of(gaussians), views=Views(viewmats, Ks, cameras.width, cameras.height),
                 backgrounds=background.to(device), eps2d=eps2d, near_plane=near_plane)
     if resolve_backend(backend, device) == "gsplat":
-        from recdreamer_gs.render.gsplat_backend import rasterize_gsplat
-
         rgb, alpha, depth, meta = rasterize_gsplat(**args)
     else:
-        from recdreamer_gs.render.torch_backend import rasterize_torch
+        from recdreamer_gs.render.torch_backend import (
+            rasterize_torch,  # heavy: gsplat (its PyTorch reference) loads only for the CPU compositor
+        )
 
         rgb, alpha, depth, meta = rasterize_torch(**args)
     return RenderOut(

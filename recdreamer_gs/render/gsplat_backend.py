@@ -11,6 +11,7 @@ renders one Gaussian. Any failure is one :class:`GsplatUnavailable` line: the ca
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -19,17 +20,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from jaxtyping import Float
+from rich.console import Console
 from torch import Tensor
 
 from recdreamer_gs.errors import UserError
 from recdreamer_gs.render.inputs import Splats, Views
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 EXTENSION = "gsplat_cuda"  # the name gsplat gives its JIT extension (gsplat/cuda/_backend.py)
 # What builds the extension: importing gsplat's backend (it compiles when no build is cached). Run as a
@@ -53,7 +52,7 @@ def rasterize_gsplat(
     if splats.means.device.type != "cuda":
         # Checked before touching gsplat: on CPU tensors it would try to JIT-build its CUDA extension.
         raise ValueError(f"gsplat needs CUDA tensors, got {splats.means.device}; use the torch backend on CPU")
-    from gsplat import rasterization
+    from gsplat import rasterization  # heavy: gsplat loads only when needed
 
     renders, alphas, meta = rasterization(
         means=splats.means, quats=splats.quats, scales=splats.scales, opacities=splats.opacities, colors=splats.sh,
@@ -76,7 +75,9 @@ def extensions_root() -> Path:
     created here)."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    from torch.utils.cpp_extension import get_default_build_root
+    from torch.utils.cpp_extension import (
+        get_default_build_root,  # heavy: torch.utils.cpp_extension loads only when needed
+    )
 
     accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
@@ -107,8 +108,6 @@ def extension_built() -> bool:
 
 def find_nvcc() -> Optional[Path]:
     """The CUDA compiler torch's extension builder would use (CUDA_HOME, PATH or /usr/local/cuda)."""
-    import logging
-
     from torch.utils.cpp_extension import _find_cuda_home  # gsplat's backend uses the same lookup
 
     log = logging.getLogger("torch.utils.cpp_extension")
@@ -128,7 +127,7 @@ def find_nvcc() -> Optional[Path]:
 def missing_build_tools() -> Optional[str]:
     """Why a JIT build cannot start here (no nvcc, no ninja, no C++ compiler, nvcc's CUDA major version
     differing from torch's), or None when the tools are there."""
-    from torch.utils.cpp_extension import is_ninja_available
+    from torch.utils.cpp_extension import is_ninja_available  # heavy: torch.utils.cpp_extension loads only when needed
 
     nvcc = find_nvcc()
     if nvcc is None:
@@ -208,7 +207,7 @@ def _build(console: "Console") -> None:
 
 def _smoke_test() -> None:
     """Load the extension in this process and render one Gaussian (catches a build for another GPU)."""
-    from gsplat.cuda._backend import _C
+    from gsplat.cuda._backend import _C  # heavy: gsplat loads only when needed
 
     if _C is None:
         raise RuntimeError("gsplat: No CUDA toolkit found")
@@ -229,8 +228,6 @@ def ensure_cuda_extension(console: Optional["Console"] = None) -> None:
         GsplatUnavailable: the build tools are missing, the build failed, or the built code does not run on
             this GPU; the message names the cause, the log with the full output and the ways on.
     """
-    from rich.console import Console
-
     console = console or Console(stderr=True)
     if not extension_built():
         cause = missing_build_tools()

@@ -5,6 +5,7 @@ prior currently produces at noise level t (paper eq. 10-11). With f uniform, asc
 particles out of over-represented poses (the front) into rare ones, so the pose marginal becomes
 uniform. p̄_t is estimated online (paper eq. 19): one EMA per interval of T/n_t timesteps over the
 classifier's probabilities of the Tweedie estimates x̂0.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
@@ -16,11 +17,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recdreamer_gs.config import RectifierConfig
-from recdreamer_gs.usd.distill import clamp_to_norm
-
-# A pose classifier on images in [-1, 1] (and the solid background of each): probabilities over the
-# pose classes, differentiable in the images.
-Classifier = Callable[[Float[Tensor, "B 3 H W"], Optional[Float[Tensor, "B 3"]]], Float[Tensor, "B C"]]
+from recdreamer_gs.distill.grads import clamp_to_norm
+from recdreamer_gs.pose.setup import Classifier
 
 
 def ema_rate(n_ema: int) -> float:

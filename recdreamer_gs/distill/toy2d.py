@@ -8,18 +8,15 @@ rectifier makes it close to uniform. ``benchmarks/particles_2d.py`` runs the ful
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from recdreamer_gs.config import DistillConfig, RectifierConfig, SyntheticPriorConfig
+from recdreamer_gs.config import DistillConfig, Method, RectifierConfig, SyntheticPriorConfig, needs
+from recdreamer_gs.distill.rectifier import Rectifier
+from recdreamer_gs.distill.step import distill_step
 from recdreamer_gs.priors.synthetic import KernelParticleScore, SyntheticPrior
-from recdreamer_gs.usd.rectifier import Rectifier
-from recdreamer_gs.usd.step import distill_step
-
-Method = Literal["sds", "vsd", "usd"]
 
 
 @dataclass
@@ -56,7 +53,7 @@ def run_particles(
 ) -> tuple[Float[Tensor, "P 3 H W"], Float[Tensor, "C"]]:
     """Optimise image particles; returns them and their pose histogram (share of particles per class).
 
-    Each iteration is :func:`recdreamer_gs.usd.step.distill_step` on the particles themselves (z = x, one
+    Each iteration is :func:`recdreamer_gs.distill.step.distill_step` on the particles themselves (z = x, one
     view per particle), with the exact kernel score as ε_φ and the prior's template classifier."""
     g = torch.Generator().manual_seed(seed)
     P = cfg.particles
@@ -67,14 +64,14 @@ def run_particles(
     x = (centre + cfg.init_noise * torch.randn(P, 3, cfg.resolution, cfg.resolution, generator=g))
     x = x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
-    d = distill_config(method, cfg)
-    particle_score = KernelParticleScore(prior.alphas_cumprod, cfg.s_q) if method != "sds" else None
+    d, need = distill_config(method, cfg), needs(method)
+    particle_score = KernelParticleScore(prior.alphas_cumprod, cfg.s_q) if need.particle_score else None
     rectifier = Rectifier(d.rectifier, prior.classify, prior.class_names, prior.num_train_timesteps) \
-        if method == "usd" else None
+        if need.rectifier else None
     lo, hi = int(cfg.t_min * prior.num_train_timesteps), int(cfg.t_max * prior.num_train_timesteps)
     for i in range(cfg.iterations):
         t = torch.randint(lo, hi, (1,), generator=g).expand(P)
-        z = x.detach().requires_grad_(method == "usd")
+        z = x.detach().requires_grad_(need.rectifier)  # the rectifier differentiates through z
         step = distill_step(prior, particle_score, rectifier, d, z, P, t, g, background, iteration=i)
         opt.zero_grad()
         x.grad = step.grad

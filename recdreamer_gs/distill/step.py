@@ -1,10 +1,11 @@
 """One distillation step: docs/iteration.md steps 2-7 and 9 as one function of tensors.
 
-The 3D system (``TextTo3DSystem.training_step``), the 2D check (``usd/toy2d.py``) and the benchmarks
+The 3D system (``TextTo3DSystem.training_step``), the 2D check (``distill/toy2d.py``) and the benchmarks
 call :func:`distill_step` on the encoded renders ``z`` and get the gradient with respect to ``z`` back;
 rendering, the optimizer steps and the ε_φ update stay with the caller. It is wiring only: the maths
-are the pure functions of ``usd/distill.py`` and ``usd/rectifier.py``. Nothing here reads a tensor's
+are the pure functions of ``priors/diffusion.py``, ``distill/grads.py`` and ``distill/rectifier.py``. Nothing here reads a tensor's
 value on the host (no ``.item()``, ``int()`` or branch on a tensor), so a CUDA iteration never waits.
+"The release" is the authors' code release, linked in docs/README.md ("The authors' release").
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from recdreamer_gs.config import DistillConfig
+from recdreamer_gs.config import DistillConfig, needs
+from recdreamer_gs.distill import grads
+from recdreamer_gs.distill.rectifier import Rectifier, rectifier_objective
+from recdreamer_gs.priors import diffusion
 from recdreamer_gs.priors.base import ParticleScore, Prior
-from recdreamer_gs.usd import distill
-from recdreamer_gs.usd.rectifier import Rectifier, rectifier_objective
 
 
 @dataclass
@@ -35,9 +37,9 @@ class StepOut:
     log_r: Optional[Float[Tensor, "N"]] = None  # log r of each sample, detached (USD)
 
     def log_terms(self, class_names: tuple[str, ...]) -> dict[str, Tensor]:
-        """The step's terms under the names the loggers and callbacks/report.py read."""
+        """The step's terms under the names the loggers (callbacks.py) and report.py read."""
         logs = {
-            f"grad/{'sds' if self.method == 'sds' else 'vsd'}_norm": self.grad_distill.norm().detach(),
+            f"grad/{'vsd' if needs(self.method).particle_score else 'sds'}_norm": self.grad_distill.norm().detach(),
             "grad/rect_norm": self.grad_rect.norm().detach(),
         }
         if self.probs is not None:
@@ -78,44 +80,43 @@ def distill_step(
     iteration's time step per sample; ``generator`` draws ε (and ε' for ``rectifier.noise=fresh``);
     ``azimuth`` is used only under ``cfg.view_prompts``; ``iteration`` decides ``rectify_every``.
     """
-    method = cfg.method
-    if method != "sds" and particle_score is None:
+    method, need = cfg.method, needs(cfg.method)
+    if need.particle_score and particle_score is None:
         raise ValueError(f"distill_step: method {method!r} needs ε_φ (a particle score), got None")
-    if method == "usd" and rectifier is None:
-        raise ValueError("distill_step: method 'usd' needs a Rectifier, got None")
-    usd = method == "usd"
-    rectify = usd and rectifier.active(iteration)
+    if need.rectifier and rectifier is None:
+        raise ValueError(f"distill_step: method {method!r} needs a Rectifier, got None")
+    rectify = need.rectifier and rectifier.active(iteration)
     shared = rectify and not rectifier.fresh_noise  # step 6 differentiates through this x_t
     azimuth = azimuth if cfg.view_prompts else None
 
     # 3. Noise at the given t: x_t = α_t z + σ_t ε; x_t keeps its graph to z only when step 6 uses it.
-    alpha, sigma = distill.alpha_sigma(prior.alphas_cumprod, t)
+    alpha, sigma = diffusion.alpha_sigma(prior.alphas_cumprod, t)
     eps = randn_like(z, generator)
-    x_t = distill.add_noise(z if shared else z.detach(), eps, alpha, sigma)
+    x_t = diffusion.add_noise(z if shared else z.detach(), eps, alpha, sigma)
 
     # 4. Pretrained score with CFG (one UNet pass), differentiable only when step 6 needs it.
     with torch.set_grad_enabled(shared):
         eps_hat = prior.eps(x_t, t, cfg.guidance_scale, background, azimuth=azimuth)
 
     # 5. Distillation gradient: SDS against the injected noise (eq. 4), VSD/USD against ε_φ (eq. 9).
-    if method == "sds":
-        grad_distill = distill.sds_grad(eps_hat.detach(), eps, sigma)
-    else:
+    if need.particle_score:
         with torch.no_grad():
             eps_phi = particle_score.eps_phi(x_t.detach(), t, c2w, particles=same_camera_renders(z, particles))
-        grad_distill = distill.vsd_grad(eps_hat.detach(), eps_phi, sigma)
-    grad_distill = distill.clamp_elements(grad_distill, cfg.grad_clip)
+        grad_distill = grads.vsd_grad(eps_hat.detach(), eps_phi, sigma)
+    else:
+        grad_distill = grads.sds_grad(eps_hat.detach(), eps, sigma)
+    grad_distill = grads.clamp_elements(grad_distill, cfg.grad_clip)
 
     # 6. Rectifier (USD): x̂0 -> decode -> classify -> log r; g_rect = −∂/∂z[ω σ/α log r] (eq. 13).
     #    Off its iterations (rectify_every) the classifier still runs, without graph, for step 9.
     grad_rect = torch.zeros_like(grad_distill)
     probs = log_r = None
-    if usd:
+    if need.rectifier:
         if rectify and rectifier.fresh_noise:  # the release draws fresh noise for this branch
-            x_t = distill.add_noise(z, randn_like(z, generator), alpha, sigma)
+            x_t = diffusion.add_noise(z, randn_like(z, generator), alpha, sigma)
             eps_hat = prior.eps(x_t, t, cfg.guidance_scale, background, azimuth=azimuth)
         with torch.set_grad_enabled(rectify):
-            x0_hat = distill.tweedie_x0(x_t, eps_hat, alpha, sigma)
+            x0_hat = diffusion.tweedie_x0(x_t, eps_hat, alpha, sigma)
             probs = rectifier.classify(prior.decode(x0_hat), background)
             log_r = rectifier.log_r(probs, t, particles)
             if rectify:
@@ -128,4 +129,4 @@ def distill_step(
 
     total = grad_distill + grad_rect
     bad = ~torch.isfinite(total).any()
-    return StepOut(method, distill.nan_to_zero(total), grad_distill, grad_rect, bad, probs, log_r)
+    return StepOut(method, grads.nan_to_zero(total), grad_distill, grad_rect, bad, probs, log_r)

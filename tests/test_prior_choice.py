@@ -1,4 +1,4 @@
-"""pipeline.build_prior: what ``--prior auto`` picks and says, and models that cannot be had (no network used)."""
+"""prior_choice.build_prior: what ``--prior auto`` picks and says, and models that cannot be had (no network used)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from make_fixtures import write_hub_snapshot
 from typer.testing import CliRunner
 
-from recdreamer_gs import doctor, hub, pipeline
+from recdreamer_gs import doctor, hub, prior_choice
 from recdreamer_gs.cli import app
 from recdreamer_gs.config import load_config, parse_override
 
@@ -45,16 +45,16 @@ def no_network(monkeypatch):
 
 def test_auto_on_cpu_is_synthetic_and_says_why(monkeypatch):
     monkeypatch.setattr(doctor, "nvidia_gpus", lambda: [])
-    choice = pipeline.build_prior(config(), torch.device("cpu"))
+    choice = prior_choice.build_prior(config(), torch.device("cpu"))
     assert choice.prior.name == "synthetic" and "no CUDA device is in use" in choice.notice
-    choice = pipeline.build_prior(config("train.device=cpu"), torch.device("cpu"))
+    choice = prior_choice.build_prior(config("train.device=cpu"), torch.device("cpu"))
     assert "--device cpu was asked for" in choice.notice
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU build of torch")
 def test_auto_on_a_gpu_machine_with_cpu_torch_says_how_to_fix_it(monkeypatch):
     monkeypatch.setattr(doctor, "nvidia_gpus", lambda: ["NVIDIA H100 80GB HBM3"])
-    notice = pipeline.build_prior(config(), torch.device("cpu")).notice
+    notice = prior_choice.build_prior(config(), torch.device("cpu")).notice
     assert "NVIDIA H100 80GB HBM3" in notice and "is a CPU build" in notice and "make install" in notice
     assert "CPU=1" in notice  # names the variable that chose the CPU build
 
@@ -62,7 +62,7 @@ def test_auto_on_a_gpu_machine_with_cpu_torch_says_how_to_fix_it(monkeypatch):
 def test_auto_on_cuda_uses_cached_sd(tiny_models, cache, monkeypatch):
     write_hub_snapshot(cache, SD_REPO, tiny_models["sd"])
     no_network(monkeypatch)
-    assert pipeline._auto_prior(config(), CUDA) == ("sd", None)
+    assert prior_choice._auto_prior(config(), CUDA) == ("sd", None)
 
 
 def test_auto_on_cuda_downloads_when_the_network_allows(tiny_models, cache, monkeypatch):
@@ -70,7 +70,7 @@ def test_auto_on_cuda_downloads_when_the_network_allows(tiny_models, cache, monk
              for p in tiny_models["sd"].rglob("*") if p.is_file()}
     siblings = [SimpleNamespace(rfilename=f, size=n) for f, n in files.items()]
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo, **kw: SimpleNamespace(siblings=siblings))
-    assert pipeline._auto_prior(config(), CUDA) == ("sd", None)  # SD, not the synthetic prior
+    assert prior_choice._auto_prior(config(), CUDA) == ("sd", None)  # SD, not the synthetic prior
 
 
 @pytest.mark.parametrize("setup, fragment", [
@@ -90,7 +90,7 @@ def test_auto_on_cuda_falls_back_only_when_sd_cannot_be_had(cache, monkeypatch, 
         response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
         err = RepositoryNotFoundError("404", response=response)
         monkeypatch.setattr(huggingface_hub.HfApi, "model_info", raising(err))
-    kind, notice = pipeline._auto_prior(config(*overrides), CUDA)
+    kind, notice = prior_choice._auto_prior(config(*overrides), CUDA)
     assert kind == "synthetic" and fragment in notice
     assert "Stable Diffusion weights" in notice and "models --download" in notice
 
@@ -105,7 +105,7 @@ def test_missing_dinov2_stops_before_sd_loads(tiny_models, cache, monkeypatch):
                         classmethod(lambda *a, **k: pytest.fail("SD must not load when DINOv2 is missing")))
     cfg = config("prior.kind=sd", f"prior.sd.model={tiny_models['sd']}")
     with pytest.raises(hub.ModelUnavailable) as info:
-        pipeline.build_prior(cfg, torch.device("cpu"))
+        prior_choice.build_prior(cfg, torch.device("cpu"))
     message = str(info.value)
     assert "Pose feature model (DINOv2) 'facebook/dinov2-with-registers-small'" in message
     assert "--method vsd" in message and "--pose-model PATH" in message and "\n" not in message
