@@ -16,9 +16,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from recdreamer_gs import __version__, hub
-from recdreamer_gs.hub import human_size
+from recdreamer_gs import __version__
 
+# hub (rich, huggingface_hub) and torch load inside the functions that need them: `python -m recdreamer_gs.doctor
+# --short` runs in `make install` when torch is the only dependency installed yet (tests/test_doctor.py checks it).
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -105,6 +106,8 @@ def folder_size(path: Path) -> int:
 
 
 def _folder_line(path: Path) -> str:
+    from recdreamer_gs.hub import human_size  # see the note at the imports
+
     return f"{path} ({human_size(folder_size(path))})" if path.is_dir() else f"{path} (not created yet)"
 
 
@@ -122,8 +125,9 @@ def _toolchain() -> str:
 def report(specs: list["ModelSpec"], console: "Console") -> None:
     """Print the bug-report block: versions, GPU, toolchain, caches, and which of the models ``specs`` (a run's:
     ``prior_choice.run_models``) are local."""
-    import torch  # torch loads only here: `doctor --short` runs before the other dependencies are installed
+    import torch  # see the note at the imports
 
+    from recdreamer_gs import hub
     from recdreamer_gs.render import gsplat_backend as gs
 
     rows: list[tuple[str, str]] = []
@@ -163,6 +167,8 @@ def models_report(specs: list["ModelSpec"], download: bool, console: "Console") 
     """The ``models`` command: every model of ``specs`` (what a run loads: ``prior_choice.run_models``), where
     it comes from, whether it is complete here and its size; with ``download`` the missing ones are fetched
     (after checking all)."""
+    from recdreamer_gs import hub  # see the note at the imports
+
     if not specs:
         console.print("This configuration loads no model weights (the synthetic prior needs none).")
         return
