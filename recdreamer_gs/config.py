@@ -544,6 +544,11 @@ def config_from_data(data: dict) -> RunConfig:
         upgraded = {k: v for k, v in output.items() if k != "write_splat"}
         upgraded.setdefault("formats", ["ply", "splat"] if output["write_splat"] else ["ply"])
         data = dict(data, output=upgraded)
+    gaussians = data.get("gaussians")
+    if isinstance(gaussians, dict) and gaussians.get("init_from") and "init" not in gaussians:
+        # A file with no start said means that file, as --init-from does; so run folders written before
+        # gaussians.init (init_from was then the only other start) resume as they were.
+        data = dict(data, gaussians=dict(gaussians, init="file"))
     stages = data.get("stages") or []
     if isinstance(stages, list):
         data = dict(data, stages=[

@@ -41,7 +41,6 @@ def test_yaml_round_trip(tmp_path):
         ("output.mesh_faces=-1", "output.mesh_faces: expected 0 or more"),
         ("output.logger=wandb", "output.logger: expected one of"),
         ("gaussians.init=file", "gaussians.init: 'file' needs a file in gaussians.init_from"),
-        ("gaussians.init_from=/x.ply", "is set but gaussians.init is 'sphere'; set gaussians.init=file"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -130,6 +129,25 @@ def test_output_formats_name_entries_of_the_output_table():
     old = read_yaml(preset_path("preview"))  # a run folder's config.yaml from before output.formats
     old.setdefault("output", {})["write_splat"] = True
     assert config_from_data(old).output.formats == ["ply", "splat"]
+
+
+def test_a_file_without_init_means_init_file_as_in_run_folders_from_before_gaussians_init(tmp_path):
+    from recdreamer_gs.config import config_from_data, preset_path, read_yaml
+
+    cfg = load_config("preview", overrides=[parse_override("gaussians.init_from=/x.ply")])  # as --init-from
+    assert cfg.gaussians.init == "file"
+    with pytest.raises(ConfigError, match="is set but gaussians.init is 'sphere'; set gaussians.init=file"):
+        load_config("preview", overrides=[parse_override("gaussians.init=sphere"),
+                                          parse_override("gaussians.init_from=/x.ply")])
+
+    old = read_yaml(preset_path("preview"))  # a run folder's config.yaml from before gaussians.init
+    old["gaussians"].pop("init", None)
+    old["gaussians"]["init_from"] = str(tmp_path / "cloud.ply")
+    cfg = config_from_data(old)
+    assert cfg.gaussians.init == "file" and cfg.gaussians.init_from == str(tmp_path / "cloud.ply")
+    old["gaussians"]["init"] = "shap-e"  # said both ways: still an error
+    with pytest.raises(ConfigError, match="gaussians.init_from"):
+        config_from_data(old)
 
 
 # ---- every field of the tree, generated from the dataclasses ----------------------------------
