@@ -31,7 +31,7 @@ NEIGHBOURS = 3  # scale from the mean squared distance to this many nearest neig
 # the -90° turn about x that diffusers' docs apply before writing a y-up GLB.
 SHAP_E_TO_WORLD = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 # The default 64 steps and grid-128 decode on a CPU: 127 prior passes x 19.5 s + 199 s decode, measured (4 steps)
-# by benchmarks/shap_e.py with random weights at Shap-E's size on a shared 2-core machine (README, Starting shapes).
+# by benchmarks/shap_e.py with random weights at Shap-E's size on a shared 2-core machine (docs/measurements.md).
 CPU_MINUTES = 45
 
 
@@ -210,7 +210,7 @@ def generate_mesh(pipe, prompt: str, cfg: ShapEConfig, seed: int, progress: bool
 
 def cpu_notice() -> str:
     return (f"Shap-E runs on the CPU: at the default settings expect about {CPU_MINUTES} min on 2 cores before "
-            "training starts (README, Starting shapes); use a CUDA device, or --init sphere")
+            "training starts (docs/measurements.md, Shap-E on a CPU); use a CUDA device, or --init sphere")
 
 
 def starting_cloud(cfg: RunConfig, device: torch.device, echo: Optional[Callable[[str], None]] = None
