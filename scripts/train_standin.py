@@ -148,25 +148,13 @@ def draw(r: Renders, weights: Tensor, n: int, s: Settings, g: torch.Generator) -
 # --------------------------------------------------------------------------------------------
 
 
-def byte_alphabet() -> list[str]:
-    """The printable byte alphabet of CLIP's byte-level BPE (every byte has a symbol)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(folder: Path, words: list[str]):
     """A CLIPTokenizer whose merges spell ``words`` as single tokens (other text falls back to characters)."""
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     folder.mkdir(parents=True, exist_ok=True)
-    chars = byte_alphabet()
+    chars = list(bytes_to_unicode().values())  # CLIP's byte-level alphabet: every byte has a printable symbol
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
     merges: list[str] = []
     for word in words:

@@ -20,25 +20,13 @@ from typing import Iterator
 import torch
 
 
-def _bytes_to_unicode() -> list[str]:
-    """The printable byte alphabet that CLIP's byte-level BPE uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_clip_tokenizer(out: Path, max_length: int = 77) -> None:
     """A CLIPTokenizer with single-character tokens only (no merges)."""
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     out.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())  # CLIP's byte-level alphabet: every byte has a printable symbol
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
