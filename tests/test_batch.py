@@ -144,7 +144,7 @@ class Namespace:
     def __init__(self, root: Path):
         self.root = root
         self.env = dict(os.environ, RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_AUTH_MODE="token",
-                        RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                        RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
         self.temp = tempfile.mkdtemp(prefix="rgs-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
         head = f"ip link set lo up && exec {sys.executable} {TESTS / 'ray_head.py'} 2 {self.temp}"
         try:

@@ -22,9 +22,9 @@ USD_PARTS = ("usd_unet_cfg", "usd_decode", "pose_classifier", "rectifier_backwar
 
 
 def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # One thread: on a small shared CPU, OpenMP threads spinning against each other make tiny
-    # networks a hundred times slower.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # One thread (OMP_NUM_THREADS comes from conftest.py): on a small shared CPU, OpenMP threads spinning against
+    # each other make tiny networks a hundred times slower.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args, "--threads", "1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
     if check and proc.returncode != 0:

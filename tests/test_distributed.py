@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("statistics", ["pooled", "per_particle"])
 def test_two_ranks_split_particles_and_keep_statistics(tmp_path, statistics):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_check.py"), str(tmp_path), statistics], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=240)

@@ -82,7 +82,7 @@ def test_ctrl_c_writes_checkpoint_and_ply_then_resume_finishes(tmp_path):
     import time
 
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    env = dict(os.environ, PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "recdreamer_gs.cli", "run", "a cat", "--steps", "100000", "--device", "cpu",
            "--out", str(tmp_path), "--set", "train.progress_bar=false", "--set", "train.preview_every=2",
            "--set", "gaussians.num_init=150", "--set", "prior.synthetic.resolution=32",
