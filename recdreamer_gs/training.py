@@ -66,9 +66,9 @@ def prepare(cfg: RunConfig, fresh: bool = True) -> Prepared:
     choice = build_prior(cfg, device, starting_shape=fresh)
     if not fresh:
         return Prepared(device, choice)
-    # With the synthetic prior, Shap-E and CLIP are checked (then fetched) here; the SD path did it already.
-    chosen = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, kind=choice.kind))
-    hub.prepare(run_models(chosen, cuda=device.type == "cuda"))
+    if choice.kind == "synthetic":  # Shap-E and CLIP are checked (then fetched) here; build_prior did it for SD
+        chosen = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, kind=choice.kind))
+        hub.prepare(run_models(chosen, cuda=device.type == "cuda"))
     start = starting_cloud(cfg, device, progress_echo)
     return Prepared(device, choice, build_clip(cfg, device), start)
 
