@@ -40,9 +40,13 @@ run: $(VENV)/.installed
 	$(VENV)/bin/recdreamer-gs run "$(PROMPT)" $(ARGS)
 
 # The import layers first (pyproject.toml, [tool.importlinter]), then the tests: one pytest worker per core
-# (pytest-xdist), each file's tests on one worker (its module fixtures made once), the files in the order
-# tests/conftest.py gives them (the slowest first). pytest's exit code 5 (no tests collected) must fail too.
+# (pytest-xdist), each file's tests on one worker (its module fixtures made once) except that a test class may go
+# to another worker than the rest of its file (loadscope), the files in the order tests/conftest.py gives them
+# (the slowest first). Plugins load by name only (PYTEST_DISABLE_PLUGIN_AUTOLOAD): others in the environment, such
+# as dash's, would be imported and assertion-rewritten in every worker. pytest's exit code 5 (no tests collected)
+# must fail too.
 test: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder $(ARGS); status=$$?; \
+	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest -p xdist.plugin -p pytest_timeout -q -n auto --dist loadscope \
+	  --no-loadscope-reorder $(ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status

@@ -122,9 +122,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--models", type=Path, default=None,
                         help="folder for the model folders (default: a temporary one, removed at the end)")
     parser.add_argument("--standard-steps", type=int, default=300, help="iterations of the standard-preset run")
+    parser.add_argument("--presets", default="preview,standard",
+                        help="comma list of the runs to time: preview, standard (default: both)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of the runs (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     args = parser.parse_args(argv)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    if not presets or set(presets) - {"preview", "standard"}:
+        parser.error(f"--presets: expected a comma list of preview and standard, got {args.presets!r}")
 
     work = Path(tempfile.mkdtemp(prefix="cli-timing-"))
     models_dir = args.models or work / "models"
@@ -141,12 +146,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if args.small:
             common += [a for s in SMALL_SET for a in ("--set", s)]
         standard_steps = 2 if args.small else args.standard_steps
-        runs = {
-            "preview": run_cli([*common, "--preset", "preview", *(["--steps", "2"] if args.small else [])],
-                               work / "preview", env),
-            f"standard_{standard_steps}": run_cli([*common, "--preset", "standard", "--steps", str(standard_steps)],
-                                                  work / "standard", env),
-        }
+        runs = {}
+        if "preview" in presets:
+            runs["preview"] = run_cli([*common, "--preset", "preview", *(["--steps", "2"] if args.small else [])],
+                                      work / "preview", env)
+        if "standard" in presets:
+            runs[f"standard_{standard_steps}"] = run_cli(
+                [*common, "--preset", "standard", "--steps", str(standard_steps)], work / "standard", env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {

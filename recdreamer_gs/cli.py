@@ -437,9 +437,11 @@ def view_cmd(
     if not 0 <= port <= 65535:
         raise UserError(f"--port: expected 0..65535 (0: any free port), got {port}")
     live = open_plys(plys, port, frame)
-    err_console.print(f"{live.banner()}  (Ctrl-C to stop)", highlight=False)
-    try:
+    try:  # from here on Ctrl-C is how a view ends (exit 0), even before the banner is out
+        err_console.print(f"{live.banner()}  (Ctrl-C to stop)", highlight=False)
         live.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
         live.stop()
 

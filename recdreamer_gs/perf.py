@@ -239,4 +239,4 @@ def make_compiler(perf: PerfConfig, device: torch.device, iterations: int, echo:
     return Compiler(device, perf.compile_mode, BACKEND, echo=echo, timings=timings)
 
 
-BACKEND = "inductor"  # torch.compile backend of runs; the tests swap in aot_eager (same graphs, no codegen)
+BACKEND = "inductor"  # torch.compile backend of runs; the tests swap in aot_eager or eager (same graphs, no codegen)

@@ -20,8 +20,9 @@ os.environ["OMP_NUM_THREADS"] = "1"
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # Files whose tests take the longest: started first, so that the workers finish together.
-SLOWEST_FIRST = ("test_standin.py", "test_perf.py", "test_batch.py", "test_benchmarks.py", "test_particles_3d.py",
-                 "test_distributed.py", "test_viewer.py", "test_resume.py")
+SLOWEST_FIRST = ("test_standin.py", "test_perf.py", "test_batch.py", "test_particles_3d.py", "test_viewer.py",
+                 "test_sd_pipeline.py", "test_resume.py", "test_distributed.py", "test_benchmarks.py", "test_stages.py",
+                 "test_shape.py", "test_toy2d.py")
 
 
 def pytest_configure(config):

@@ -1,10 +1,11 @@
-"""Two-process data-parallel run on CPU (gloo), started by tests/test_distributed.py.
+"""Two-process data-parallel runs on CPU (gloo), started by tests/test_distributed.py.
 
-    python tests/ddp_check.py OUTDIR [per_particle|pooled]
+    python tests/ddp_check.py OUTDIR [per_particle|pooled ...]
 
-Lightning's launcher re-runs this script for rank 1; each rank saves its rectifier statistics (the EMA of
-its first particle, or the shared one) and particle indices to OUTDIR/rank<r>.pt so that the test can
-compare them.
+Lightning's launcher re-runs this script for rank 1; both processes then run one short fit per statistics mode
+given, one after the other (the process group is made once and kept). Each rank saves its rectifier statistics
+(the EMA of its first particle, or the shared one) and particle indices to OUTDIR/<mode>/rank<r>.pt so that the
+test can compare them.
 """
 
 import sys
@@ -40,4 +41,5 @@ def main(out: Path, statistics: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "per_particle")
+    for mode in sys.argv[2:] or ["per_particle"]:
+        main(Path(sys.argv[1]) / mode, mode)

@@ -1,17 +1,18 @@
-"""CPU smoke runs of benchmarks/iteration.py (USD parts) and benchmarks/memory.py (real training loop).
+"""CPU smoke runs of benchmarks/iteration.py (USD parts), benchmarks/memory.py (real training loop) and
+benchmarks/cli_timing.py (the real CLI as a child process).
 
-The scripts run as subprocesses from the repo root with tiny random-weight networks; the tests check
-that they finish and that the JSON they write has the expected keys and values, never the times.
+The scripts' ``main`` runs in the test process with tiny random-weight networks (their command lines, their
+printed output): a child Python per script would spend most of its time importing torch and Lightning again.
+The tests check that they finish and that the JSON they write has the expected keys and values, never the times.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,23 +22,22 @@ BENCHMARKS = ROOT / "benchmarks"
 USD_PARTS = ("usd_unet_cfg", "usd_decode", "pose_classifier", "rectifier_backward")
 
 
-def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # One thread (OMP_NUM_THREADS comes from conftest.py): on a small shared CPU, OpenMP threads spinning against
-    # each other make tiny networks a hundred times slower.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args, "--threads", "1"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{name} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def load_iteration_module():
-    spec = importlib.util.spec_from_file_location("bench_iteration", BENCHMARKS / "iteration.py")
+def load_script(name: str) -> ModuleType:
+    """benchmarks/<name> as a module (its ``main(argv)`` is the script's command line)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(name).stem}", BENCHMARKS / name)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+def run_script(name: str, *args: str) -> dict:
+    """``python benchmarks/<name> ARGS --threads 1``, in this process; returns the JSON result it writes."""
+    return load_script(name).main([*args, "--threads", "1"])
+
+
+def load_iteration_module() -> ModuleType:
+    return load_script("iteration.py")
 
 
 def test_iteration_tiny_usd_writes_json(tmp_path: Path) -> None:
@@ -82,11 +82,12 @@ def test_time_ms_counts_timed_region_and_divides_per_call() -> None:
     assert timing["timed_region_only"] is True
 
 
-def test_memory_tiny_runs_training_loop(tmp_path: Path) -> None:
+def test_memory_tiny_runs_training_loop(tmp_path: Path, capsys) -> None:
     out = tmp_path / "memory.json"
-    proc = run_script("memory.py", "--device", "cpu", "--tiny", "--iters", "2", "--warmup", "0", "--out", str(out))
+    run_script("memory.py", "--device", "cpu", "--tiny", "--iters", "2", "--warmup", "0", "--out", str(out))
     result = json.loads(out.read_text())
-    assert json.loads(proc.stdout[proc.stdout.index("{"):]) == result  # printed and written alike
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):]) == result  # printed and written alike
     assert result["preset"] == "standard" and result["method"] == "usd" and result["rectify_every"] == 1
     assert result["iterations"] == 2 and len(result["ms_all_iterations"]) == 2
     assert result["ms_per_iteration"] > 0
@@ -101,13 +102,13 @@ def test_memory_tiny_runs_training_loop(tmp_path: Path) -> None:
     assert metrics["grad/vsd_norm"] > 0
 
 
-def test_memory_overrides_and_torch_render_fallback(tmp_path: Path) -> None:
+def test_memory_overrides_and_torch_render_fallback(tmp_path: Path, capsys) -> None:
     # gsplat refuses CPU tensors, so the probe fails and the torch compositor takes over.
     out = tmp_path / "memory.json"
-    proc = run_script("memory.py", "--device", "cpu", "--tiny", "--iters", "1", "--warmup", "1", "--method", "vsd",
-                      "--set", "camera.batch_size=2", "--set", "render.backend=gsplat", "--out", str(out))
+    run_script("memory.py", "--device", "cpu", "--tiny", "--iters", "1", "--warmup", "1", "--method", "vsd",
+               "--set", "camera.batch_size=2", "--set", "render.backend=gsplat", "--out", str(out))
     result = json.loads(out.read_text())
-    assert "NOTICE" in proc.stdout
+    assert "NOTICE" in capsys.readouterr().out
     assert result["render"].startswith("torch (gsplat failed")
     assert result["method"] == "vsd" and result["rectify_every"] is None and result["pose_dtype"] is None
     assert result["batch_size"] == 2 and result["overrides"] == ["camera.batch_size=2", "render.backend=gsplat"]
@@ -116,18 +117,18 @@ def test_memory_overrides_and_torch_render_fallback(tmp_path: Path) -> None:
 
 
 def test_memory_render_fallback_error_stops(tmp_path: Path) -> None:
-    proc = run_script("memory.py", "--device", "cpu", "--tiny", "--iters", "1", "--method", "sds",
-                      "--set", "render.backend=gsplat", "--render-fallback", "error", check=False)
-    assert proc.returncode != 0
-    assert "render probe failed with backend 'gsplat'" in proc.stderr
+    with pytest.raises(SystemExit, match="render probe failed with backend 'gsplat'"):
+        run_script("memory.py", "--device", "cpu", "--tiny", "--iters", "1", "--method", "sds",
+                   "--set", "render.backend=gsplat", "--render-fallback", "error")
 
 
 def test_cli_timing_small_writes_json(tmp_path: Path) -> None:
-    """benchmarks/cli_timing.py: writes SD and DINOv2 folders, runs the real CLI twice, reads its phases."""
+    """benchmarks/cli_timing.py: writes SD and DINOv2 folders, runs the real CLI (the standard preset's run; the
+    preview run is the same code with another preset), reads its phases."""
     out = tmp_path / "cli_timing.json"
-    run_script("cli_timing.py", "--small", "--device", "cpu", "--out", str(out))
+    run_script("cli_timing.py", "--small", "--device", "cpu", "--presets", "standard", "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result["runs"]) == {"preview", "standard_2"}
+    assert set(result["runs"]) == {"standard_2"}
     assert set(result["models"]["params"]) == {"text_encoder", "unet", "vae", "dinov2"}
     assert all(n > 0 for n in result["models"]["params"].values())
     for run in result["runs"].values():

@@ -68,6 +68,19 @@ def test_init_options(tmp_path):
         option_overrides(init="shap-e", init_from=cloud)
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-2 as a string; float settings take it as the number it means."""
+    cfg = load_config("preview", overrides=[parse_override("gaussians.lr_means=1e-2"),
+                                            parse_override("distill.particle_score.lr=5E-5")])
+    assert cfg.gaussians.lr_means == 0.01 and cfg.distill.particle_score.lr == 5e-5
+    (tmp_path / "c.yaml").write_text("gaussians:\n  lr_sh0: 2e-3\n")
+    assert load_config("preview", tmp_path / "c.yaml").gaussians.lr_sh0 == 0.002
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        load_config("preview", overrides=[parse_override("train.steps=1e3")])  # not for integers
+    with pytest.raises(ConfigError, match="gaussians.lr_means: expected a number, got '1e-2x'"):
+        load_config("preview", overrides=[parse_override("gaussians.lr_means=1e-2x")])
+
+
 def test_override_syntax():
     assert parse_override("a.b=3") == {"a": {"b": 3}}
     with pytest.raises(ConfigError, match="KEY=VALUE"):

@@ -410,3 +410,21 @@ def test_view_cli_port_in_use_then_ctrl_c_exits_0(tmp_path):
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_view_ctrl_c_while_its_banner_prints_exits_0(tmp_path, monkeypatch):
+    """Ctrl-C that lands while `view` prints where it serves (before it waits) still ends the view with 0 and
+    stops its server: the race the test above can hit on a loaded machine, made certain."""
+    from recdreamer_gs import cli
+
+    write_ply(tmp_path / "model.ply", gaussian_params(torch.randn(20, 3) * 0.2))
+    stopped = []
+    monkeypatch.setattr(Viewer, "stop", lambda self: (stopped.append(self.port), self.server.stop()))
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.err_console, "print", ctrl_c)
+    result = CliRunner().invoke(app, ["view", str(tmp_path), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert len(stopped) == 1
