@@ -112,9 +112,8 @@ def _folder_line(path: Path) -> str:
 
 
 def _toolchain() -> str:
-    from torch.utils.cpp_extension import (
-        is_ninja_available,  # torch loads only here: `doctor --short` runs before the other dependencies are installed
-    )
+    # torch loads only here: `doctor --short` runs before the other dependencies are installed
+    from torch.utils.cpp_extension import is_ninja_available
 
     from recdreamer_gs.render.gsplat_backend import find_nvcc
 

@@ -42,9 +42,8 @@ def should_compile(perf: PerfConfig, device: torch.device, iterations: int) -> b
 
 def inductor_cache_dir() -> str:
     """Where Inductor keeps compiled graphs (``TORCHINDUCTOR_CACHE_DIR``, else /tmp/torchinductor_<user>)."""
-    from torch._inductor.runtime.cache_dir_utils import (
-        cache_dir,  # heavy: torch._inductor.runtime.cache_dir_utils loads only when needed
-    )
+    # heavy: torch._inductor.runtime.cache_dir_utils loads only when needed
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     return cache_dir()
 

@@ -1,5 +1,5 @@
-"""CPU smoke runs of benchmarks/iteration.py (USD parts), benchmarks/memory.py (real training loop) and
-benchmarks/cli_timing.py (the real CLI as a child process).
+"""CPU smoke runs of benchmarks/iteration.py (USD parts), benchmarks/memory.py (real training loop),
+benchmarks/lora_step.py (the LoRA step's operators) and benchmarks/cli_timing.py (the real CLI as a child process).
 
 The scripts' ``main`` runs in the test process with tiny random-weight networks (their command lines, their
 printed output): a child Python per script would spend most of its time importing torch and Lightning again.
@@ -36,10 +36,6 @@ def run_script(name: str, *args: str) -> dict:
     return load_script(name).main([*args, "--threads", "1"])
 
 
-def load_iteration_module() -> ModuleType:
-    return load_script("iteration.py")
-
-
 def test_iteration_tiny_usd_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "iteration.json"
     run_script("iteration.py", "--device", "cpu", "--tiny", "--resolution", "64", "--iters", "1", "--warmup", "1",
@@ -71,7 +67,7 @@ def test_iteration_sds_only_skips_pose_classifier(tmp_path: Path) -> None:
 
 
 def test_time_ms_counts_timed_region_and_divides_per_call() -> None:
-    it = load_iteration_module()
+    it = load_script("iteration.py")
     state: dict = {}
 
     def fn() -> None:
@@ -138,3 +134,17 @@ def test_cli_timing_small_writes_json(tmp_path: Path) -> None:
         assert parts == pytest.approx(run["wall_s"], abs=0.05)
         assert run["peak_gpu_memory_gib"] is None  # CPU
     assert "--preset standard --steps 2" in result["runs"]["standard_2"]["command"]
+
+
+def test_lora_step_benchmark_counts_operators(tmp_path: Path) -> None:
+    """benchmarks/lora_step.py on the tiny UNet: the JSON has every phase with operator and Python-call
+    counts; the fused AdamW is a handful of operators, the LoRA adds operators to the plain pass."""
+    out = tmp_path / "lora.json"
+    run_script("lora_step.py", "--size", "tiny", "--device", "cpu", "--iters", "1", "--warmup", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    phases = result["phases"]
+    assert set(phases) == {"unet_fwd_bwd", "lora_step", "lora_forward", "lora_backward", "adamw_step", "eps_phi",
+                           "unet_cond"}
+    assert result["lora_layers"] == 32 and all(p["ops"] > 0 and p["median_ms"] > 0 for p in phases.values())
+    assert phases["adamw_step"]["ops"] <= 4
+    assert phases["eps_phi"]["ops"] > phases["unet_cond"]["ops"]

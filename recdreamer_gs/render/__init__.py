@@ -74,9 +74,8 @@ def render(
     if resolve_backend(backend, device) == "gsplat":
         rgb, alpha, depth, meta = rasterize_gsplat(**args)
     else:
-        from recdreamer_gs.render.torch_backend import (
-            rasterize_torch,  # heavy: gsplat (its PyTorch reference) loads only for the CPU compositor
-        )
+        # heavy: gsplat (its PyTorch reference) loads only for the CPU compositor
+        from recdreamer_gs.render.torch_backend import rasterize_torch
 
         rgb, alpha, depth, meta = rasterize_torch(**args)
     return RenderOut(

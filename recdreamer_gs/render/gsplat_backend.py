@@ -75,9 +75,8 @@ def extensions_root() -> Path:
     created here)."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    from torch.utils.cpp_extension import (
-        get_default_build_root,  # heavy: torch.utils.cpp_extension loads only when needed
-    )
+    # heavy: torch.utils.cpp_extension loads only when needed
+    from torch.utils.cpp_extension import get_default_build_root
 
     accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
