@@ -50,8 +50,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # the package; make_fixtures.py, whose network sizes the --tiny run uses
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import lightning as L  # noqa: E402
 
@@ -68,6 +69,7 @@ from recdreamer_gs.priors.particle_score import LoRAParticleScore, ParticleScore
 from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior  # noqa: E402
 from recdreamer_gs.render import render  # noqa: E402
 from recdreamer_gs.system import TextTo3DSystem  # noqa: E402
+from make_fixtures import TINY_DINOV2, TINY_UNET, TINY_VAE  # noqa: E402 - the --tiny run's networks
 
 # stabilityai/stable-diffusion-2-1-base unet/config.json (the fields that shape the network)
 SD21_UNET = dict(
@@ -85,27 +87,11 @@ SD_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     norm_num_groups=32, scaling_factor=0.18215,
 )
-# the same structure at test-fixture width, for the CPU smoke run
-TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=(2, 4), cross_attention_dim=32, use_linear_projection=True, norm_num_groups=8,
-)
-TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
-    block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-)
 TEXT_LENGTH = 77
 # facebook/dinov2-with-registers-small (ViT-S/14 with 4 registers) config.json, the fields that shape it
 DINOV2_SMALL_REG = dict(
     hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14,
     image_size=518, num_register_tokens=4,
-)
-# the test fixture's width (tests/make_fixtures.py), same token layout
-TINY_DINOV2 = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
-    image_size=224, num_register_tokens=4,
 )
 POSE_CLASSES = ("front", "back", "left", "right")
 
@@ -404,15 +390,13 @@ CPU_ITERATION_GAUSSIANS = 1000  # whole iterations on a CPU render with the torc
 class SystemRun:
     """A :class:`TextTo3DSystem` set up without a Trainer and fed camera batches from
     :class:`RandomCameraDataset`, as ``training.fit_stage`` wires a stage. A Lightning Fabric stands in
-    for the Trainer (``manual_backward``, world size, rank); ``log_dict`` keeps the logged tensors in
-    ``logged`` instead (Fabric would read every value on the host each iteration; a Trainer run's
-    logging bookkeeping is in ``benchmarks/memory.py``'s figures)."""
+    for the Trainer (``manual_backward``, world size, rank); the system keeps the terms of its last iteration
+    in ``system.logged`` (a run's ``callbacks.MetricsLog`` reads them every ``train.log_every`` iterations)."""
 
     system: TextTo3DSystem
     fabric: L.Fabric  # held here: the system keeps only a weak reference
     dataset: RandomCameraDataset
     per_call: int  # training_step calls per timed call
-    logged: dict = field(default_factory=dict)  # the last iteration's logged terms (tensors)
 
     def __call__(self) -> None:
         for _ in range(self.per_call):
@@ -453,7 +437,6 @@ def build_system_run(b: Bench, name: str, gaussians: int, backend: str, seed: in
     system.on_fit_start()
     dataset = RandomCameraDataset(cfg.camera, cfg.train.steps, seed, cfg.render.background)
     runner = SystemRun(system, fabric, dataset, ITERATION_SETTINGS[name][3])
-    system.log_dict = lambda logs, **kwargs: runner.logged.update(logs)  # no host reads per iteration
     return runner
 
 
@@ -576,7 +559,7 @@ def compile_bench(b: Bench, args: argparse.Namespace, timings: dict):
 
 def last_metrics(runner: SystemRun) -> dict:
     """The terms the last training_step logged, as plain numbers."""
-    return {k: round(float(v), 6) for k, v in sorted(runner.logged.items())}
+    return {k: round(float(v), 6) for k, v in sorted(runner.system.logged.items())}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -49,7 +49,7 @@ from recdreamer_gs.priors.particle_score import LoRAParticleScore, ParticleScore
 from recdreamer_gs.priors.stable_diffusion import StableDiffusionPrior, resolve_dtype  # noqa: E402
 
 # UNet configs: SD 2.1-base's (unet/config.json, the fields that shape the network), the same blocks narrow,
-# and the test fixture's.
+# and a tiny two-level one (the test fixture's until 2026-12; results/cpu/lora_tiny_* were measured with it).
 SD21 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280),

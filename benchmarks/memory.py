@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steady_peak_reserved_gib": None,
         "static_allocated_gib": None,
         # the last iteration's logged terms (a non-zero grad/rect_norm shows the rectifier ran)
-        "metrics": {k: round(float(v), 6) for k, v in sorted(trainer.callback_metrics.items())},
+        "metrics": {k: round(float(v), 6) for k, v in sorted(system.logged.items())},
     }
     if device.type == "cuda":
         steady_alloc = meter.peak_allocated[args.warmup:] or meter.peak_allocated

@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from recdreamer_gs import errors, run_folder
+from recdreamer_gs.board import Board
 from recdreamer_gs.config import (ConfigError, config_from_data, load_config, option_overrides, parse_override,
                                   preset_path, read_yaml, to_dict)
 from recdreamer_gs.errors import UserError
@@ -534,22 +535,6 @@ def ray_module():
     import ray  # heavy: Ray loads when runs start (planning and --dry-run need none)
 
     return ray
-
-
-class Board:
-    """The set's progress, told by the tasks (a Ray actor of no CPU): which runs are running, how far."""
-
-    def __init__(self):
-        self.runs: dict[str, dict[str, Any]] = {}
-
-    def started(self, name: str, attempt: int) -> None:
-        self.runs[name] = {"attempt": attempt, "iteration": 0, "total": 0, "since": time.time()}
-
-    def progress(self, name: str, iteration: int, total: int) -> None:
-        self.runs.setdefault(name, {"attempt": 1, "since": time.time()}).update(iteration=iteration, total=total)
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        return self.runs
 
 
 @dataclass

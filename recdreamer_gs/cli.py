@@ -21,6 +21,7 @@ from rich.table import Table
 
 from recdreamer_gs import doctor
 from recdreamer_gs.errors import Interrupted, TrainingFailed, UserError, os_cause
+from recdreamer_gs.ranks import is_secondary_rank
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Text to 3D Gaussians by uniform score distillation (RecDreamer) with gsplat.")
@@ -141,7 +142,6 @@ def run(
     Ctrl-C writes a checkpoint and the model files first; continue with --resume OUTDIR.
     """
     from recdreamer_gs import console, run_folder, training  # heavy: keeps --help fast
-    from recdreamer_gs.distributed import is_secondary_rank
 
     if viewer and not 0 <= port <= 65535:
         raise UserError(f"--port: expected 0..65535 (0: any free port), got {port}")

@@ -8,7 +8,7 @@ import warnings
 
 from rich.console import Console
 
-from recdreamer_gs.distributed import is_secondary_rank
+from recdreamer_gs.ranks import is_secondary_rank
 
 
 def progress_echo(text: str) -> None:

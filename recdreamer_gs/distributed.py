@@ -8,14 +8,11 @@ rectifier's pose statistics use the mean over ranks of each batch's probabilitie
 
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-
-RUN_DIR_ENV = "RECDREAMER_GS_RUN_DIR"  # the run folder chosen by rank 0, inherited by the other ranks
 
 
 class ParticleDDPStrategy(DDPStrategy):
@@ -30,11 +27,6 @@ def make_strategy(devices: int, device_type: str):
     if devices == 1:
         return "auto"
     return ParticleDDPStrategy(process_group_backend="nccl" if device_type == "cuda" else "gloo")
-
-
-def is_secondary_rank() -> bool:
-    """True in the processes that Lightning's launcher started for ranks above 0."""
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
 
 
 @torch.no_grad()

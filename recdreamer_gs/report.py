@@ -187,8 +187,10 @@ def draw_report(run_dir: str | Path):
     logs = read_logs(run_dir)
     ema = pose_ema_keys(logs)
     n_cols = max(4, len(ema) + 1)
-    fig = Figure(figsize=(3.2 * n_cols, 6.4), dpi=90, layout="constrained")
-    grid = fig.add_gridspec(2, n_cols)
+    fig = Figure(figsize=(3.2 * n_cols, 6.4), dpi=90)
+    # Fixed margins, wide enough for the tick labels of a log axis: a layout engine would measure every label
+    # first, which took half of the report's time (0.3 of 0.6-0.9 s at the end of every run).
+    grid = fig.add_gridspec(2, n_cols, left=0.065, right=0.99, bottom=0.075, top=0.9, wspace=0.35, hspace=0.38)
     top = [fig.add_subplot(grid[0, i]) for i in range(4)]
     _plot(top[0], logs, [k for k in _keys(logs, "loss/")], "losses", log_y=True)
     _plot(top[1], logs, [k for k in _keys(logs, "grad/") if k.endswith("_norm")], "gradient norms", log_y=True)

@@ -13,9 +13,9 @@ from typing import Any, Optional
 import torch
 
 from recdreamer_gs.config import ConfigError, RunConfig, config_from_data, read_yaml
-from recdreamer_gs.distributed import RUN_DIR_ENV, is_secondary_rank
 from recdreamer_gs.errors import RunError, os_remedy
 from recdreamer_gs.outputs import OUTPUTS
+from recdreamer_gs.ranks import RUN_DIR_ENV, is_secondary_rank
 
 BATCH_FILE = "batch.json"  # in a run folder: the batch's record of its attempts (status, cause, wall time)
 

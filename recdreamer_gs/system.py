@@ -85,6 +85,9 @@ class TextTo3DSystem(L.LightningModule):
         # Divergence guard: iterations in a row whose gradient was non-finite everywhere, counted on the
         # device and read only every train.log_every iterations (check_divergence).
         self.bad_iterations: Optional[Tensor] = None
+        # The terms of the last iteration, on the device (no host read per iteration): loss/<method>, loss/lora,
+        # the rectifier's terms, pose/<class>, t, Gaussian counts. Not LightningModule.log (callbacks.MetricsLog).
+        self.logged: dict[str, Tensor | float] = {}
         self.clip_scorer = None  # metrics.ClipScorer for cEnt and the CLIP score (output.clip_model)
         self.interrupted = False  # set when Ctrl-C stopped the run (callbacks.Checkpointer)
         self._resume: Optional[dict[str, Any]] = None  # a checkpoint to continue from (restore())
@@ -210,7 +213,8 @@ class TextTo3DSystem(L.LightningModule):
         # 10. LoRA step for ε_φ on the detached renders (fresh t', ε'; docs/iteration.md step 10).
         loss_lora = self.step_particle_score(z.detach(), c2w)
 
-        # 11. Divergence guard; log every term; advance the iteration counter.
+        # 11. Divergence guard; keep every term for the loggers (callbacks.MetricsLog writes them every
+        #     train.log_every iterations); advance the iteration counter.
         self.bad_iterations = torch.where(step.bad, self.bad_iterations + 1, 0)
         if (self.iteration + 1) % self.cfg.train.log_every == 0:
             self.check_divergence()
@@ -222,7 +226,7 @@ class TextTo3DSystem(L.LightningModule):
             **{f"gaussians/{k}": float(v) for k, v in dens.items()},
             "render/alpha_mean": torch.stack([out.alpha.mean() for out in outs]).mean().detach(),
         }
-        self.log_dict(logs, on_step=True, batch_size=z.shape[0])
+        self.logged = logs
         self.iteration += 1
 
     # -- helpers -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from recdreamer_gs.callbacks import (
     Checkpointer,
     ConfigSnapshot,
     ExportAndMetrics,
-    PoseEMALog,
+    MetricsLog,
     PreviewImages,
     make_loggers,
 )
@@ -201,7 +201,7 @@ def fit_stage(run: RunInputs, stage: int, cfg: RunConfig, particles: Optional[li
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
         ExportAndMetrics(cfg, out_dir, timings=timings,
                          stage=f"{stage + 1}/{len(run.cfg.stages)}" if run.cfg.stages else None),
-        PoseEMALog(max(cfg.train.log_every, 1)),
+        MetricsLog(max(cfg.train.log_every, 1)),
         *run.extra_callbacks,
     ]
     if stage == 0:

@@ -31,11 +31,11 @@ import torch
 from torch import Tensor
 
 from recdreamer_gs.config import RunConfig, needs
-from recdreamer_gs.distributed import is_secondary_rank
 from recdreamer_gs.errors import os_cause
 from recdreamer_gs.export import PlyError, finite_rows, read_splats
 from recdreamer_gs.gaussians import sh0_to_rgb
 from recdreamer_gs.model_files import write_particles
+from recdreamer_gs.ranks import is_secondary_rank
 
 if TYPE_CHECKING:  # pragma: no cover
     import viser
@@ -386,7 +386,7 @@ class TrainingViewer(L.Callback):
     def _track_pose(self, trainer: L.Trainer, pl_module: Any) -> None:
         """EMA of the logged pose/<class> batch means (read with the info, so no host sync per iteration)."""
         names = tuple(getattr(pl_module, "class_names", ()) or ())
-        metrics = trainer.callback_metrics
+        metrics = pl_module.logged
         if not names or any(f"pose/{n}" not in metrics for n in names):
             return
         batch = np.array([float(metrics[f"pose/{n}"]) for n in names])
