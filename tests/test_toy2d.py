@@ -7,8 +7,8 @@ from recdreamer_gs.distill.toy2d import Toy2DConfig, make_prior, run_particles, 
 
 
 def test_usd_flattens_the_pose_histogram():
-    # 300 iterations (measured on seeds 0-3: total variation from uniform SDS 0.69-0.72, USD 0.16-0.19; front share
-    # SDS 0.94-0.97, USD 0.09-0.13; at 600 iterations USD 0.09 and 0.16-0.19)
+    # 300 iterations, measured on seeds 0-3: total variation from uniform SDS 0.69-0.72, USD 0.16-0.19; front share
+    # SDS 0.94-0.97, USD 0.09-0.13 (at 600 iterations USD's total variation 0.09, its front share 0.16-0.19)
     cfg = Toy2DConfig(particles=16, iterations=300)
     prior = make_prior(cfg)
     sds = [run_particles("sds", seed, cfg, prior)[1] for seed in range(2)]
