@@ -121,6 +121,7 @@ def in_process_share(steps: int | None) -> dict:
 
     from recdreamer_gs import prior_choice, run_folder, training
     from recdreamer_gs.config import load_config
+    from recdreamer_gs.live_viewer import TrainingViewer
     from recdreamer_gs.viewer import Viewer
 
     flags: dict = {"prompt": PROMPT, "train": {"device": "cpu", "progress_bar": False}}
@@ -132,7 +133,7 @@ def in_process_share(steps: int | None) -> dict:
         out_dir = run_folder.make_run_dir(Path(out), cfg.prompt)
         viewer = Viewer(0)
         try:
-            live = viewer.training_callback(cfg, out_dir)
+            live = TrainingViewer(viewer, cfg, out_dir)
             training.fit(cfg, out_dir, prior_choice.build_prior(cfg, device), device, extra_callbacks=[live])
         finally:
             viewer.stop()

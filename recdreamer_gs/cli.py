@@ -100,10 +100,10 @@ def _notice(text: Optional[str]) -> None:
 
 
 def _fit(port: Optional[int], cfg, out_dir: Path, fit) -> None:
-    """``fit(extra_callbacks)``, watched in the browser with ``--viewer`` (viewer.py: imported only then)."""
+    """``fit(extra_callbacks)``, watched in the browser with ``--viewer`` (live_viewer.py: imported only then)."""
     if port is None:
         return fit([])
-    from recdreamer_gs.viewer import fit_watched  # heavy: keeps --help fast
+    from recdreamer_gs.live_viewer import fit_watched  # heavy: keeps --help fast
 
     fit_watched(port, cfg, out_dir, fit, lambda text: err_console.print(text, highlight=False))
 

@@ -30,7 +30,8 @@ from recdreamer_gs.cli import app
 from recdreamer_gs.config import load_config, parse_override
 from recdreamer_gs.export import PlyError, write_ply
 from recdreamer_gs.gaussians import rgb_to_sh0
-from recdreamer_gs.viewer import Viewer, open_plys, push_delay, splats_from_params
+from recdreamer_gs.live_viewer import TrainingViewer, push_delay
+from recdreamer_gs.viewer import Viewer, open_plys, splats_from_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [
@@ -254,7 +255,7 @@ def test_training_viewer_shows_the_run_and_its_controls_act(tmp_path, no_leaked_
     out = tmp_path / "run"
     out.mkdir()
     viewer = Viewer(0)
-    callback = viewer.training_callback(cfg, out)
+    callback = TrainingViewer(viewer, cfg, out)
     page = Page(viewer.port)
     held = {}
 
@@ -310,7 +311,7 @@ def test_training_viewer_serves_from_rank_zero_only(tmp_path, monkeypatch, no_le
     assert got["callbacks"] == []  # no server in ranks above 0
     viewer = Viewer(0)
     try:
-        callback = viewer.training_callback(cfg, tmp_path)
+        callback = TrainingViewer(viewer, cfg, tmp_path)
         rank1 = SimpleNamespace(is_global_zero=False)
         callback.on_train_start(rank1, None)  # would fail on a None module if it did anything
         callback.on_train_batch_end(rank1, None, None, None, 0)
@@ -348,17 +349,24 @@ def test_pushing_never_waits_on_pages(no_leaked_threads):
         viewer.stop()
 
 
-def test_run_without_viewer_imports_no_viser(tmp_path):
-    code = ("import sys; from typer.testing import CliRunner; from recdreamer_gs.cli import app; "
+def test_run_without_viewer_imports_no_viser_and_view_loads_no_lightning(tmp_path):
+    """One fresh process: the viewer module (what ``view`` loads) brings in neither Lightning nor viser; then, with
+    it forgotten again, a run without ``--viewer`` loads neither viser nor the viewer modules."""
+    loaded = "print([m for m in ('lightning', 'viser', 'recdreamer_gs.viewer', 'recdreamer_gs.live_viewer') " \
+             "if m in sys.modules])"
+    code = ("import sys, recdreamer_gs, recdreamer_gs.viewer; " + loaded + "; "
+            "del sys.modules['recdreamer_gs.viewer'], recdreamer_gs.viewer; "
+            "from typer.testing import CliRunner; from recdreamer_gs.cli import app; "
             f"r = CliRunner().invoke(app, ['run', 'a cat', '--steps', '2', '--out', {str(tmp_path)!r}, "
             "'--device', 'cpu', '--resolution', '32', '--set', 'gaussians.num_init=100', '--set', "
             "'train.progress_bar=false', '--set', 'output.turntable_frames=0']); "
-            "assert r.exit_code == 0, r.output; print('viser' in sys.modules, 'recdreamer_gs.viewer' in sys.modules)")
+            "assert r.exit_code == 0, r.output; " + loaded)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "False False"
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "['recdreamer_gs.viewer']" and lines[-1] == "['lightning']", lines
 
 
 def free_port() -> int:

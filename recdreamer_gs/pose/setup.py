@@ -70,8 +70,7 @@ def dino_pose_setup(rect: RectifierConfig, templates: dict[str, list[Tensor]], d
     classifier = PoseClassifier.from_templates(features, templates, cfg).to(device)
     if timings is not None:
         timings["templates_s"] = timings.get("templates_s", 0.0) + time.perf_counter() - start
-    setup = PoseSetup(lambda images, background=None: classifier(images), tuple(templates), templates,
-                      module=classifier)
+    setup = _classifier_setup(classifier, templates)
     setup.check_pose_control(rect)
     return setup
 
@@ -92,6 +91,14 @@ def saved_pose_setup(rect: RectifierConfig, path: Path, device: torch.device) ->
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the run's pose classifier ({err}); delete the file to rebuild "
                           "it from the templates") from None
-    setup = PoseSetup(lambda images, background=None: classifier(images), classifier.classes, module=classifier)
+    setup = _classifier_setup(classifier)
     setup.check_pose_control(rect)
     return setup
+
+
+def _classifier_setup(classifier: PoseClassifier, templates: Optional[dict[str, list[Tensor]]] = None) -> PoseSetup:
+    """The set-up of a DINOv2 classifier: the rectifier's pass may be compiled (``module``); pEnt, measured once at
+    the end on another number of views, uses the eager pass, which the compiled one would otherwise be compiled
+    again for (``dynamic=False``: a new batch size is a new graph)."""
+    return PoseSetup(lambda images, background=None: classifier(images), classifier.classes, templates,
+                     metric=lambda images, background=None: classifier.scores(images).probs, module=classifier)

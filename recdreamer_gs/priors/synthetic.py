@@ -17,6 +17,7 @@ is what moves basin boundaries in hundreds of dimensions (a heavier single weigh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING, Literal, Optional
 
@@ -129,13 +130,23 @@ def component_views(cfg: SyntheticPriorConfig) -> tuple[Tensor, Tensor, list[int
     return torch.tensor(azimuths), torch.tensor(elevations), labels
 
 
-@torch.no_grad()
 def render_reference(cfg: SyntheticPriorConfig, azimuths: Tensor, elevations: Tensor) -> tuple[Tensor, Tensor]:
-    """Premultiplied colour [K,3,H,W] (on black) and alpha [K,1,H,W] of the reference object."""
+    """Premultiplied colour [K,3,H,W] (on black) and alpha [K,1,H,W] of the reference object. Rendered once per
+    process for each set of views (the renders depend on nothing else): the runs of a batch worker, a test
+    session or ``eval`` after ``run`` share them."""
+    colour, alpha = _reference_views(cfg.resolution, cfg.radius, cfg.fovy, tuple(azimuths.tolist()),
+                                     tuple(elevations.tolist()))
+    return colour.clone(), alpha.clone()
+
+
+@functools.lru_cache(maxsize=8)
+@torch.no_grad()
+def _reference_views(resolution: int, radius: float, fovy: float, azimuths: tuple[float, ...],
+                     elevations: tuple[float, ...]) -> tuple[Tensor, Tensor]:
     obj = reference_object()
     colours, alphas = [], []
-    for az, el in zip(azimuths.tolist(), elevations.tolist()):
-        cams = orbit(1, el, cfg.radius, cfg.fovy, cfg.resolution, start_azimuth=az)
+    for az, el in zip(azimuths, elevations):
+        cams = orbit(1, el, radius, fovy, resolution, start_azimuth=az)
         out = render(obj, cams, torch.zeros(1, 3), backend="torch")
         colours.append(out.rgb[0])
         alphas.append(out.alpha[0])
