@@ -135,16 +135,6 @@ def test_unreachable_address_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_board_and_the_driver_load_no_training_code():
-    """Ray's worker process of the board (an actor) imports the module of its class: nothing heavy. The driver
-    (the batch process) plans and waits: Lightning loads in the runs' own processes only, Ray when runs start."""
-    heavy = "[m for m in ('torch', 'lightning', 'ray', 'yaml') if m in sys.modules]"
-    code = (f"import sys, recdreamer_gs.board; print({heavy}); "
-            f"import recdreamer_gs.cli, recdreamer_gs.batch; print({heavy})")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.split("\n")[:2] == ["[]", "['torch', 'yaml']"], proc.stdout
-
-
 # ---- sets on Ray, inside a network namespace with only lo --------------------------------------
 
 

@@ -1,6 +1,9 @@
 """The command line: an end-to-end offline run, render/export, and one clear line per bad input."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +189,21 @@ def test_eval_matches_run_metrics(finished_run):
 
 def test_eval_needs_something_to_evaluate(finished_run):
     assert_clean_error(invoke(["eval", str(finished_run / "model.ply")]), "nothing to evaluate")
+
+
+def test_the_light_commands_load_no_training_code():
+    """One fresh process, loading more step by step (each step only adds modules): the board of a prompt set (a
+    Ray actor: Ray's worker for it imports its module) loads only the standard library; the CLI with the batch
+    driver, which plans and waits, loads no Lightning (it loads in the runs' own processes) and no Ray until runs
+    start; ``view``'s module loads neither Lightning nor viser (viser comes with the first viewer). That a run
+    without ``--viewer`` loads no viewer module is checked by test_resume.py's Ctrl-C test."""
+    root = Path(__file__).resolve().parent.parent
+    heavy = ("[m for m in ('torch', 'lightning', 'ray', 'yaml', 'viser', 'recdreamer_gs.live_viewer') "
+             "if m in sys.modules]")
+    code = (f"import sys, recdreamer_gs.board; print({heavy}); "
+            f"import recdreamer_gs.cli, recdreamer_gs.batch; print({heavy}); "
+            f"import recdreamer_gs.viewer; print({heavy})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:3] == ["[]", "['torch', 'yaml']", "['torch', 'yaml']"], proc.stdout

@@ -74,7 +74,8 @@ def test_resume_cli_errors(tmp_path):
 
 
 def test_ctrl_c_writes_checkpoint_and_ply_then_resume_finishes(tmp_path):
-    """A real SIGINT to a running ``recdreamer-gs run``: checkpoint + PLY first, exit 130, then --resume."""
+    """A real SIGINT to a running ``recdreamer-gs run``: checkpoint + PLY first, exit 130, then --resume. The
+    process also says at exit which viewer modules it loaded: a run without ``--viewer`` loads none."""
     import os
     import signal
     import subprocess
@@ -83,17 +84,22 @@ def test_ctrl_c_writes_checkpoint_and_ply_then_resume_finishes(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "recdreamer_gs.cli", "run", "a cat", "--steps", "100000", "--device", "cpu",
-           "--out", str(tmp_path), "--set", "train.progress_bar=false", "--set", "train.preview_every=2",
-           "--set", "gaussians.num_init=150", "--set", "prior.synthetic.resolution=32",
-           "--set", "output.turntable_frames=0"]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = ["recdreamer-gs", "run", "a cat", "--steps", "100000", "--device", "cpu", "--out", str(tmp_path),
+            "--set", "train.progress_bar=false", "--set", "train.preview_every=2", "--set", "gaussians.num_init=150",
+            "--set", "prior.synthetic.resolution=32", "--set", "output.turntable_frames=0"]
+    # `python -m recdreamer_gs.cli ARGS`, with an exit hook that lists the viewer modules in memory.
+    code = ("import atexit, runpy, sys; atexit.register(lambda: print('viewer modules:', [m for m in ('viser', "
+            "'recdreamer_gs.viewer', 'recdreamer_gs.live_viewer') if m in sys.modules], flush=True)); "
+            f"sys.argv = {argv!r}; runpy.run_module('recdreamer_gs.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob("*/preview/iter_000002.png")):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-2000:]
+    assert "viewer modules: []" in output, output[-2000:]
     (run_dir,) = list(tmp_path.iterdir())
     assert "--resume" in output and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "model.ply").is_file()

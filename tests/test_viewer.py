@@ -349,26 +349,6 @@ def test_pushing_never_waits_on_pages(no_leaked_threads):
         viewer.stop()
 
 
-def test_run_without_viewer_imports_no_viser_and_view_loads_no_lightning(tmp_path):
-    """One fresh process: the viewer module (what ``view`` loads) brings in neither Lightning nor viser; then, with
-    it forgotten again, a run without ``--viewer`` loads neither viser nor the viewer modules."""
-    loaded = "print([m for m in ('lightning', 'viser', 'recdreamer_gs.viewer', 'recdreamer_gs.live_viewer') " \
-             "if m in sys.modules])"
-    code = ("import sys, recdreamer_gs, recdreamer_gs.viewer; " + loaded + "; "
-            "del sys.modules['recdreamer_gs.viewer'], recdreamer_gs.viewer; "
-            "from typer.testing import CliRunner; from recdreamer_gs.cli import app; "
-            f"r = CliRunner().invoke(app, ['run', 'a cat', '--steps', '2', '--out', {str(tmp_path)!r}, "
-            "'--device', 'cpu', '--resolution', '32', '--set', 'gaussians.num_init=100', '--set', "
-            "'train.progress_bar=false', '--set', 'output.turntable_frames=0']); "
-            "assert r.exit_code == 0, r.output; " + loaded)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = proc.stdout.strip().splitlines()
-    assert lines[0] == "['recdreamer_gs.viewer']" and lines[-1] == "['lightning']", lines
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
