@@ -139,7 +139,7 @@ def render_reference(cfg: SyntheticPriorConfig, azimuths: Tensor, elevations: Te
     return colour.clone(), alpha.clone()
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 @torch.no_grad()
 def _reference_views(resolution: int, radius: float, fovy: float, azimuths: tuple[float, ...],
                      elevations: tuple[float, ...]) -> tuple[Tensor, Tensor]:
