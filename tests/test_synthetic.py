@@ -8,7 +8,9 @@ from recdreamer_gs.priors.synthetic import (
     POSE_CLASSES,
     SyntheticPrior,
     component_views,
+    _reference_views,
     mixture_eps,
+    render_reference,
     mixture_log_prob,
 )
 
@@ -33,6 +35,19 @@ def test_reference_views_are_distinct_objects(prior):
     templates = means[prior.template_index]
     dist = torch.cdist(templates.flatten(1), templates.flatten(1))
     assert (dist + torch.eye(4) * 1e9).min() > 1.0  # front/left/back/right look different
+
+
+def test_reference_renders_are_made_once_and_each_prior_owns_its_copy(prior):
+    cfg = SyntheticPriorConfig(resolution=32)
+    az, el, _ = component_views(cfg)
+    hits = _reference_views.cache_info().hits
+    colour, alpha = render_reference(cfg, az, el)
+    assert _reference_views.cache_info().hits == hits + 1  # rendered when the prior was made, not again
+    assert torch.equal(colour, prior.colour) and torch.equal(alpha, prior.alpha)  # the same renders ...
+    colour.zero_()  # ... in a copy: a caller that writes into its own leaves the others' alone
+    assert torch.equal(render_reference(cfg, az, el)[0], prior.colour) and prior.colour.abs().sum() > 0
+    other = SyntheticPriorConfig(resolution=32, fovy=30.0)
+    assert not torch.equal(render_reference(other, *component_views(other)[:2])[1], prior.alpha)
 
 
 @pytest.mark.parametrize("t", [30, 300, 700, 950])

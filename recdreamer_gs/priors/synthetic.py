@@ -132,8 +132,8 @@ def component_views(cfg: SyntheticPriorConfig) -> tuple[Tensor, Tensor, list[int
 
 def render_reference(cfg: SyntheticPriorConfig, azimuths: Tensor, elevations: Tensor) -> tuple[Tensor, Tensor]:
     """Premultiplied colour [K,3,H,W] (on black) and alpha [K,1,H,W] of the reference object. Rendered once per
-    process for each set of views (the renders depend on nothing else): the runs of a batch worker, a test
-    session or ``eval`` after ``run`` share them."""
+    process for each set of views (the renders depend on nothing else): the runs of a batch worker, or of a
+    test session, share them; each caller gets its own copy."""
     colour, alpha = _reference_views(cfg.resolution, cfg.radius, cfg.fovy, tuple(azimuths.tolist()),
                                      tuple(elevations.tolist()))
     return colour.clone(), alpha.clone()
