@@ -80,7 +80,7 @@ class MetricsLog(L.Callback):
         self.every = every
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.every <= 0 or pl_module.iteration % self.every != 0:
+        if pl_module.iteration % self.every != 0:
             return
         values = {k: float(v) for k, v in pl_module.logged.items()}
         rectifier = getattr(pl_module, "rectifier", None)

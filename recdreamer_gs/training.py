@@ -201,7 +201,7 @@ def fit_stage(run: RunInputs, stage: int, cfg: RunConfig, particles: Optional[li
         Checkpointer(cfg, out_dir, cfg.train.checkpoint_every),
         ExportAndMetrics(cfg, out_dir, timings=timings,
                          stage=f"{stage + 1}/{len(run.cfg.stages)}" if run.cfg.stages else None),
-        MetricsLog(max(cfg.train.log_every, 1)),
+        MetricsLog(cfg.train.log_every),  # a positive number (config.TrainConfig)
         *run.extra_callbacks,
     ]
     if stage == 0:
